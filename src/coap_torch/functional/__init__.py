@@ -1,0 +1,31 @@
+"""The COAP math as pure functions of tensors (no optimizer, no state dicts, no globals).
+
+Shapes use the paper's symbols: a gradient ``G`` is (m, n), a projection ``P`` is (n, r) with
+orthonormal columns, the projected gradient ``G P`` and the low-rank first moment ``M`` are
+(m, r). Leading batch dimensions are allowed everywhere a matrix is expected.
+"""
+
+from .correlation import DEFAULT_CORRELATION_LR, coap_objective, coap_objective_grad, correlation_aware_step
+from .moments import adam_direction_, rotate_first_moment, rotate_second_moment
+from .subspace import DEFAULT_SKETCH_SEED, gaussian_sketch, low_cost_svd, orthonormalize
+from .tucker import conv_ranks, mode_matrices, mode_product, tucker2_project, tucker2_restore, unfold
+
+__all__ = [
+    "DEFAULT_CORRELATION_LR",
+    "DEFAULT_SKETCH_SEED",
+    "adam_direction_",
+    "coap_objective",
+    "coap_objective_grad",
+    "conv_ranks",
+    "correlation_aware_step",
+    "gaussian_sketch",
+    "low_cost_svd",
+    "mode_matrices",
+    "mode_product",
+    "orthonormalize",
+    "rotate_first_moment",
+    "rotate_second_moment",
+    "tucker2_project",
+    "tucker2_restore",
+    "unfold",
+]

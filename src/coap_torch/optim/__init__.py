@@ -1,0 +1,8 @@
+"""The COAP optimizers."""
+
+from ._base import COAP_DEFAULTS, LowRankOptimizer, layout_of
+from ._layout import Layout
+from ._validation import SparseGradientError
+from .adamw import CoapAdamW
+
+__all__ = ["COAP_DEFAULTS", "CoapAdamW", "Layout", "LowRankOptimizer", "SparseGradientError", "layout_of"]

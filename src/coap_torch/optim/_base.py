@@ -1,0 +1,290 @@
+"""The one low-rank optimizer: routing, refresh schedule, state layout and checkpointing.
+
+Concrete optimizers are thin: they say which moments they keep and how a moment rule turns a
+(projected or dense) gradient into an update direction. Everything else lives here once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from ..functional.correlation import DEFAULT_CORRELATION_LR, correlation_aware_step
+from ..functional.subspace import _rank_tolerance, low_cost_svd, low_cost_svd_with_values
+from ..functional.tucker import unfold
+from . import _validation as check
+from ._layout import Layout, route
+
+__all__ = ["COAP_DEFAULTS", "LowRankOptimizer"]
+
+#: Kernels with fewer entries stay dense: below 4096 values the state saved is under 32 KB,
+#: while each refresh still runs a QR and an SVD per mode. A per-group option.
+DEFAULT_MIN_CONV_NUMEL = 4096
+
+#: The COAP settings, each a per-group option (``{"params": ..., "rank": 64}`` overrides one).
+COAP_DEFAULTS: dict[str, Any] = {
+    "rank": None,
+    "rank_ratio_matrix": None,
+    "rank_ratio_cnn": None,
+    "update_interval": 32,
+    "reproject_factor": 5,
+    "correlation_lr": DEFAULT_CORRELATION_LR,
+    "correlation_normalize": False,
+    "correlation_max_norm": None,
+    "scale": 1.0,
+    "min_conv_numel": DEFAULT_MIN_CONV_NUMEL,
+    "seed": 0,
+    "coap": True,
+}
+
+_ROUTING_KEYS = ("coap", "rank", "rank_ratio_matrix", "rank_ratio_cnn", "min_conv_numel")
+
+
+@lru_cache(maxsize=4096)
+def _cached_route(shape: tuple[int, ...], options: tuple[Any, ...]) -> Layout:
+    return route(shape, dict(zip(_ROUTING_KEYS, options)))
+
+
+def layout_of(param: Tensor, group: dict[str, Any]) -> Layout:
+    """The :class:`Layout` of ``param`` under ``group``'s options."""
+    return _cached_route(tuple(param.shape), tuple(group[k] for k in _ROUTING_KEYS))
+
+
+def _sketch_seed(seed: int, index: int) -> int:
+    # Distinct, reproducible streams per (seed, parameter index) without the overlap that
+    # seed + index would give (seed 0 / index 1 vs seed 1 / index 0).
+    return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 1) % (2**63)
+
+
+def _compute_dtype(param: Tensor) -> torch.dtype:
+    # Moments, projections and the update math are float32 (float64 for float64 params):
+    # QR / SVD have no half-precision kernels, and a bf16 second moment stalls (v * 0.999
+    # rounds back to v with 8 mantissa bits).
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+class LowRankOptimizer(Optimizer):
+    """Base class of the COAP optimizers. Subclasses define the moment rule:
+
+    * :attr:`first_moment_keys` / :attr:`second_moment_keys`: the state tensors that live in the
+      projected space and are moved to the new basis when ``P`` changes (linearly for first
+      moments, with the squared rotation for second moments);
+    * :meth:`_init_moments` and :meth:`_direction`: create the moments and turn a gradient (dense
+      or projected) into an update direction ``d``;
+    * :meth:`_decay_and_lr`: the parameter update is ``p <- p * decay - lr * scale * restore(d)``.
+    """
+
+    first_moment_keys: ClassVar[tuple[str, ...]] = ()
+    second_moment_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+        for key, value in COAP_DEFAULTS.items():
+            defaults.setdefault(key, value)
+        self._validate_group(defaults, where="")
+        super().__init__(params, defaults)
+
+    # -- validation ----------------------------------------------------------------------------
+    def _validate_group(self, group: dict[str, Any], where: str) -> None:
+        """Check the COAP options of ``group``; subclasses extend with their own."""
+        check.positive_int(f"{where}rank", group["rank"], optional=True)
+        check.at_least_one(f"{where}rank_ratio_matrix", group["rank_ratio_matrix"], optional=True)
+        check.at_least_one(f"{where}rank_ratio_cnn", group["rank_ratio_cnn"], optional=True)
+        check.positive_int(f"{where}update_interval", group["update_interval"])
+        check.positive_int(f"{where}reproject_factor", group["reproject_factor"])
+        check.non_negative(f"{where}correlation_lr", group["correlation_lr"])
+        check.boolean(f"{where}correlation_normalize", group["correlation_normalize"])
+        if group["correlation_max_norm"] is not None:
+            check.positive(f"{where}correlation_max_norm", group["correlation_max_norm"])
+        check.positive(f"{where}scale", group["scale"])
+        check.non_negative_int(f"{where}min_conv_numel", group["min_conv_numel"])
+        check.non_negative_int(f"{where}seed", group["seed"])
+        check.boolean(f"{where}coap", group["coap"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group as :meth:`torch.optim.Optimizer.add_param_group` does, validating its options."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        where = f"param group {len(self.param_groups) - 1}: " if len(self.param_groups) > 1 else ""
+        try:
+            self._validate_group(group, where)
+            offset = sum(len(g["params"]) for g in self.param_groups[:-1])
+            for index, param in enumerate(group["params"]):
+                check.parameter(param, offset + index)
+        except (ValueError, TypeError):
+            self.param_groups.pop()
+            raise
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Checkpoints written before an option existed load with its default.
+        for group in self.param_groups:
+            for key, value in {**COAP_DEFAULTS, **self._extra_defaults()}.items():
+                group.setdefault(key, value)
+
+    def _extra_defaults(self) -> dict[str, Any]:
+        return {}
+
+    # -- the moment rule (subclasses) ----------------------------------------------------------
+    def _init_moments(self, shape: tuple[int, ...], group: dict[str, Any], like: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _direction(self, state: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int) -> Tensor:
+        raise NotImplementedError
+
+    def _decay_and_lr(self, group: dict[str, Any]) -> tuple[float, float]:
+        raise NotImplementedError
+
+    # -- the step ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (run with gradients enabled).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = itertools.count()
+        for group in self.param_groups:
+            for param in group["params"]:
+                param_index = next(index)
+                if param.grad is not None:
+                    self._step_param(param, group, param_index)
+        return loss
+
+    def _step_param(self, param: Tensor, group: dict[str, Any], index: int) -> None:
+        grad = param.grad
+        if grad.is_sparse:
+            raise check.SparseGradientError(
+                f"{type(self).__name__} does not support sparse gradients "
+                f"(parameter {index} of shape {tuple(param.shape)})"
+            )
+        layout = layout_of(param, group)
+        state = self.state[param]
+        dtype = _compute_dtype(param)
+        grad = grad.to(dtype)
+        if group.get("maximize", False):
+            grad = -grad
+        canonical = layout.canonical(grad)
+        if not state:
+            self._init_state(state, layout, canonical, group, index, param)
+        state["step"] += 1
+        step = int(state["step"].item())  # a CPU tensor: no device sync
+
+        factors = [state[key] for key in layout.factor_keys]
+        if layout.projected and step > 1 and step % group["update_interval"] == 0:
+            factors = self._refresh(state, layout, canonical, group, step)
+        if layout.projected:
+            direction = self._direction(state, layout.project(canonical, factors), group, step)
+            update = layout.restore(direction, factors)
+            alpha_scale = group["scale"]
+        else:
+            update = self._direction(state, grad, group, step)
+            alpha_scale = 1.0
+        decay, lr = self._decay_and_lr(group)
+        self._apply(param, update, decay, lr * alpha_scale)
+
+    @staticmethod
+    def _apply(param: Tensor, update: Tensor, decay: float, alpha: float) -> None:
+        target = param if param.dtype == update.dtype else param.to(update.dtype)
+        if decay != 1.0:
+            target.mul_(decay)
+        target.add_(update, alpha=-alpha)
+        if target is not param:
+            param.copy_(target)
+
+    def _init_state(
+        self, state: dict[str, Any], layout: Layout, grad: Tensor, group: dict[str, Any], index: int, param: Tensor
+    ) -> None:
+        state["step"] = torch.tensor(0.0)
+        if layout.kind == "matrix":
+            generator = torch.Generator().manual_seed(_sketch_seed(group["seed"], index))
+            proj, singular = low_cost_svd_with_values(grad, layout.ranks[0], generator=generator)
+            state["proj"] = proj
+            self._warn_if_rank_deficient(grad, singular, layout, index)
+        elif layout.kind == "tucker":
+            generator = torch.Generator().manual_seed(_sketch_seed(group["seed"], index))
+            for key, mode, rank in zip(layout.factor_keys, (0, 1), layout.ranks):
+                state[key] = low_cost_svd(unfold(grad, mode).mT, rank, generator=generator)
+        state.update(self._init_moments(layout.projected_shape, group, grad))
+
+    @staticmethod
+    def _warn_if_rank_deficient(grad: Tensor, singular: Tensor, layout: Layout, index: int) -> None:
+        # Once per parameter, at initialisation only (the check needs one host sync).
+        deficient = bool((singular[..., -1] <= _rank_tolerance(grad, singular)[..., 0]).any())
+        if deficient:
+            numerical = int((singular > _rank_tolerance(grad, singular)).sum(-1).min())
+            warnings.warn(
+                f"parameter {index} of shape {layout.shape}: its first gradient has numerical rank "
+                f"{numerical} < rank {layout.ranks[0]}, so its top-{layout.ranks[0]} subspace is not "
+                "unique. The undetermined directions are filled deterministically from the seeded "
+                "sketch; use batches larger than the rank (or a smaller rank) for a data-driven subspace.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _refresh(self, state: dict[str, Any], layout: Layout, grad: Tensor, group: dict[str, Any], step: int) -> list[Tensor]:
+        """Update P (or P_O, P_I) and move the moments to the new basis."""
+        old = [state[key] for key in layout.factor_keys]
+        reproject = step % (group["update_interval"] * group["reproject_factor"]) == 0
+        first = state[self.first_moment_keys[0]]
+        new = []
+        for (matrix, moment), P, rank in zip(layout.refresh_pairs(grad, first, old), old, layout.ranks):
+            if reproject:
+                new.append(low_cost_svd(matrix, rank, sketch=P))
+            else:
+                new.append(
+                    correlation_aware_step(
+                        P,
+                        matrix,
+                        moment,
+                        lr=group["correlation_lr"],
+                        normalize=group["correlation_normalize"],
+                        max_norm=group["correlation_max_norm"],
+                    )
+                )
+        rotations = [P_old.mT @ P_new for P_old, P_new in zip(old, new)]
+        for key in self.first_moment_keys:
+            state[key] = layout.rotate(state[key], rotations, squared=False)
+        for key in self.second_moment_keys:
+            if key in state:
+                state[key] = layout.rotate(state[key], rotations, squared=True)
+        for key, P in zip(layout.factor_keys, new):
+            state[key] = P
+        return new
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, keeping every state tensor's dtype.
+
+        :meth:`torch.optim.Optimizer.load_state_dict` casts floating-point state to the
+        parameter's dtype, which would round the float32 moments and projections of a bf16
+        parameter to bf16. Here tensors are only moved to the parameter's device.
+        """
+        captured: dict[str, Any] = {}
+
+        def capture(_: Optimizer, final: dict[str, Any]) -> None:
+            captured["state_dict"] = final  # after every user pre-hook
+
+        handle = self.register_load_state_dict_pre_hook(capture)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+        final = captured["state_dict"]
+        saved_ids = itertools.chain.from_iterable(g["params"] for g in final["param_groups"])
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, param in zip(saved_ids, params):
+            for key, value in final["state"].get(saved_id, {}).items():
+                if isinstance(value, Tensor) and key != "step":
+                    self.state[param][key] = value.to(device=param.device, copy=True)
+

@@ -1,0 +1,155 @@
+"""Routing: how a parameter is projected, derived from its shape and its group, never stored.
+
+Three kinds of parameter:
+
+* ``dense``: updated by the plain moment rule (1-D tensors, matrices whose smaller side does
+  not exceed the rank, small kernels, and every parameter of a group with ``coap=False``).
+* ``matrix``: ``G`` (m, n), or a stack (B, m, n) of independent matrices such as MoE experts,
+  or a 1x1 convolution kernel (O, I, 1, 1) seen as the (O, I) matrix it is. The projection ``P``
+  always sits on the smaller side: when m < n we work on ``G^T`` (``transposed``), so there is
+  one code path and the Eq. 2 cosine is taken over the rows of the taller orientation.
+* ``tucker``: kernels (O, I, *k) with a kernel of more than one tap and at least
+  ``min_conv_numel`` entries: Tucker-2 with ``P_O`` (O, r_O) and ``P_I`` (I, r_I).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import Tensor
+
+from ..functional.moments import rotate_first_moment, rotate_second_moment
+from ..functional.tucker import conv_ranks, mode_matrices, tucker2_project, tucker2_restore
+
+#: The rank ratio used when neither ``rank`` nor the matching ``rank_ratio_*`` is set.
+DEFAULT_RANK_RATIO = 2.0
+
+Kind = Literal["dense", "matrix", "tucker"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one parameter is projected. ``ranks`` is ``(r,)`` for matrices, ``(r_O, r_I)`` for Tucker-2."""
+
+    kind: Kind
+    shape: tuple[int, ...]
+    ranks: tuple[int, ...] = ()
+    transposed: bool = False
+
+    @property
+    def factor_keys(self) -> tuple[str, ...]:
+        return {"dense": (), "matrix": ("proj",), "tucker": ("proj_out", "proj_in")}[self.kind]
+
+    @property
+    def projected(self) -> bool:
+        return self.kind != "dense"
+
+    # -- the canonical view of a gradient-shaped tensor ------------------------------------
+    def canonical(self, x: Tensor) -> Tensor:
+        """``x`` (param-shaped) as the matrix / stack of matrices / kernel the math works on."""
+        if self.kind == "matrix":
+            x = x.reshape(self.shape[:2]) if len(self.shape) >= 4 else x
+            return x.mT if self.transposed else x
+        return x
+
+    @property
+    def canonical_shape(self) -> tuple[int, ...]:
+        if self.kind != "matrix":
+            return self.shape
+        shape = self.shape[:2] if len(self.shape) >= 4 else self.shape
+        return (*shape[:-2], shape[-1], shape[-2]) if self.transposed else shape
+
+    def factor_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of ``P`` (..., n, r) or of ``(P_O, P_I)``."""
+        if self.kind == "matrix":
+            *batch, _, n = self.canonical_shape
+            return [(*batch, n, self.ranks[0])]
+        if self.kind == "tucker":
+            return [(self.shape[0], self.ranks[0]), (self.shape[1], self.ranks[1])]
+        return []
+
+    @property
+    def projected_shape(self) -> tuple[int, ...]:
+        """Shape of the moments: (..., m, r) for matrices, (r_O, r_I, *k) for Tucker-2."""
+        if self.kind == "matrix":
+            return (*self.canonical_shape[:-1], self.ranks[0])
+        if self.kind == "tucker":
+            return (*self.ranks, *self.shape[2:])
+        return self.shape
+
+    # -- the math, one code path per kind ---------------------------------------------------
+    def project(self, x: Tensor, factors: list[Tensor]) -> Tensor:
+        """Canonical gradient (or moment, with rotation factors) -> low-rank space."""
+        if self.kind == "matrix":
+            return x @ factors[0]
+        return tucker2_project(x, *factors)
+
+    def restore(self, x: Tensor, factors: list[Tensor]) -> Tensor:
+        """Low-rank update -> param-shaped full update."""
+        if self.kind == "matrix":
+            full = x @ factors[0].mT
+            full = full.mT if self.transposed else full
+            return full.reshape(self.shape)
+        return tucker2_restore(x, *factors)
+
+    def refresh_pairs(self, grad: Tensor, exp_avg: Tensor, factors: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """For each factor, the (gradient matrix, first-moment matrix) pair of its Eq. 2 / SVD."""
+        if self.kind == "matrix":
+            return [(grad, exp_avg)]
+        return list(mode_matrices(grad, exp_avg, *factors))
+
+    def rotate(self, moment: Tensor, rotations: list[Tensor], *, squared: bool) -> Tensor:
+        """Move a low-rank moment to new factors, given ``R_k = P_old_k^T P_new_k``."""
+        if self.kind == "matrix":
+            rotate = rotate_second_moment if squared else rotate_first_moment
+            return rotate(moment, rotations[0])
+        if squared:
+            rotations = [R.square() for R in rotations]
+        return tucker2_project(moment, *(R for R in rotations))
+
+
+def matrix_rank(small_side: int, group: dict[str, Any]) -> int:
+    """The rank of a projected matrix: ``rank_ratio_matrix`` overrides ``rank``."""
+    if group["rank_ratio_matrix"] is not None:
+        return max(1, int(small_side // group["rank_ratio_matrix"]))
+    if group["rank"] is not None:
+        return int(group["rank"])
+    return max(1, int(small_side // DEFAULT_RANK_RATIO))
+
+
+def cnn_ratio(group: dict[str, Any]) -> float:
+    ratio = group["rank_ratio_cnn"]
+    return DEFAULT_RANK_RATIO if ratio is None else float(ratio)
+
+
+def route(shape: tuple[int, ...], group: dict[str, Any]) -> Layout:
+    """The :class:`Layout` of a parameter of ``shape`` in ``group`` (pure: shape + group only)."""
+    shape = tuple(shape)
+    if not group["coap"] or len(shape) < 2:
+        return Layout("dense", shape)
+    if len(shape) >= 4:
+        kernel = math.prod(shape[2:])
+        if kernel == 1:
+            # A 1x1 kernel is an (O, I) matrix; Tucker-2 would store P_O and P_I (about
+            # 1.4 O^2 floats at ratio 2), more than the dense moments it replaces.
+            small = min(shape[0], shape[1])
+            rank = max(1, int(small // cnn_ratio(group)))
+            return _matrix_layout(shape, shape[:2], rank)
+        if math.prod(shape) < group["min_conv_numel"]:
+            return Layout("dense", shape)
+        r_out, r_in = conv_ranks(shape, cnn_ratio(group))
+        if r_out >= shape[0] and r_in >= shape[1]:
+            return Layout("dense", shape)
+        return Layout("tucker", shape, (r_out, r_in))
+    # 2-D matrices and 3-D stacks of matrices (B, m, n), each with its own P.
+    small = min(shape[-2], shape[-1])
+    return _matrix_layout(shape, shape, matrix_rank(small, group))
+
+
+def _matrix_layout(shape: tuple[int, ...], matrix_shape: tuple[int, ...], rank: int) -> Layout:
+    m, n = matrix_shape[-2], matrix_shape[-1]
+    if min(m, n) <= rank:
+        return Layout("dense", shape)
+    return Layout("matrix", shape, (rank,), transposed=m < n)
