@@ -80,6 +80,11 @@ def low_cost_svd_with_values(
     Q, _ = torch.linalg.qr(grad @ sketch)
     _, S, Vh = torch.linalg.svd(Q.mT @ grad, full_matrices=False)
     P = Vh.mT
+    if P.shape[-1] < rank:
+        # m < r: the reduced QR and SVD give only m columns; G (rank <= m) determines no more.
+        # Mark the missing r - m columns undetermined (singular value 0) so they are filled below.
+        P = torch.cat([P, sketch[..., P.shape[-1] :].expand(*P.shape[:-1], -1)], dim=-1)
+        S = torch.cat([S, S.new_zeros((*S.shape[:-1], rank - S.shape[-1]))], dim=-1)
 
     # A gradient of numerical rank k < r determines only k directions; the SVD fills the rest
     # from rounding noise, so two runs that differ in the last bit (gradient accumulation,

@@ -87,39 +87,46 @@ class LowRankOptimizer(Optimizer):
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         for key, value in COAP_DEFAULTS.items():
             defaults.setdefault(key, value)
-        self._validate_group(defaults, where="")
+        self._validate_group(defaults)
         super().__init__(params, defaults)
 
     # -- validation ----------------------------------------------------------------------------
-    def _validate_group(self, group: dict[str, Any], where: str) -> None:
+    def _validate_group(self, group: dict[str, Any]) -> None:
         """Check the COAP options of ``group``; subclasses extend with their own."""
-        check.positive_int(f"{where}rank", group["rank"], optional=True)
-        check.at_least_one(f"{where}rank_ratio_matrix", group["rank_ratio_matrix"], optional=True)
-        check.at_least_one(f"{where}rank_ratio_cnn", group["rank_ratio_cnn"], optional=True)
-        check.positive_int(f"{where}update_interval", group["update_interval"])
-        check.positive_int(f"{where}reproject_factor", group["reproject_factor"])
-        check.non_negative(f"{where}correlation_lr", group["correlation_lr"])
-        check.boolean(f"{where}correlation_normalize", group["correlation_normalize"])
+        check.positive_int("rank", group["rank"], optional=True)
+        check.at_least_one("rank_ratio_matrix", group["rank_ratio_matrix"], optional=True)
+        check.at_least_one("rank_ratio_cnn", group["rank_ratio_cnn"], optional=True)
+        check.positive_int("update_interval", group["update_interval"])
+        check.positive_int("reproject_factor", group["reproject_factor"])
+        check.non_negative("correlation_lr", group["correlation_lr"])
+        check.boolean("correlation_normalize", group["correlation_normalize"])
         if group["correlation_max_norm"] is not None:
-            check.positive(f"{where}correlation_max_norm", group["correlation_max_norm"])
-        check.positive(f"{where}scale", group["scale"])
-        check.non_negative_int(f"{where}min_conv_numel", group["min_conv_numel"])
-        check.non_negative_int(f"{where}seed", group["seed"])
-        check.boolean(f"{where}coap", group["coap"])
+            check.positive("correlation_max_norm", group["correlation_max_norm"])
+        check.positive("scale", group["scale"])
+        check.non_negative_int("min_conv_numel", group["min_conv_numel"])
+        check.non_negative_int("seed", group["seed"])
+        check.boolean("coap", group["coap"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group as :meth:`torch.optim.Optimizer.add_param_group` does, validating its options."""
+        """Add a group as :meth:`torch.optim.Optimizer.add_param_group` does, validating its options.
+
+        A group that sets ``rank`` but no ``rank_ratio_matrix`` uses that rank, even when the
+        optimizer's default ``rank_ratio_matrix`` is set: what a group says beats the defaults.
+        """
+        if isinstance(param_group, dict) and "rank" in param_group:
+            param_group.setdefault("rank_ratio_matrix", None)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        where = f"param group {len(self.param_groups) - 1}: " if len(self.param_groups) > 1 else ""
         try:
-            self._validate_group(group, where)
+            self._validate_group(group)
             offset = sum(len(g["params"]) for g in self.param_groups[:-1])
             for index, param in enumerate(group["params"]):
                 check.parameter(param, offset + index)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError) as error:
             self.param_groups.pop()
-            raise
+            if len(self.param_groups) == 0:
+                raise
+            raise type(error)(f"param group {len(self.param_groups)}: {error}") from None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -285,6 +292,9 @@ class LowRankOptimizer(Optimizer):
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, param in zip(saved_ids, params):
             for key, value in final["state"].get(saved_id, {}).items():
-                if isinstance(value, Tensor) and key != "step":
-                    self.state[param][key] = value.to(device=param.device, copy=True)
+                if isinstance(value, Tensor):
+                    # `step` stays on the CPU (no sync to read it); copies keep the checkpoint
+                    # from being advanced by later in-place updates.
+                    device = value.device if key == "step" else param.device
+                    self.state[param][key] = value.to(device=device, copy=True)
 

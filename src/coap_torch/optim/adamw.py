@@ -151,14 +151,14 @@ class CoapAdamW(LowRankOptimizer):
     def _extra_defaults(self) -> dict[str, Any]:
         return {"amsgrad": False, "maximize": False}
 
-    def _validate_group(self, group: dict[str, Any], where: str) -> None:
-        check.non_negative(f"{where}lr", group["lr"])
-        check.betas(group["betas"], f"{where}betas")
-        check.non_negative(f"{where}eps", group["eps"])
-        check.non_negative(f"{where}weight_decay", group["weight_decay"])
-        check.boolean(f"{where}amsgrad", group["amsgrad"])
-        check.boolean(f"{where}maximize", group["maximize"])
-        super()._validate_group(group, where)
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check.non_negative("lr", group["lr"])
+        check.betas(group["betas"])
+        check.non_negative("eps", group["eps"])
+        check.non_negative("weight_decay", group["weight_decay"])
+        check.boolean("amsgrad", group["amsgrad"])
+        check.boolean("maximize", group["maximize"])
+        super()._validate_group(group)
 
     def _init_moments(self, shape: tuple[int, ...], group: dict[str, Any], like: Tensor) -> dict[str, Tensor]:
         zeros = lambda: torch.zeros(shape, dtype=like.dtype, device=like.device)  # noqa: E731

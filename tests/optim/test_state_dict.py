@@ -1,0 +1,94 @@
+"""Checkpoints: plain tensors, weights_only round trip, bit-exact resume, no dtype casts."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from optim_helpers import COAP_KWARGS, make_net, train
+
+from coap_torch import CoapAdamW
+
+
+def _roundtrip(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_state_holds_only_tensors_and_numbers():
+    model = make_net()
+    opt = CoapAdamW(model.parameters(), **COAP_KWARGS)
+    train(model, opt, 4)
+    sd = opt.state_dict()
+    for state in sd["state"].values():
+        assert all(isinstance(v, torch.Tensor) for v in state.values())
+    kinds = {tuple(sorted(k for k in s if k.startswith("proj"))) for s in sd["state"].values()}
+    assert kinds == {(), ("proj",), ("proj_in", "proj_out")}  # dense, matrix and Tucker-2 all present
+    _roundtrip(sd)  # would raise on any pickled Python object
+
+
+def test_resume_is_bit_exact_across_refreshes():
+    steps_before, steps_after = 5, 9  # T_u=3, lambda=2: the resumed run crosses Eq. 2 and SVD refreshes
+    model = make_net()
+    opt = CoapAdamW(model.parameters(), **COAP_KWARGS)
+    train(model, opt, steps_before)
+    checkpoint = _roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    reference_losses = train(model, opt, steps_after, start=steps_before)
+
+    resumed = make_net(seed=123)  # different init: everything must come from the checkpoint
+    resumed.load_state_dict(checkpoint["model"])
+    opt2 = CoapAdamW(resumed.parameters(), **COAP_KWARGS)
+    opt2.load_state_dict(checkpoint["opt"])
+    resumed_losses = train(resumed, opt2, steps_after, start=steps_before)
+
+    assert resumed_losses == reference_losses
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, opt2.state[q][key]), key
+
+
+def test_loading_keeps_fp32_state_of_bf16_params():
+    model = make_net(dtype=torch.bfloat16)
+    opt = CoapAdamW(model.parameters(), **COAP_KWARGS)
+    train(model, opt, 4, dtype=torch.bfloat16)
+    sd = _roundtrip(opt.state_dict())
+    opt2 = CoapAdamW(model.parameters(), **COAP_KWARGS)
+    opt2.load_state_dict(sd)
+    for p in model.parameters():
+        for key, value in opt2.state[p].items():
+            if key == "step":
+                assert value.dtype == torch.float32 and value.device.type == "cpu"
+            else:
+                assert value.dtype == torch.float32, key
+                assert torch.equal(value, opt.state[p][key])
+
+
+def test_load_does_not_alias_the_checkpoint():
+    model = make_net()
+    opt = CoapAdamW(model.parameters(), **COAP_KWARGS)
+    train(model, opt, 2)
+    sd = opt.state_dict()
+    saved = {k: {n: t.clone() for n, t in s.items()} for k, s in sd["state"].items()}
+    opt.load_state_dict(sd)
+    train(model, opt, 2, start=2)
+    for k, state in saved.items():
+        for name, value in state.items():
+            assert torch.equal(sd["state"][k][name], value)
+
+
+def test_old_checkpoint_without_new_group_options_loads():
+    model = make_net()
+    opt = CoapAdamW(model.parameters(), **COAP_KWARGS)
+    train(model, opt, 2)
+    sd = opt.state_dict()
+    for group in sd["param_groups"]:
+        del group["correlation_max_norm"], group["scale"]
+    opt2 = CoapAdamW(model.parameters(), **COAP_KWARGS)
+    opt2.load_state_dict(sd)
+    train(model, opt2, 1, start=2)
+    assert opt2.param_groups[0]["scale"] == 1.0
+    assert opt2.param_groups[0]["correlation_max_norm"] is None
