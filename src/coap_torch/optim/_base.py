@@ -190,22 +190,16 @@ class LowRankOptimizer(Optimizer):
         factors = [state[key] for key in layout.factor_keys]
         if layout.projected and step > 1 and step % group["update_interval"] == 0:
             factors = self._refresh(state, layout, canonical, group, step)
+        decay, lr = self._decay_and_lr(group)
+        target = param if param.dtype == dtype else param.to(dtype)
         if layout.projected:
             direction = self._direction(state, layout.project(canonical, factors), group, step)
-            update = layout.restore(direction, factors)
-            alpha_scale = group["scale"]
+            layout.add_restored_(target, direction, factors, beta=decay, alpha=-lr * group["scale"])
         else:
-            update = self._direction(state, grad, group, step)
-            alpha_scale = 1.0
-        decay, lr = self._decay_and_lr(group)
-        self._apply(param, update, decay, lr * alpha_scale)
-
-    @staticmethod
-    def _apply(param: Tensor, update: Tensor, decay: float, alpha: float) -> None:
-        target = param if param.dtype == update.dtype else param.to(update.dtype)
-        if decay != 1.0:
-            target.mul_(decay)
-        target.add_(update, alpha=-alpha)
+            direction = self._direction(state, grad, group, step)
+            if decay != 1.0:
+                target.mul_(decay)
+            target.add_(direction, alpha=-lr)
         if target is not param:
             param.copy_(target)
 

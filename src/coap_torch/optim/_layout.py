@@ -94,6 +94,25 @@ class Layout:
             return full.reshape(self.shape)
         return tucker2_restore(x, *factors)
 
+    def add_restored_(self, target: Tensor, x: Tensor, factors: list[Tensor], *, beta: float, alpha: float) -> None:
+        """``target <- beta * target + alpha * restore(x)`` in place (param-shaped ``target``).
+
+        For matrices this is a single GEMM with accumulation (``addmm_`` / ``baddbmm_``), so the
+        restored (m, n) update is never materialised and the decay costs no extra pass.
+        """
+        if self.kind == "matrix" and target.is_contiguous():
+            P = factors[0]
+            view = target.view(self.shape[:2]) if len(self.shape) >= 4 else target
+            a, b = (P, x.mT) if self.transposed else (x, P.mT)
+            if view.dim() == 2:
+                view.addmm_(a, b, beta=beta, alpha=alpha)
+            else:
+                view.baddbmm_(a, b, beta=beta, alpha=alpha)
+            return
+        if beta != 1.0:
+            target.mul_(beta)
+        target.add_(self.restore(x, factors), alpha=alpha)
+
     def refresh_pairs(self, grad: Tensor, exp_avg: Tensor, factors: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
         """For each factor, the (gradient matrix, first-moment matrix) pair of its Eq. 2 / SVD."""
         if self.kind == "matrix":

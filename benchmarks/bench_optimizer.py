@@ -1,0 +1,829 @@
+"""Benchmark CoapAdamW against torch.optim.AdamW: optimizer-state bytes, step time, refresh cost.
+
+Three sections, each printed as a table and written to a JSON file:
+
+1. **State bytes** of ``CoapAdamW(rank=r)`` after one step, against the closed form
+   ``4 * (2 * max(m, n) * r + min(m, n) * r)`` (fp32: two moments of (max, r) and ``P`` of
+   (min, r)) and against ``torch.optim.AdamW``'s ``8 * m * n``.
+2. **Step time** of one optimizer step on a single ``nn.Parameter`` with a fixed random gradient:
+   CoapAdamW's steady step (no refresh of ``P``), its Eq. 2 refresh step, its low-cost-SVD refresh
+   step, and the step amortised over a full ``T_u * lambda`` cycle, as ratios to
+   ``torch.optim.AdamW`` (``foreach=False`` and ``foreach=True``) and to the *floor*: the two
+   ``(max, min, r)`` matmuls ``G P`` and ``U P^T`` plus Adam's elementwise moment update on the
+   ``max * r`` projected entries, timed in the same run.
+3. **Refresh cost** at one shape: ``correlation_aware_step`` and the warm-started ``low_cost_svd``
+   as ratios to a full ``torch.linalg.svd(G, full_matrices=False)`` (GaLore's per-refresh cost),
+   and the closed-form Eq. 2 step against an autograd reference of the same step.
+
+Run ``python benchmarks/bench_optimizer.py --help`` for the options; ``--quick`` is a smoke test
+that finishes in seconds. Targets are printed as PASS / FAIL markers; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from coap_torch import CoapAdamW, optimizer_state_nbytes
+from coap_torch.functional import adam_direction_, coap_objective, correlation_aware_step, low_cost_svd, orthonormalize
+
+FULL_SHAPES = ((2048, 2048), (2048, 5632), (5632, 2048))
+FULL_RANK = 512
+FULL_REFRESH_SHAPE = (2048, 5632)
+QUICK_SHAPES = ((512, 512), (512, 1024), (1024, 512))
+QUICK_RANK = 128
+QUICK_REFRESH_SHAPE = (512, 1024)
+
+# Targets (printed, never asserted).
+STATE_BYTES_TOLERANCE = 16  # "within a few scalars": four fp32 values
+STEADY_TARGET = 1.25  # steady step <= 1.25 x floor
+AMORTISED_TARGET = 1.5  # amortised step <= 1.5 x floor
+REFRESH_TARGET = 0.1  # correlation_aware_step, low_cost_svd <= 0.1 x full SVD
+CLOSED_FORM_TARGET = 1.0  # closed-form Eq. 2 step faster than autograd
+
+# Hyper-parameters of the timed steps (the optimizer's defaults).
+LR = 1e-3
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+WEIGHT_DECAY = 1e-2
+CORRELATION_LR = 0.1
+
+
+# ------------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Timing:
+    """Wall-clock samples of one operation, in milliseconds."""
+
+    samples_ms: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples_ms)
+
+    @property
+    def min(self) -> float:
+        return min(self.samples_ms)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"median_ms": self.median, "min_ms": self.min, "samples_ms": self.samples_ms}
+
+
+class Timer:
+    """Medians of wall-clock times; synchronizes CUDA around every timed call."""
+
+    def __init__(self, device: torch.device, *, repeats: int, warmup: int, inner: int) -> None:
+        self.device = device
+        self.repeats = repeats
+        self.warmup = warmup
+        self.inner = inner
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(
+        self,
+        fn: Callable[[], object],
+        *,
+        setup: Callable[[], object] | None = None,
+        repeats: int | None = None,
+        warmup: int | None = None,
+        inner: int | None = None,
+    ) -> Timing:
+        """Time ``fn``: ``warmup`` untimed calls, then ``repeats`` samples, each the mean of
+        ``inner`` calls. ``setup`` runs before every call, outside the timed region."""
+        repeats = self.repeats if repeats is None else repeats
+        warmup = self.warmup if warmup is None else warmup
+        inner = self.inner if inner is None else inner
+        for _ in range(warmup):
+            if setup is not None:
+                setup()
+            fn()
+        self.sync()
+        timing = Timing()
+        for _ in range(repeats):
+            total = 0.0
+            for _ in range(inner):
+                if setup is not None:
+                    setup()
+                self.sync()
+                start = time.perf_counter()
+                fn()
+                self.sync()
+                total += time.perf_counter() - start
+            timing.samples_ms.append(total / inner * 1e3)
+        return timing
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+def mark(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def shape_str(shape: Sequence[int]) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    try:
+        m, n = (int(part) for part in text.lower().split("x"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a shape like 2048x5632, got {text!r}") from exc
+    if m <= 0 or n <= 0:
+        raise argparse.ArgumentTypeError(f"shape sides must be positive, got {text!r}")
+    return m, n
+
+
+def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
+    return tuple(parse_shape(part) for part in text.split(",") if part.strip())
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [[str(h) for h in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    line = "  ".join("-" * w for w in widths)
+    print(f"\n{title}")
+    print(line)
+    for index, row in enumerate(cells):
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if index == 0:
+            print(line)
+    print(line)
+
+
+def fmt_ms(value: float) -> str:
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+def fmt_ratio(value: float) -> str:
+    return f"{value:.3f}x"
+
+
+def random_matrix(shape: Sequence[int], generator: torch.Generator, device: torch.device) -> Tensor:
+    # Drawn on the CPU from a private generator: same data on every device, global RNG untouched.
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device)
+
+
+def coap_optimizer(param: nn.Parameter, args: argparse.Namespace) -> CoapAdamW:
+    return CoapAdamW(
+        [param],
+        lr=LR,
+        betas=BETAS,
+        eps=EPS,
+        weight_decay=WEIGHT_DECAY,
+        rank=args.rank,
+        update_interval=args.update_interval,
+        reproject_factor=args.reproject_factor,
+        correlation_lr=CORRELATION_LR,
+    )
+
+
+def fresh_param(weight: Tensor, grad: Tensor) -> nn.Parameter:
+    param = nn.Parameter(weight.clone())
+    param.grad = grad  # shared and never modified by the optimizers
+    return param
+
+
+def formula_bytes(shape: tuple[int, int], rank: int, element_size: int = 4) -> int:
+    big, small = max(shape), min(shape)
+    return element_size * (2 * big * rank + small * rank)
+
+
+def amortised(steady: float, eq2: float, svd: float, update_interval: int, reproject_factor: int) -> float:
+    """Mean step time over one cycle of ``T_u * lambda`` steps (step 1's initialisation excluded):
+    ``T_u * lambda - lambda`` steady steps, ``lambda - 1`` Eq. 2 refreshes and one SVD refresh."""
+    cycle = update_interval * reproject_factor
+    n_eq2 = reproject_factor - 1
+    n_steady = cycle - reproject_factor
+    return (n_steady * steady + n_eq2 * eq2 + svd) / cycle
+
+
+# ------------------------------------------------------------------------------------------------
+# sections 1 + 2: state bytes and step time, per shape
+# ------------------------------------------------------------------------------------------------
+def bench_shape(
+    shape: tuple[int, int], args: argparse.Namespace, timer: Timer, device: torch.device, generator: torch.Generator
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    m, n = shape
+    rank = args.rank
+    T_u, lam = args.update_interval, args.reproject_factor
+    weight = random_matrix(shape, generator, device) * 0.02
+    grad = random_matrix(shape, generator, device)
+
+    # -- CoapAdamW: one step initialises P and the moments --------------------------------------
+    coap_param = fresh_param(weight, grad)
+    coap = coap_optimizer(coap_param, args)
+    coap.step()
+    state = coap.state[coap_param]
+    measured = optimizer_state_nbytes(coap)
+    measured_with_step = optimizer_state_nbytes(coap, include_step=True)
+    formula = formula_bytes(shape, rank, grad.element_size())
+    proj_shape = tuple(state["proj"].shape)
+    moment_shape = tuple(state["exp_avg"].shape)
+
+    # -- torch.optim.AdamW, both implementations -------------------------------------------------
+    adamw = {}
+    for foreach in (False, True):
+        p = fresh_param(weight, grad)
+        opt = torch.optim.AdamW([p], lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, foreach=foreach)
+        opt.step()
+        adamw[foreach] = (p, opt)
+    adamw_measured = optimizer_state_nbytes(adamw[False][1])
+    adamw_formula = 8 * m * n
+
+    state_row = {
+        "shape": list(shape),
+        "rank": rank,
+        "proj_shape": list(proj_shape),
+        "moment_shape": list(moment_shape),
+        "coap_measured_bytes": measured,
+        "coap_measured_bytes_incl_step": measured_with_step,
+        "coap_formula_bytes": formula,
+        "coap_minus_formula_bytes": measured - formula,
+        "adamw_measured_bytes": adamw_measured,
+        "adamw_formula_bytes": adamw_formula,
+        "coap_over_adamw": measured / adamw_measured,
+        "formula_over_adamw_formula": formula / adamw_formula,
+        "target_state_bytes_equal_formula": abs(measured - formula) <= STATE_BYTES_TOLERANCE,
+    }
+
+    # -- CoapAdamW step kinds, chosen through the step counter (reset outside the timed region) --
+    counter = state["step"]
+
+    def at_step(k: int) -> Callable[[], None]:
+        return lambda: counter.fill_(float(k - 1))  # the next step() runs step k
+
+    steady_step = 2 if T_u > 2 else None
+    if steady_step is None:
+        raise SystemExit("--update-interval must be > 2 for a steady (refresh-free) step to exist")
+    eq2_step = T_u if lam > 1 else None
+    svd_step = T_u * lam
+    t_steady = timer(coap.step, setup=at_step(steady_step))
+    t_eq2 = timer(coap.step, setup=at_step(eq2_step)) if eq2_step is not None else None
+    t_svd = timer(coap.step, setup=at_step(svd_step), repeats=args.svd_step_repeats)
+    t_adamw = {foreach: timer(adamw[foreach][1].step) for foreach in (False, True)}
+
+    # -- the floor: G P, Adam's elementwise update on (max, r), U P^T in the parameter's layout --
+    transposed = m < n
+    P = state["proj"].clone()
+    G_c = grad.mT if transposed else grad  # (max, min), the optimizer's orientation
+    exp_avg = torch.zeros(moment_shape, device=device)
+    exp_avg_sq = torch.zeros(moment_shape, device=device)
+    beta1, beta2 = BETAS
+    R = G_c @ P
+
+    def floor_project() -> Tensor:
+        return G_c @ P
+
+    def floor_adam(R: Tensor = R) -> Tensor:
+        # Bias corrections are scalars, foldable into eps and the matmul's alpha: left out.
+        exp_avg.lerp_(R, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(R, R, value=1 - beta2)
+        return exp_avg / exp_avg_sq.sqrt().add_(EPS)
+
+    U = floor_adam()
+
+    def floor_restore(U: Tensor = U) -> Tensor:
+        return P @ U.mT if transposed else U @ P.mT  # (m, n), contiguous
+
+    def floor() -> Tensor:
+        return floor_restore(floor_adam(floor_project()))
+
+    t_floor = timer(floor)
+    t_floor_mm = timer(lambda: floor_restore(floor_project()))
+    t_floor_adam = timer(floor_adam)
+
+    t_amortised = amortised(
+        t_steady.median, t_eq2.median if t_eq2 is not None else t_svd.median, t_svd.median, T_u, lam
+    )
+    t_cycle = None
+    if args.full_cycle:
+        # The real schedule: T_u * lambda consecutive steps (steps 1..cycle on initialised state).
+        def cycle() -> None:
+            counter.fill_(0.0)
+            for _ in range(T_u * lam):
+                coap.step()
+
+        t_cycle = timer(cycle, repeats=max(1, args.repeats // 2), warmup=0, inner=1)
+
+    floor_ms = t_floor.median
+    a_false, a_true = t_adamw[False].median, t_adamw[True].median
+    step_row: dict[str, Any] = {
+        "shape": list(shape),
+        "rank": rank,
+        "transposed": transposed,
+        "ms": {
+            "coap_steady": t_steady.median,
+            "coap_eq2_refresh": t_eq2.median if t_eq2 is not None else None,
+            "coap_svd_refresh": t_svd.median,
+            "coap_amortised": t_amortised,
+            "coap_full_cycle_mean": (t_cycle.median / (T_u * lam)) if t_cycle is not None else None,
+            "adamw_foreach_false": a_false,
+            "adamw_foreach_true": a_true,
+            "floor": floor_ms,
+            "floor_matmuls": t_floor_mm.median,
+            "floor_adam_elementwise": t_floor_adam.median,
+        },
+        "ratios": {
+            "steady_over_floor": t_steady.median / floor_ms,
+            "amortised_over_floor": t_amortised / floor_ms,
+            "steady_over_adamw_foreach_false": t_steady.median / a_false,
+            "steady_over_adamw_foreach_true": t_steady.median / a_true,
+            "amortised_over_adamw_foreach_false": t_amortised / a_false,
+            "amortised_over_adamw_foreach_true": t_amortised / a_true,
+            "eq2_refresh_over_steady": (t_eq2.median / t_steady.median) if t_eq2 is not None else None,
+            "svd_refresh_over_steady": t_svd.median / t_steady.median,
+        },
+        "targets": {
+            "steady_le_1.25x_floor": t_steady.median <= STEADY_TARGET * floor_ms,
+            "amortised_le_1.5x_floor": t_amortised <= AMORTISED_TARGET * floor_ms,
+        },
+        "samples": {
+            "coap_steady": t_steady.to_json(),
+            "coap_eq2_refresh": t_eq2.to_json() if t_eq2 is not None else None,
+            "coap_svd_refresh": t_svd.to_json(),
+            "coap_full_cycle": t_cycle.to_json() if t_cycle is not None else None,
+            "adamw_foreach_false": t_adamw[False].to_json(),
+            "adamw_foreach_true": t_adamw[True].to_json(),
+            "floor": t_floor.to_json(),
+            "floor_matmuls": t_floor_mm.to_json(),
+            "floor_adam_elementwise": t_floor_adam.to_json(),
+        },
+    }
+
+    profile = None
+    if args.profile:
+        profile = profile_steady_step(coap, coap_param, state, at_step(steady_step), timer, transposed, t_steady)
+        profile["shape"] = list(shape)
+    return state_row, step_row, profile
+
+
+# ------------------------------------------------------------------------------------------------
+# optional: where the steady step's time goes
+# ------------------------------------------------------------------------------------------------
+def profile_steady_step(
+    coap: CoapAdamW,
+    param: nn.Parameter,
+    state: dict[str, Any],
+    reset: Callable[[], None],
+    timer: Timer,
+    transposed: bool,
+    t_steady: Timing,
+) -> dict[str, Any]:
+    """Time the pieces of a steady CoapAdamW step one by one (same ops, same tensors), plus a
+    fused alternative for the last two, and collect the torch.profiler op table of one step."""
+    grad = param.grad
+    P = state["proj"]
+    exp_avg, exp_avg_sq = state["exp_avg"].clone(), state["exp_avg_sq"].clone()
+    G_c = grad.mT if transposed else grad
+    weight = param.detach().clone()
+    decay, lr = 1 - LR * WEIGHT_DECAY, LR
+
+    R = G_c @ P
+    U = adam_direction_(exp_avg, exp_avg_sq, R, step=2, beta1=BETAS[0], beta2=BETAS[1], eps=EPS)
+    full = U @ P.mT
+    update = full.mT if transposed else full
+
+    def apply() -> None:
+        weight.mul_(decay)
+        weight.add_(update, alpha=-lr)
+
+    def fused_restore_apply() -> None:
+        # p <- decay * p - lr * restore(U) in one GEMM (beta = decay, alpha = -lr), no (m, n) temporary.
+        if transposed:
+            weight.addmm_(P, U.mT, beta=decay, alpha=-lr)
+        else:
+            weight.addmm_(U, P.mT, beta=decay, alpha=-lr)
+
+    parts = {
+        "project G_c @ P": timer(lambda: G_c @ P),
+        "adam_direction_ (max, r)": timer(
+            lambda: adam_direction_(exp_avg, exp_avg_sq, R, step=2, beta1=BETAS[0], beta2=BETAS[1], eps=EPS)
+        ),
+        "restore U @ P^T": timer(lambda: U @ P.mT),
+        "apply mul_ + add_ (m, n)": timer(apply),
+    }
+    total = sum(t.median for t in parts.values())
+    alt = {
+        "fused addmm_ (restore + apply)": timer(fused_restore_apply),
+        "contiguous restore (P @ U^T) + apply": timer(
+            (lambda: (weight.mul_(decay), weight.add_(P @ U.mT, alpha=-lr)))
+            if transposed
+            else (lambda: (weight.mul_(decay), weight.add_(U @ P.mT, alpha=-lr)))
+        ),
+    }
+
+    op_table = None
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU]
+        if param.device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        reset()
+        coap.step()
+        timer.sync()
+        reset()
+        with profile(activities=activities) as prof:
+            coap.step()
+            timer.sync()
+        sort_by = "self_cuda_time_total" if param.device.type == "cuda" else "self_cpu_time_total"
+        op_table = prof.key_averages().table(sort_by=sort_by, row_limit=12)
+    except Exception as exc:  # the profiler is optional
+        op_table = f"(torch.profiler unavailable: {exc})"
+
+    return {
+        "steady_ms": t_steady.median,
+        "parts_ms": {k: v.median for k, v in parts.items()},
+        "parts_sum_ms": total,
+        "unaccounted_ms": t_steady.median - total,
+        "alternatives_ms": {k: v.median for k, v in alt.items()},
+        "op_table": op_table,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# section 3: refresh cost
+# ------------------------------------------------------------------------------------------------
+def autograd_correlation_step(P: Tensor, grad: Tensor, exp_avg_proj: Tensor, lr: float = CORRELATION_LR) -> Tensor:
+    """The Eq. 2 step by autograd on the literal objective: a reference for the closed form."""
+    with torch.enable_grad():
+        P = P.detach().requires_grad_()
+        coap_objective(P, grad, exp_avg_proj).backward()
+    return (P - lr * P.grad).detach()
+
+
+def bench_refresh(
+    shape: tuple[int, int], args: argparse.Namespace, timer: Timer, device: torch.device, generator: torch.Generator
+) -> dict[str, Any]:
+    m, n = shape
+    rank = args.refresh_rank
+    G = random_matrix(shape, generator, device)
+    G_c = G.mT if m < n else G  # (max, min), the optimizer's orientation; P is (min, r)
+    P = orthonormalize(random_matrix((min(shape), rank), generator, device))
+    M = (G_c @ P) * 0.1  # a plausible low-rank first moment (max, r)
+
+    t_svd = timer(lambda: torch.linalg.svd(G, full_matrices=False), repeats=args.full_svd_repeats, warmup=1)
+    t_cas = timer(lambda: correlation_aware_step(P, G_c, M, lr=CORRELATION_LR))
+    t_lcs = timer(lambda: low_cost_svd(G_c, rank, sketch=P))
+    t_auto = timer(lambda: autograd_correlation_step(P, G_c, M, CORRELATION_LR))
+
+    closed = correlation_aware_step(P, G_c, M, lr=CORRELATION_LR)
+    reference = autograd_correlation_step(P, G_c, M, CORRELATION_LR)
+    step_closed, step_reference = P - closed, P - reference
+    rel_err = (torch.linalg.vector_norm(step_closed - step_reference) / torch.linalg.vector_norm(step_reference)).item()
+
+    full = t_svd.median
+    return {
+        "shape": list(shape),
+        "rank": rank,
+        "ms": {
+            "full_svd": full,
+            "correlation_aware_step": t_cas.median,
+            "low_cost_svd_warm": t_lcs.median,
+            "autograd_eq2_step": t_auto.median,
+        },
+        "ratios": {
+            "correlation_aware_step_over_full_svd": t_cas.median / full,
+            "low_cost_svd_over_full_svd": t_lcs.median / full,
+            "correlation_aware_step_over_autograd": t_cas.median / t_auto.median,
+        },
+        "closed_form_vs_autograd_step_rel_err": rel_err,
+        "targets": {
+            "correlation_aware_step_le_0.1x_full_svd": t_cas.median <= REFRESH_TARGET * full,
+            "low_cost_svd_le_0.1x_full_svd": t_lcs.median <= REFRESH_TARGET * full,
+            "closed_form_faster_than_autograd": t_cas.median < CLOSED_FORM_TARGET * t_auto.median,
+        },
+        "samples": {
+            "full_svd": t_svd.to_json(),
+            "correlation_aware_step": t_cas.to_json(),
+            "low_cost_svd_warm": t_lcs.to_json(),
+            "autograd_eq2_step": t_auto.to_json(),
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# printing
+# ------------------------------------------------------------------------------------------------
+def print_state_bytes(rows: list[dict[str, Any]]) -> None:
+    mib = 2.0**20
+    print_table(
+        "1. Optimizer-state bytes after one step (fp32; 'step' counters excluded)",
+        ["shape", "rank", "COAP measured", "COAP formula", "diff B", "AdamW measured", "AdamW 8mn", "COAP/AdamW", "target"],
+        [
+            [
+                shape_str(r["shape"]),
+                r["rank"],
+                f"{r['coap_measured_bytes']:,} ({r['coap_measured_bytes'] / mib:.2f} MiB)",
+                f"{r['coap_formula_bytes']:,}",
+                r["coap_minus_formula_bytes"],
+                f"{r['adamw_measured_bytes']:,} ({r['adamw_measured_bytes'] / mib:.2f} MiB)",
+                f"{r['adamw_formula_bytes']:,}",
+                f"{r['coap_over_adamw']:.4f}",
+                f"{mark(r['target_state_bytes_equal_formula'])} (==formula)",
+            ]
+            for r in rows
+        ],
+    )
+    print("  formula: COAP 4*(2*max(m,n)*r + min(m,n)*r), AdamW 8*m*n")
+
+
+def print_step_times(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    T_u, lam = args.update_interval, args.reproject_factor
+    cycle = T_u * lam
+    print_table(
+        "2a. Step time, ms (median)",
+        ["shape", "COAP steady", "COAP Eq.2", "COAP SVD", "COAP amortised", "full cycle", "AdamW fe=F",
+         "AdamW fe=T", "floor", "floor mm", "floor adam"],
+        [
+            [
+                shape_str(r["shape"]),
+                fmt_ms(r["ms"]["coap_steady"]),
+                fmt_ms(r["ms"]["coap_eq2_refresh"]) if r["ms"]["coap_eq2_refresh"] is not None else "-",
+                fmt_ms(r["ms"]["coap_svd_refresh"]),
+                fmt_ms(r["ms"]["coap_amortised"]),
+                fmt_ms(r["ms"]["coap_full_cycle_mean"]) if r["ms"]["coap_full_cycle_mean"] is not None else "-",
+                fmt_ms(r["ms"]["adamw_foreach_false"]),
+                fmt_ms(r["ms"]["adamw_foreach_true"]),
+                fmt_ms(r["ms"]["floor"]),
+                fmt_ms(r["ms"]["floor_matmuls"]),
+                fmt_ms(r["ms"]["floor_adam_elementwise"]),
+            ]
+            for r in rows
+        ],
+    )
+    print_table(
+        "2b. Step time ratios",
+        ["shape", "steady/floor", "amort./floor", "steady/AdamW F", "steady/AdamW T", "amort./AdamW F",
+         "amort./AdamW T", "Eq.2/steady", "SVD/steady"],
+        [
+            [
+                shape_str(r["shape"]),
+                f"{fmt_ratio(r['ratios']['steady_over_floor'])} {mark(r['targets']['steady_le_1.25x_floor'])}",
+                f"{fmt_ratio(r['ratios']['amortised_over_floor'])} {mark(r['targets']['amortised_le_1.5x_floor'])}",
+                fmt_ratio(r["ratios"]["steady_over_adamw_foreach_false"]),
+                fmt_ratio(r["ratios"]["steady_over_adamw_foreach_true"]),
+                fmt_ratio(r["ratios"]["amortised_over_adamw_foreach_false"]),
+                fmt_ratio(r["ratios"]["amortised_over_adamw_foreach_true"]),
+                fmt_ratio(r["ratios"]["eq2_refresh_over_steady"]) if r["ratios"]["eq2_refresh_over_steady"] else "-",
+                fmt_ratio(r["ratios"]["svd_refresh_over_steady"]),
+            ]
+            for r in rows
+        ],
+    )
+    print(f"  targets: steady <= {STEADY_TARGET}x floor, amortised <= {AMORTISED_TARGET}x floor")
+    print(
+        f"  amortised = (({cycle} - {lam}) * steady + ({lam} - 1) * Eq.2 + 1 * SVD) / {cycle}"
+        f"  (T_u={T_u}, lambda={lam}; each step kind timed separately by setting the step counter)"
+    )
+    print("  floor = G_c @ P + Adam elementwise moment update on (max(m,n), r) + U @ P^T (in the parameter's layout)")
+    print("  AdamW fe=F / fe=T: torch.optim.AdamW(foreach=False) / (foreach=True)")
+    if any(r["ms"]["coap_full_cycle_mean"] is not None for r in rows):
+        print(f"  full cycle: mean step time over {cycle} consecutive real steps (--full-cycle)")
+
+
+def print_profile(profiles: list[dict[str, Any]], show_ops: bool) -> None:
+    for prof in profiles:
+        rows = [[name, fmt_ms(ms), f"{ms / prof['steady_ms']:.1%}"] for name, ms in prof["parts_ms"].items()]
+        rows.append(["(sum of parts)", fmt_ms(prof["parts_sum_ms"]), f"{prof['parts_sum_ms'] / prof['steady_ms']:.1%}"])
+        rows.append(["(unaccounted: python, .mT copies, ...)", fmt_ms(prof["unaccounted_ms"]),
+                     f"{prof['unaccounted_ms'] / prof['steady_ms']:.1%}"])
+        rows.append(["steady step (measured)", fmt_ms(prof["steady_ms"]), "100.0%"])
+        for name, ms in prof["alternatives_ms"].items():
+            rows.append([f"alt: {name}", fmt_ms(ms), f"{ms / prof['steady_ms']:.1%}"])
+        print_table(f"Profile of the steady step, {shape_str(prof['shape'])}", ["part", "ms", "of steady"], rows)
+        if show_ops and prof.get("op_table"):
+            print(prof["op_table"])
+
+
+def print_refresh(row: dict[str, Any]) -> None:
+    ms, ratios, targets = row["ms"], row["ratios"], row["targets"]
+    print_table(
+        f"3. Refresh cost at {shape_str(row['shape'])}, rank {row['rank']} (median)",
+        ["operation", "ms", "ratio", "target"],
+        [
+            ["torch.linalg.svd(G, full_matrices=False)", fmt_ms(ms["full_svd"]), "1.000x (reference)", ""],
+            ["correlation_aware_step (closed form)", fmt_ms(ms["correlation_aware_step"]),
+             f"{fmt_ratio(ratios['correlation_aware_step_over_full_svd'])} of full SVD",
+             f"{mark(targets['correlation_aware_step_le_0.1x_full_svd'])} (<= {REFRESH_TARGET}x)"],
+            ["low_cost_svd (warm-start sketch = P)", fmt_ms(ms["low_cost_svd_warm"]),
+             f"{fmt_ratio(ratios['low_cost_svd_over_full_svd'])} of full SVD",
+             f"{mark(targets['low_cost_svd_le_0.1x_full_svd'])} (<= {REFRESH_TARGET}x)"],
+            ["autograd Eq.2 step (coap_objective.backward)", fmt_ms(ms["autograd_eq2_step"]), "", ""],
+            ["correlation_aware_step / autograd", "",
+             fmt_ratio(ratios["correlation_aware_step_over_autograd"]),
+             f"{mark(targets['closed_form_faster_than_autograd'])} (< 1x)"],
+        ],
+    )
+    print(f"  closed-form vs autograd step, relative difference: {row['closed_form_vs_autograd_step_rel_err']:.2e}")
+
+
+# ------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Benchmark CoapAdamW vs torch.optim.AdamW: state bytes, step time, refresh cost.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke test: shapes {','.join(map(shape_str, QUICK_SHAPES))}, rank {QUICK_RANK}, "
+                             "2 repeats, 1 warm-up")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default: cpu")
+    parser.add_argument("--json", type=Path, default=Path("results/bench_optimizer.json"),
+                        help="where to write the results (default: results/bench_optimizer.json)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed samples per measurement, the median is reported (default: 5 on CPU, 20 on CUDA, "
+                             "2 with --quick)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed calls before each measurement (default: 2 on CPU, 5 on CUDA, 1 with --quick)")
+    parser.add_argument("--inner", type=int, default=None,
+                        help="calls averaged into one sample (default: 1 on CPU, 10 on CUDA)")
+    parser.add_argument("--svd-step-repeats", type=int, default=None,
+                        help="samples of CoapAdamW's SVD-refresh step (default: --repeats)")
+    parser.add_argument("--full-svd-repeats", type=int, default=None,
+                        help="samples of the full torch.linalg.svd in section 3 (default: --repeats)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: all CPUs available to this process)")
+    parser.add_argument("--shapes", type=parse_shapes, default=None,
+                        help=f"comma-separated MxN shapes (default: {','.join(map(shape_str, FULL_SHAPES))})")
+    parser.add_argument("--rank", type=int, default=None, help=f"CoapAdamW rank (default: {FULL_RANK})")
+    parser.add_argument("--refresh-shape", type=parse_shape, default=None,
+                        help=f"shape of section 3 (default: {shape_str(FULL_REFRESH_SHAPE)})")
+    parser.add_argument("--refresh-rank", type=int, default=None, help="rank of section 3 (default: --rank)")
+    parser.add_argument("--update-interval", type=int, default=32, help="T_u (default: 32)")
+    parser.add_argument("--reproject-factor", type=int, default=5, help="lambda (default: 5)")
+    parser.add_argument("--full-cycle", action="store_true",
+                        help="also time T_u*lambda consecutive real steps per shape (slow on CPU)")
+    parser.add_argument("--profile", action="store_true",
+                        help="break the steady step down into its parts and print a torch.profiler op table")
+    parser.add_argument("--skip-refresh", action="store_true", help="skip section 3")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and gradients")
+    return parser
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    if args.quick:
+        args.shapes = args.shapes or QUICK_SHAPES
+        args.rank = args.rank or QUICK_RANK
+        args.refresh_shape = args.refresh_shape or QUICK_REFRESH_SHAPE
+        args.repeats = args.repeats or 2
+        args.warmup = 1 if args.warmup is None else args.warmup
+    args.shapes = args.shapes or FULL_SHAPES
+    args.rank = args.rank or FULL_RANK
+    args.refresh_shape = args.refresh_shape or FULL_REFRESH_SHAPE
+    args.refresh_rank = args.refresh_rank or args.rank
+    args.repeats = args.repeats or (20 if cuda else 5)
+    args.warmup = (5 if cuda else 2) if args.warmup is None else args.warmup
+    args.inner = args.inner or (10 if cuda else 1)
+    args.svd_step_repeats = args.svd_step_repeats or args.repeats
+    args.full_svd_repeats = args.full_svd_repeats or args.repeats
+    if args.threads is None:
+        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    for name in ("repeats", "inner", "svd_step_repeats", "full_svd_repeats", "threads", "rank", "refresh_rank",
+                 "update_interval", "reproject_factor"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        raise SystemExit("--warmup must be >= 0")
+    for shape in (*args.shapes, args.refresh_shape):
+        if min(shape) <= max(args.rank, args.refresh_rank if shape == args.refresh_shape else args.rank):
+            raise SystemExit(f"rank must be below min(m, n) for shape {shape_str(shape)} to be projected")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = resolve(build_parser().parse_args(argv))
+    device = torch.device(args.device)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return run(args, device)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def run(args: argparse.Namespace, device: torch.device) -> int:
+    started = time.perf_counter()
+    timer = Timer(device, repeats=args.repeats, warmup=args.warmup, inner=args.inner)
+    generator = torch.Generator().manual_seed(args.seed)
+    meta = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(),
+        "quick": args.quick,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "inner": args.inner,
+        "svd_step_repeats": args.svd_step_repeats,
+        "full_svd_repeats": args.full_svd_repeats,
+        "shapes": [list(s) for s in args.shapes],
+        "rank": args.rank,
+        "update_interval": args.update_interval,
+        "reproject_factor": args.reproject_factor,
+        "lr": LR,
+        "betas": list(BETAS),
+        "eps": EPS,
+        "weight_decay": WEIGHT_DECAY,
+        "correlation_lr": CORRELATION_LR,
+        "statistic": "median",
+        "amortisation": "((T_u*lambda - lambda) * steady + (lambda - 1) * eq2 + 1 * svd) / (T_u*lambda)",
+        "floor": "G_c @ P + Adam elementwise moment update on (max(m,n), r) + U @ P^T in the parameter's layout",
+        "targets": {
+            "state_bytes_tolerance_bytes": STATE_BYTES_TOLERANCE,
+            "steady_over_floor_max": STEADY_TARGET,
+            "amortised_over_floor_max": AMORTISED_TARGET,
+            "refresh_over_full_svd_max": REFRESH_TARGET,
+            "closed_form_over_autograd_max": CLOSED_FORM_TARGET,
+        },
+    }
+    print(
+        f"bench_optimizer: torch {meta['torch']} on {meta['device']}"
+        f"{' (' + meta['device_name'] + ')' if meta['device_name'] else ''}, {meta['threads']} threads, "
+        f"median of {args.repeats} (warm-up {args.warmup}, {args.inner} call(s) per sample), rank {args.rank}, "
+        f"T_u={args.update_interval}, lambda={args.reproject_factor}"
+    )
+
+    state_rows, step_rows, profiles = [], [], []
+    for shape in args.shapes:
+        print(f"  timing {shape_str(shape)} ...", flush=True)
+        state_row, step_row, profile = bench_shape(shape, args, timer, device, generator)
+        state_rows.append(state_row)
+        step_rows.append(step_row)
+        if profile is not None:
+            profiles.append(profile)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    refresh = None
+    if not args.skip_refresh:
+        print(f"  timing refresh at {shape_str(args.refresh_shape)} ...", flush=True)
+        refresh = bench_refresh(args.refresh_shape, args, timer, device, generator)
+
+    print_state_bytes(state_rows)
+    print_step_times(step_rows, args)
+    if refresh is not None:
+        print_refresh(refresh)
+    if profiles:
+        print_profile(profiles, show_ops=True)
+
+    summary = {
+        "state_bytes_equal_formula": all(r["target_state_bytes_equal_formula"] for r in state_rows),
+        "steady_le_1.25x_floor": all(r["targets"]["steady_le_1.25x_floor"] for r in step_rows),
+        "amortised_le_1.5x_floor": all(r["targets"]["amortised_le_1.5x_floor"] for r in step_rows),
+    }
+    if refresh is not None:
+        summary.update(refresh["targets"])
+    elapsed = time.perf_counter() - started
+    meta["elapsed_s"] = elapsed
+    results = {
+        "meta": meta,
+        "state_bytes": state_rows,
+        "step_time": step_rows,
+        "refresh": refresh,
+        "profile": profiles or None,
+        "summary": summary,
+    }
+    print("\nSummary: " + ", ".join(f"{k} {mark(v)}" for k, v in summary.items()))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+    print(f"wrote {args.json} ({elapsed:.1f} s)")
+    return 0
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Presenting a benchmark run: the side-by-side table, the JSON file, the loss-curve plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["format_bytes", "format_table", "write_json", "write_plots"]
+
+_NOTES = (
+    "state: optimizer-state bytes after training (step counters excluded); iter / step ms: median over "
+    "all steps of forward+backward+step / of optimizer.step() alone; final loss: cross-entropy on the "
+    "whole training split after the last step; P Eq.2 change: median |P_new - P_old|_F / |P_old|_F over "
+    "the Eq. 2 refresh steps (multiples of update_interval that are not multiples of "
+    "update_interval * reproject_factor)."
+)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if abs(n) < 1024 or unit == "MiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError  # unreachable
+
+
+def _number(value: float | None, spec: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return format(value, spec)
+
+
+def _columns(result: dict[str, Any]) -> list[str]:
+    return [
+        result["name"],
+        f"{result['lr']:g}",
+        format_bytes(result["state_bytes"]),
+        _number(result.get("state_ratio_to_adamw"), ".3f"),
+        _number(result["iteration_ms"], ".2f"),
+        _number(result["step_ms"], ".2f"),
+        _number(result["final_loss"], ".4f"),
+        _number(result["heldout_loss"], ".4f"),
+        _number(100 * result["heldout_accuracy"], ".2f") + "%",
+        _number(result["p_step_rel_change"], ".3e"),
+    ]
+
+
+_HEADER = [
+    "optimizer",
+    "lr",
+    "state",
+    "vs AdamW",
+    "iter ms",
+    "step ms",
+    "final loss",
+    "held-out loss",
+    "held-out acc",
+    "P Eq.2 change",
+]
+
+
+def format_table(run: dict[str, Any], *, notes: bool = True) -> str:
+    """The run as a text table, one row per optimizer, preceded by a line describing the setup."""
+    config = run["config"]
+    rows = [_HEADER, *(_columns(r) for r in run["results"])]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]
+
+    def line(row: list[str]) -> str:
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
+        return "  ".join(cells).rstrip()
+
+    title = (
+        f"digits: {config['train_samples']} train / {config['heldout_samples']} held-out images "
+        f"({config['image_size']}x{config['image_size']}), {config['parameters']:,} parameters; "
+        f"{config['steps']} steps, batch {config['batch_size']}, seed {config['seed']}, "
+        f"{config['device']} ({config['torch_threads']} threads); COAP rank ratio {config['rank_ratio']:g}, "
+        f"update interval {config['update_interval']}, reproject factor {config['reproject_factor']}"
+        + (", correlation-normalize" if config["correlation_normalize"] else "")
+    )
+    text = [title, "", line(rows[0]), "  ".join("-" * w for w in widths)]
+    text += [line(row) for row in rows[1:]]
+    if notes:
+        text += ["", _NOTES]
+    return "\n".join(text)
+
+
+def write_json(run: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(run, indent=2) + "\n")
+    return path
+
+
+def _smooth(values: list[float], width: int) -> list[float]:
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= width:
+            total -= values[i - width]
+        out.append(total / min(i + 1, width))
+    return out
+
+
+def write_plots(run: dict[str, Any], directory: str | Path) -> Path | None:
+    """Write ``digits_loss.png`` (training loss per step, raw and smoothed) to ``directory``.
+
+    Returns ``None`` without writing anything when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for result in run["results"]:
+        curve = result["loss_curve"]
+        steps = range(1, len(curve) + 1)
+        (handle,) = ax.plot(steps, _smooth(curve, 10), label=f"{result['name']} (10-step mean)")
+        ax.plot(steps, curve, color=handle.get_color(), alpha=0.25, linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (batch cross-entropy)")
+    ax.set_title(f"digits, seed {run['config']['seed']}")
+    ax.legend()
+    fig.tight_layout()
+    path = directory / "digits_loss.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
