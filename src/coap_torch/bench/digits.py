@@ -3,8 +3,10 @@
 The data is real and offline (:func:`sklearn.datasets.load_digits`: 1797 images, 10 classes),
 upsampled to 16x16 and split by sample into a stratified training set and a held-out set that
 never changes. The model exercises both projection paths of COAP: ``conv2`` (64, 32, 3, 3) is
-Tucker-2 projected, ``fc1`` (256, 1024) and ``fc2`` (10, 256) are projected matrices; biases and
-the small first kernel stay dense.
+Tucker-2 projected, ``fc1`` (192, 1024) and ``fc2`` (10, 192) are projected matrices; biases and
+the small first kernel stay dense. The hidden width is 192, not 256, so that ``fc1``'s rank (96 at
+the default rank ratio 2) stays below the batch size: at rank 128 a first gradient of 128
+samples is often rank-deficient, which leaves part of the first subspace to the seeded sketch.
 
 Every optimizer gets the same initial weights and the same batches: both come from
 :class:`torch.Generator` objects seeded from ``seed`` at the start of each run, never from the
@@ -40,6 +42,8 @@ HELDOUT_FRACTION = 0.2
 SPLIT_SEED = 0
 #: State keys of the projection matrices (``proj`` for matrices, ``proj_out`` / ``proj_in`` for Tucker-2).
 PROJECTION_KEYS = ("proj", "proj_out", "proj_in")
+#: Width of the hidden linear layer.
+HIDDEN = 192
 #: Offset between the seed of the initial weights and the seed of the batch order.
 _BATCH_STREAM = 2**32
 
@@ -72,14 +76,14 @@ class DigitsData:
 
 
 class DigitsCNN(nn.Module):
-    """conv(1->32) -> pool -> conv(32->64) -> pool -> linear(1024->256) -> linear(256->10), ReLU between."""
+    """conv(1->32) -> pool -> conv(32->64) -> pool -> linear(1024->192) -> linear(192->10), ReLU between."""
 
-    def __init__(self, image_size: int = IMAGE_SIZE, num_classes: int = 10) -> None:
+    def __init__(self, image_size: int = IMAGE_SIZE, num_classes: int = 10, hidden: int = HIDDEN) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
         self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.fc1 = nn.Linear(64 * (image_size // 4) ** 2, 256)
-        self.fc2 = nn.Linear(256, num_classes)
+        self.fc1 = nn.Linear(64 * (image_size // 4) ** 2, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)

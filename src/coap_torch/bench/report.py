@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,7 @@ def format_table(run: dict[str, Any], *, notes: bool = True) -> str:
     text = [title, "", line(rows[0]), "  ".join("-" * w for w in widths)]
     text += [line(row) for row in rows[1:]]
     if notes:
-        text += ["", _NOTES]
+        text += ["", *textwrap.wrap(_NOTES, width=100)]
     return "\n".join(text)
 
 
