@@ -73,16 +73,17 @@ def _compute_dtype(param: Tensor) -> torch.dtype:
 class LowRankOptimizer(Optimizer):
     """Base class of the COAP optimizers. Subclasses define the moment rule:
 
-    * :attr:`first_moment_keys` / :attr:`second_moment_keys`: the state tensors that live in the
-      projected space and are moved to the new basis when ``P`` changes (linearly for first
-      moments, with the squared rotation for second moments);
-    * :meth:`_init_moments` and :meth:`_direction`: create the moments and turn a gradient (dense
-      or projected) into an update direction ``d``;
-    * :meth:`_decay_and_lr`: the parameter update is ``p <- p * decay - lr * scale * restore(d)``.
+    * :attr:`moment_rotations`: for each state tensor that lives in the projected space, how it
+      moves to a new basis when ``P`` changes (see :meth:`Layout.rotate`): ``"linear"`` for
+      first moments, ``"squared"`` for second moments, ``"row"`` / ``"col"`` for the factored
+      accumulators of Adafactor;
+    * :meth:`_init_moments`: create the moments for a (projected or dense) shape;
+    * :meth:`_moment_step`: update the moments from a gradient and return
+      ``(direction, decay, alpha)``; the parameter becomes ``p * decay + alpha * restore(direction)``
+      (``alpha`` is multiplied by the group's ``scale`` for projected parameters).
     """
 
-    first_moment_keys: ClassVar[tuple[str, ...]] = ()
-    second_moment_keys: ClassVar[tuple[str, ...]] = ()
+    moment_rotations: ClassVar[dict[str, str]] = {}
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         for key, value in COAP_DEFAULTS.items():
@@ -142,11 +143,14 @@ class LowRankOptimizer(Optimizer):
     def _init_moments(self, shape: tuple[int, ...], group: dict[str, Any], like: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def _direction(self, state: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int) -> Tensor:
+    def _moment_step(
+        self, state: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, param: Tensor
+    ) -> tuple[Tensor, float, float]:
         raise NotImplementedError
 
-    def _decay_and_lr(self, group: dict[str, Any]) -> tuple[float, float]:
-        raise NotImplementedError
+    def _refresh_moment(self, state: dict[str, Any], layout: Layout, grad: Tensor, factors: list[Tensor]) -> Tensor:
+        """The low-rank first moment ``M`` that the Eq. 2 step correlates with."""
+        return state["exp_avg"]
 
     # -- the step ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -190,16 +194,16 @@ class LowRankOptimizer(Optimizer):
         factors = [state[key] for key in layout.factor_keys]
         if layout.projected and step > 1 and step % group["update_interval"] == 0:
             factors = self._refresh(state, layout, canonical, group, step)
-        decay, lr = self._decay_and_lr(group)
         target = param if param.dtype == dtype else param.to(dtype)
         if layout.projected:
-            direction = self._direction(state, layout.project(canonical, factors), group, step)
-            layout.add_restored_(target, direction, factors, beta=decay, alpha=-lr * group["scale"])
+            projected = layout.project(canonical, factors)
+            direction, decay, alpha = self._moment_step(state, projected, group, step, target)
+            layout.add_restored_(target, direction, factors, beta=decay, alpha=alpha * group["scale"])
         else:
-            direction = self._direction(state, grad, group, step)
+            direction, decay, alpha = self._moment_step(state, grad, group, step, target)
             if decay != 1.0:
                 target.mul_(decay)
-            target.add_(direction, alpha=-lr)
+            target.add_(direction, alpha=alpha)
         if target is not param:
             param.copy_(target)
 
@@ -237,7 +241,7 @@ class LowRankOptimizer(Optimizer):
         """Update P (or P_O, P_I) and move the moments to the new basis."""
         old = [state[key] for key in layout.factor_keys]
         reproject = step % (group["update_interval"] * group["reproject_factor"]) == 0
-        first = state[self.first_moment_keys[0]]
+        first = self._refresh_moment(state, layout, grad, old)
         new = []
         for (matrix, moment), P, rank in zip(layout.refresh_pairs(grad, first, old), old, layout.ranks):
             if reproject:
@@ -254,11 +258,9 @@ class LowRankOptimizer(Optimizer):
                     )
                 )
         rotations = [P_old.mT @ P_new for P_old, P_new in zip(old, new)]
-        for key in self.first_moment_keys:
-            state[key] = layout.rotate(state[key], rotations, squared=False)
-        for key in self.second_moment_keys:
+        for key, kind in self.moment_rotations.items():
             if key in state:
-                state[key] = layout.rotate(state[key], rotations, squared=True)
+                state[key] = layout.rotate(state[key], rotations, kind)
         for key, P in zip(layout.factor_keys, new):
             state[key] = P
         return new

@@ -119,15 +119,29 @@ class Layout:
             return [(grad, exp_avg)]
         return list(mode_matrices(grad, exp_avg, *factors))
 
-    def rotate(self, moment: Tensor, rotations: list[Tensor], *, squared: bool) -> Tensor:
-        """Move a low-rank moment to new factors, given ``R_k = P_old_k^T P_new_k``."""
-        if self.kind == "matrix":
-            rotate = rotate_second_moment if squared else rotate_first_moment
-            return rotate(moment, rotations[0])
-        if squared:
-            rotations = [R.square() for R in rotations]
-        return tucker2_project(moment, *(R for R in rotations))
+    def rotate(self, moment: Tensor, rotations: list[Tensor], kind: str) -> Tensor:
+        """Move a low-rank moment to new factors, given ``R_k = P_old_k^T P_new_k``.
 
+        ``kind`` is ``"linear"`` (first moments: ``M R``), ``"squared"`` (second moments:
+        ``V (R*R)``, see :func:`~coap_torch.functional.rotate_second_moment`), or ``"row"`` /
+        ``"col"`` for the accumulators of a factored second moment, which hold means of squares
+        over the last / second-to-last axis of the projected gradient and so take the squared
+        rotation on the projected axes they keep.
+        """
+        if kind not in ("linear", "squared", "row", "col"):
+            raise ValueError(f"unknown moment rotation kind {kind!r}")
+        if self.kind == "matrix":
+            if kind == "linear":
+                return rotate_first_moment(moment, rotations[0])
+            if kind == "squared":
+                return rotate_second_moment(moment, rotations[0])
+            if kind == "row":  # indexed by the unprojected side: means over r are kept
+                return moment
+            return rotate_second_moment(moment.unsqueeze(-2), rotations[0]).squeeze(-2)
+        # Tucker-2: every accumulator keeps both projected modes (r_O, r_I, ...).
+        if kind != "linear":
+            rotations = [R.square() for R in rotations]
+        return tucker2_project(moment, *rotations)
 
 def matrix_rank(small_side: int, group: dict[str, Any]) -> int:
     """The rank of a projected matrix: ``rank_ratio_matrix`` overrides ``rank``."""

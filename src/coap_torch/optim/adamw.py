@@ -94,8 +94,7 @@ class CoapAdamW(LowRankOptimizer):
         fp16 parameters are updated in float32 and rounded back once per step.
     """
 
-    first_moment_keys = ("exp_avg",)
-    second_moment_keys = ("exp_avg_sq", "max_exp_avg_sq")
+    moment_rotations = {"exp_avg": "linear", "exp_avg_sq": "squared", "max_exp_avg_sq": "squared"}
 
     def __init__(
         self,
@@ -167,9 +166,11 @@ class CoapAdamW(LowRankOptimizer):
             moments["max_exp_avg_sq"] = zeros()
         return moments
 
-    def _direction(self, state: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int) -> Tensor:
+    def _moment_step(
+        self, state: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, param: Tensor
+    ) -> tuple[Tensor, float, float]:
         beta1, beta2 = group["betas"]
-        return adam_direction_(
+        direction = adam_direction_(
             state["exp_avg"],
             state["exp_avg_sq"],
             grad,
@@ -179,7 +180,5 @@ class CoapAdamW(LowRankOptimizer):
             eps=group["eps"],
             max_exp_avg_sq=state.get("max_exp_avg_sq") if group["amsgrad"] else None,
         )
-
-    def _decay_and_lr(self, group: dict[str, Any]) -> tuple[float, float]:
         lr = group["lr"]
-        return 1 - lr * group["weight_decay"], lr
+        return direction, 1 - lr * group["weight_decay"], -lr
