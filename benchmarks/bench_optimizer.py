@@ -130,6 +130,50 @@ class Timer:
             timing.samples_ms.append(total / inner * 1e3)
         return timing
 
+    def interleaved(self, cases: dict[str, Case]) -> dict[str, Timing]:
+        """Time several operations round-robin: every round takes one sample of each case (the
+        order rotating from round to round), so that background load on a shared machine hits
+        all of them alike and their ratios stay meaningful."""
+        names = list(cases)
+        for name in names:
+            case = cases[name]
+            for _ in range(self.warmup if case.warmup is None else case.warmup):
+                if case.setup is not None:
+                    case.setup()
+                case.fn()
+        self.sync()
+        timings = {name: Timing() for name in names}
+        rounds = max(self.repeats if c.repeats is None else c.repeats for c in cases.values())
+        for index in range(rounds):
+            shift = index % len(names)
+            for name in names[shift:] + names[:shift]:
+                case = cases[name]
+                if index >= (self.repeats if case.repeats is None else case.repeats):
+                    continue
+                inner = self.inner if case.inner is None else case.inner
+                total = 0.0
+                for _ in range(inner):
+                    if case.setup is not None:
+                        case.setup()
+                    self.sync()
+                    start = time.perf_counter()
+                    case.fn()
+                    self.sync()
+                    total += time.perf_counter() - start
+                timings[name].samples_ms.append(total / inner * 1e3)
+        return timings
+
+
+@dataclass
+class Case:
+    """One operation to time; ``None`` fields take the :class:`Timer`'s settings."""
+
+    fn: Callable[[], object]
+    setup: Callable[[], object] | None = None
+    repeats: int | None = None
+    warmup: int | None = None
+    inner: int | None = None
+
 
 # ------------------------------------------------------------------------------------------------
 # helpers

@@ -173,7 +173,7 @@ def test_step_against_gradient_decreases_objective(batch, m, n, r):
     after = coap_objective(P - lr * grad, G, M)
     assert (after < value).all()
     # First-order agreement: the decrease is ~ lr * ||grad||^2.
-    predicted = (lr.squeeze(-1).squeeze(-1) * norm.squeeze(-1).squeeze(-1) ** 2)
+    predicted = lr.squeeze(-1).squeeze(-1) * norm.squeeze(-1).squeeze(-1) ** 2
     torch.testing.assert_close(value - after, predicted, rtol=1e-2, atol=0)
     # And a step along +grad increases it.
     assert (coap_objective(P + lr * grad, G, M) > value).all()

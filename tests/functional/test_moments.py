@@ -192,7 +192,8 @@ def test_rotate_second_moment_is_non_negative():
         out = rotate_second_moment(V, R)
         assert out.shape == V.shape
         assert (out >= 0).all()
-    assert torch.equal(rotate_second_moment(V, torch.randn(6, 6, generator=_gen(25), dtype=F64))[0], torch.zeros(6, dtype=F64))
+    R = torch.randn(6, 6, generator=_gen(25), dtype=F64)
+    assert torch.equal(rotate_second_moment(V, R)[0], torch.zeros(6, dtype=F64))
 
 
 def test_rotate_second_moment_identity():

@@ -266,7 +266,8 @@ def test_conv_ranks_minimum_is_one():
 @pytest.mark.parametrize("ratio", [1, 1.5, 2, 4, 9, 10])
 def test_conv_ranks_formula_and_core_size(shape, ratio):
     r_O, r_I = conv_ranks(shape, ratio)
-    assert (r_O, r_I) == (max(1, math.floor(shape[0] / math.sqrt(ratio))), max(1, math.floor(shape[1] / math.sqrt(ratio))))
+    expected = tuple(max(1, math.floor(side / math.sqrt(ratio))) for side in shape[:2])
+    assert (r_O, r_I) == expected
     assert 1 <= r_O <= shape[0] and 1 <= r_I <= shape[1]
     # The core keeps about 1/ratio of the entries (at most, when no rank is clamped to 1).
     if r_O > 1 and r_I > 1:

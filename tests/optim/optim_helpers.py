@@ -49,3 +49,31 @@ def train(model, opt, steps: int, start: int = 0, dtype: torch.dtype = torch.flo
 
 
 COAP_KWARGS = dict(lr=3e-3, rank_ratio_matrix=2, rank_ratio_cnn=2, update_interval=3, reproject_factor=2, min_conv_numel=0)
+
+_COAP_ONLY = {k: v for k, v in COAP_KWARGS.items() if k != "lr"}
+
+
+def _coap_adamw(params, **overrides):
+    from coap_torch import CoapAdamW
+
+    return CoapAdamW(params, **{**COAP_KWARGS, **overrides})
+
+
+def _coap_adafactor(params, **overrides):
+    from coap_torch import CoapAdafactor
+
+    return CoapAdafactor(params, **{**_COAP_ONLY, **overrides})
+
+
+def _coap_adafactor_beta1(params, **overrides):
+    from coap_torch import CoapAdafactor
+
+    return CoapAdafactor(params, **{**_COAP_ONLY, "beta1": 0.9, "lr": 1e-2, "relative_step": False, **overrides})
+
+
+#: Every optimizer configuration that the contract tests run over (an OptimizerInfo-style table).
+OPTIMIZERS = {
+    "CoapAdamW": _coap_adamw,
+    "CoapAdafactor": _coap_adafactor,
+    "CoapAdafactor-beta1": _coap_adafactor_beta1,
+}

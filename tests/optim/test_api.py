@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from optim_helpers import COAP_KWARGS, batch, make_net, train
+from optim_helpers import COAP_KWARGS, OPTIMIZERS, batch, make_net, train
 
 from coap_torch import CoapAdamW
 from coap_torch.optim import layout_of
@@ -68,9 +68,10 @@ def test_param_groups_are_kept_with_overrides_and_opt_out():
     assert "proj" not in opt.state[model.head.weight]
 
 
-def test_add_param_group_validates_and_routes():
+@pytest.mark.parametrize("make_opt", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_add_param_group_validates_and_routes(make_opt):
     model = make_net()
-    opt = CoapAdamW([model.conv.weight], **COAP_KWARGS)
+    opt = make_opt([model.conv.weight])
     opt.add_param_group({"params": [model.fc2.weight], "rank": 5})
     with pytest.raises(ValueError, match="rank"):
         opt.add_param_group({"params": [model.fc1.weight], "rank": 0})
@@ -79,9 +80,14 @@ def test_add_param_group_validates_and_routes():
     assert opt.state[model.fc2.weight]["proj"].shape == (40, 5)
 
 
-def test_lr_scheduler_drives_the_update():
+@pytest.mark.parametrize(
+    "make_opt",
+    [OPTIMIZERS["CoapAdamW"], lambda params: OPTIMIZERS["CoapAdafactor-beta1"](params, beta1=None)],
+    ids=["CoapAdamW", "CoapAdafactor-manual-lr"],  # no first moment: lr 0 means no update at all
+)
+def test_lr_scheduler_drives_the_update(make_opt):
     model = make_net()
-    opt = CoapAdamW(model.parameters(), **COAP_KWARGS)
+    opt = make_opt(model.parameters())
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.0)
     train(model, opt, 1)
     sched.step()
@@ -92,9 +98,10 @@ def test_lr_scheduler_drives_the_update():
         assert torch.equal(p, q)  # lr 0: no update, no weight decay
 
 
-def test_closure_runs_with_grad_and_returns_loss():
+@pytest.mark.parametrize("make_opt", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_closure_runs_with_grad_and_returns_loss(make_opt):
     model = make_net()
-    opt = CoapAdamW(model.parameters(), **COAP_KWARGS)
+    opt = make_opt(model.parameters())
     x, y = batch(0)
 
     def closure():
@@ -107,9 +114,10 @@ def test_closure_runs_with_grad_and_returns_loss():
     assert isinstance(loss, torch.Tensor) and loss.requires_grad
 
 
-def test_step_hooks_and_zero_grad():
+@pytest.mark.parametrize("make_opt", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_step_hooks_and_zero_grad(make_opt):
     model = make_net()
-    opt = CoapAdamW(model.parameters(), **COAP_KWARGS)
+    opt = make_opt(model.parameters())
     calls = []
     opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
     opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
@@ -119,19 +127,21 @@ def test_step_hooks_and_zero_grad():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_params_without_grad_are_skipped():
+@pytest.mark.parametrize("make_opt", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_params_without_grad_are_skipped(make_opt):
     model = make_net()
-    opt = CoapAdamW(model.parameters(), **COAP_KWARGS)
+    opt = make_opt(model.parameters())
     model.head.weight.requires_grad_(False)
     before = model.head.weight.detach().clone()
     train(model, opt, 2)
     assert torch.equal(model.head.weight, before) and model.head.weight not in opt.state
 
 
+@pytest.mark.parametrize("make_opt", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_params_train_with_fp32_state(dtype):
+def test_low_precision_params_train_with_fp32_state(dtype, make_opt):
     model = make_net(dtype=dtype)
-    opt = CoapAdamW(model.parameters(), **{**COAP_KWARGS, "lr": 1e-2})
+    opt = make_opt(model.parameters(), **({"lr": 1e-2} if make_opt is OPTIMIZERS["CoapAdamW"] else {}))
     losses = train(model, opt, 12, dtype=dtype)
     assert all(p.dtype == dtype for p in model.parameters())
     for p in model.parameters():
@@ -140,10 +150,11 @@ def test_low_precision_params_train_with_fp32_state(dtype):
     assert losses[-1] < losses[0]
 
 
-def test_determinism_and_global_rng_untouched():
+@pytest.mark.parametrize("make_opt", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_determinism_and_global_rng_untouched(make_opt):
     def run():
         model = make_net()
-        opt = CoapAdamW(model.parameters(), **COAP_KWARGS)
+        opt = make_opt(model.parameters())
         torch.manual_seed(42)
         rng_before = torch.get_rng_state()
         losses = train(model, opt, 7)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optim_helpers import COAP_KWARGS, make_net, train
+from optim_helpers import COAP_KWARGS, OPTIMIZERS, make_net, train
 
 from coap_torch import CoapAdamW
 
 
-def test_step_never_calls_autograd(monkeypatch):
+@pytest.mark.parametrize("make_opt", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_step_never_calls_autograd(monkeypatch, make_opt):
     model = make_net()
-    opt = CoapAdamW(model.parameters(), **COAP_KWARGS)
+    opt = make_opt(model.parameters())
 
     def forbidden(*args, **kwargs):
         raise AssertionError("autograd called inside step()")

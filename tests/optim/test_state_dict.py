@@ -5,9 +5,8 @@ from __future__ import annotations
 import io
 
 import torch
-from optim_helpers import COAP_KWARGS, make_net, train
-
-from coap_torch import CoapAdamW
+import pytest
+from optim_helpers import OPTIMIZERS, make_net, train
 
 
 def _roundtrip(obj):
@@ -17,9 +16,10 @@ def _roundtrip(obj):
     return torch.load(buffer, weights_only=True)
 
 
-def test_state_holds_only_tensors_and_numbers():
+@pytest.mark.parametrize("make_opt", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_state_holds_only_tensors_and_numbers(make_opt):
     model = make_net()
-    opt = CoapAdamW(model.parameters(), **COAP_KWARGS)
+    opt = make_opt(model.parameters())
     train(model, opt, 4)
     sd = opt.state_dict()
     for state in sd["state"].values():
@@ -29,17 +29,18 @@ def test_state_holds_only_tensors_and_numbers():
     _roundtrip(sd)  # would raise on any pickled Python object
 
 
-def test_resume_is_bit_exact_across_refreshes():
+@pytest.mark.parametrize("make_opt", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_resume_is_bit_exact_across_refreshes(make_opt):
     steps_before, steps_after = 5, 9  # T_u=3, lambda=2: the resumed run crosses Eq. 2 and SVD refreshes
     model = make_net()
-    opt = CoapAdamW(model.parameters(), **COAP_KWARGS)
+    opt = make_opt(model.parameters())
     train(model, opt, steps_before)
     checkpoint = _roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
     reference_losses = train(model, opt, steps_after, start=steps_before)
 
     resumed = make_net(seed=123)  # different init: everything must come from the checkpoint
     resumed.load_state_dict(checkpoint["model"])
-    opt2 = CoapAdamW(resumed.parameters(), **COAP_KWARGS)
+    opt2 = make_opt(resumed.parameters())
     opt2.load_state_dict(checkpoint["opt"])
     resumed_losses = train(resumed, opt2, steps_after, start=steps_before)
 
@@ -51,12 +52,13 @@ def test_resume_is_bit_exact_across_refreshes():
             assert torch.equal(value, opt2.state[q][key]), key
 
 
-def test_loading_keeps_fp32_state_of_bf16_params():
+@pytest.mark.parametrize("make_opt", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_loading_keeps_fp32_state_of_bf16_params(make_opt):
     model = make_net(dtype=torch.bfloat16)
-    opt = CoapAdamW(model.parameters(), **COAP_KWARGS)
+    opt = make_opt(model.parameters())
     train(model, opt, 4, dtype=torch.bfloat16)
     sd = _roundtrip(opt.state_dict())
-    opt2 = CoapAdamW(model.parameters(), **COAP_KWARGS)
+    opt2 = make_opt(model.parameters())
     opt2.load_state_dict(sd)
     for p in model.parameters():
         for key, value in opt2.state[p].items():
@@ -67,9 +69,10 @@ def test_loading_keeps_fp32_state_of_bf16_params():
                 assert torch.equal(value, opt.state[p][key])
 
 
-def test_load_does_not_alias_the_checkpoint():
+@pytest.mark.parametrize("make_opt", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_load_does_not_alias_the_checkpoint(make_opt):
     model = make_net()
-    opt = CoapAdamW(model.parameters(), **COAP_KWARGS)
+    opt = make_opt(model.parameters())
     train(model, opt, 2)
     sd = opt.state_dict()
     saved = {k: {n: t.clone() for n, t in s.items()} for k, s in sd["state"].items()}
@@ -80,14 +83,15 @@ def test_load_does_not_alias_the_checkpoint():
             assert torch.equal(sd["state"][k][name], value)
 
 
-def test_old_checkpoint_without_new_group_options_loads():
+@pytest.mark.parametrize("make_opt", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_old_checkpoint_without_new_group_options_loads(make_opt):
     model = make_net()
-    opt = CoapAdamW(model.parameters(), **COAP_KWARGS)
+    opt = make_opt(model.parameters())
     train(model, opt, 2)
     sd = opt.state_dict()
     for group in sd["param_groups"]:
         del group["correlation_max_norm"], group["scale"]
-    opt2 = CoapAdamW(model.parameters(), **COAP_KWARGS)
+    opt2 = make_opt(model.parameters())
     opt2.load_state_dict(sd)
     train(model, opt2, 1, start=2)
     assert opt2.param_groups[0]["scale"] == 1.0

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["adam_direction_", "rotate_first_moment", "rotate_second_moment"]
+__all__ = ["adafactor_direction_", "adafactor_lr", "adam_direction_", "rotate_first_moment", "rotate_second_moment"]
 
 
 def adam_direction_(
@@ -47,6 +47,70 @@ def adam_direction_(
     bias_correction2_sqrt = math.sqrt(1 - beta2**step)
     denom = (second.sqrt() / bias_correction2_sqrt).add_(eps)
     return (exp_avg / denom).div_(bias_correction1)
+
+
+def adafactor_lr(
+    lr: float | None,
+    *,
+    step: int,
+    param_rms: Tensor | float,
+    relative_step: bool,
+    scale_parameter: bool,
+    warmup_init: bool,
+    eps2: float,
+) -> Tensor | float:
+    """Adafactor's step size: ``rho_t`` (relative step) or ``lr``, times ``max(eps2, RMS(W))``.
+
+    The conventions of :class:`transformers.optimization.Adafactor`: with ``relative_step``,
+    ``rho_t = min(1e-6 * t if warmup_init else 1e-2, 1 / sqrt(t))``.
+    """
+    rho = lr
+    if relative_step:
+        rho = min(1e-6 * step if warmup_init else 1e-2, 1.0 / math.sqrt(step))
+    assert rho is not None
+    if scale_parameter:
+        return torch.clamp(torch.as_tensor(param_rms), min=eps2) * rho
+    return rho
+
+
+def adafactor_direction_(
+    grad: Tensor,
+    *,
+    step: int,
+    decay_rate: float,
+    eps1: float,
+    clip_threshold: float,
+    exp_avg_sq: Tensor | None = None,
+    exp_avg_sq_row: Tensor | None = None,
+    exp_avg_sq_col: Tensor | None = None,
+    rms_numel: int | None = None,
+) -> Tensor:
+    r"""Update Adafactor's second moment in place and return the clipped, unit-lr update.
+
+    With ``beta2_t = 1 - t^{decay_rate}`` and ``U = G^2 + eps1``: a factored moment (``row``
+    holds means over the last axis, ``col`` over the second-to-last, as in transformers) gives
+    ``V = (row / mean(row)) col``; an unfactored one is the plain EMA of ``U``. The update
+    ``G / sqrt(V)`` is divided by ``max(1, RMS(update) / clip_threshold)``.
+
+    ``rms_numel`` is the number of entries the RMS is taken over (default: ``grad.numel()``).
+    For a projected gradient pass the parameter's numel: the restored update has the same
+    Frobenius norm (orthonormal ``P``), so the clip applies to the update of the weight itself.
+    """
+    beta2t = 1.0 - math.pow(step, decay_rate)
+    update = grad.square().add_(eps1)
+    if exp_avg_sq_row is not None and exp_avg_sq_col is not None:
+        exp_avg_sq_row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
+        exp_avg_sq_col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
+        row_factor = (exp_avg_sq_row / exp_avg_sq_row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+        update = (row_factor * exp_avg_sq_col.unsqueeze(-2).rsqrt()).mul_(grad)
+    elif exp_avg_sq is not None:
+        exp_avg_sq.mul_(beta2t).add_(update, alpha=1.0 - beta2t)
+        update = exp_avg_sq.rsqrt().mul_(grad)
+    else:
+        raise ValueError("adafactor_direction_ needs exp_avg_sq or both exp_avg_sq_row and exp_avg_sq_col")
+    numel = grad.numel() if rms_numel is None else rms_numel
+    rms = torch.linalg.vector_norm(update) / math.sqrt(numel)
+    return update.div_((rms / clip_threshold).clamp_(min=1.0))
 
 
 def rotate_first_moment(M: Tensor, R: Tensor) -> Tensor:

@@ -3,6 +3,7 @@
 from ._base import COAP_DEFAULTS, LowRankOptimizer, layout_of
 from ._layout import Layout
 from ._validation import SparseGradientError
+from .adafactor import CoapAdafactor
 from .adamw import CoapAdamW
 
-__all__ = ["COAP_DEFAULTS", "CoapAdamW", "Layout", "LowRankOptimizer", "SparseGradientError", "layout_of"]
+__all__ = ["COAP_DEFAULTS", "CoapAdafactor", "CoapAdamW", "Layout", "LowRankOptimizer", "SparseGradientError", "layout_of"]

@@ -201,7 +201,7 @@ class LowRankOptimizer(Optimizer):
             layout.add_restored_(target, direction, factors, beta=decay, alpha=alpha * group["scale"])
         else:
             direction, decay, alpha = self._moment_step(state, grad, group, step, target)
-            if decay != 1.0:
+            if isinstance(decay, Tensor) or decay != 1.0:
                 target.mul_(decay)
             target.add_(direction, alpha=alpha)
         if target is not param:

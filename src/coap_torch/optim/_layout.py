@@ -94,12 +94,15 @@ class Layout:
             return full.reshape(self.shape)
         return tucker2_restore(x, *factors)
 
-    def add_restored_(self, target: Tensor, x: Tensor, factors: list[Tensor], *, beta: float, alpha: float) -> None:
+    def add_restored_(self, target: Tensor, x: Tensor, factors: list[Tensor], *, beta: float | Tensor, alpha: float) -> None:
         """``target <- beta * target + alpha * restore(x)`` in place (param-shaped ``target``).
 
         For matrices this is a single GEMM with accumulation (``addmm_`` / ``baddbmm_``), so the
         restored (m, n) update is never materialised and the decay costs no extra pass.
         """
+        if isinstance(beta, Tensor):  # a step size that depends on the weight (Adafactor)
+            target.mul_(beta)
+            beta = 1.0
         if self.kind == "matrix" and target.is_contiguous():
             P = factors[0]
             view = target.view(self.shape[:2]) if len(self.shape) >= 4 else target

@@ -26,6 +26,16 @@ def non_negative(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name}: {value} (must be >= 0)")
 
 
+def non_positive(name: str, value: Any) -> None:
+    if _number(name, value) > 0:
+        raise ValueError(f"Invalid {name}: {value} (must be <= 0)")
+
+
+def unit_interval(name: str, value: Any) -> None:
+    if not 0.0 <= _number(name, value) < 1.0:
+        raise ValueError(f"Invalid {name}: {value} (must be in [0, 1))")
+
+
 def positive(name: str, value: Any) -> None:
     if _number(name, value) <= 0:
         raise ValueError(f"Invalid {name}: {value} (must be > 0)")

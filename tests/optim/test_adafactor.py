@@ -1,0 +1,159 @@
+"""CoapAdafactor: transformers' Adafactor on dense parameters, Algorithm 1 on projected ones."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from optim_helpers import make_net, train
+
+from coap_torch import CoapAdafactor
+from coap_torch.functional import correlation_aware_step, low_cost_svd
+from coap_torch.functional.moments import rotate_first_moment, rotate_second_moment
+
+transformers_optimization = pytest.importorskip("transformers.optimization")
+
+DENSE_CONFIGS = [
+    {},
+    {"beta1": 0.9},
+    {"scale_parameter": False},
+    {"warmup_init": True, "weight_decay": 0.01},
+    {"lr": 1e-2, "relative_step": False},
+    {"lr": 1e-2, "relative_step": False, "scale_parameter": False, "beta1": 0.9},
+    {"lr": 3e-3, "relative_step": False, "beta1": 0.8, "weight_decay": 0.1, "clip_threshold": 0.5, "decay_rate": -0.5},
+]
+
+
+@pytest.mark.parametrize("config", DENSE_CONFIGS, ids=[str(c) or "defaults" for c in DENSE_CONFIGS])
+def test_unprojected_params_follow_transformers_adafactor(config):
+    shapes = [(9,), (6, 5), (4, 4, 3, 3), (20, 16)]  # 1-D, small matrix, small kernel, opted-out matrix
+    init = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    ours = [p.clone().requires_grad_(True) for p in init]
+    ref = [p.clone().requires_grad_(True) for p in init]
+    opt = CoapAdafactor([{"params": ours[:3]}, {"params": ours[3:], "coap": False}], rank=8, **config)
+    opt_ref = transformers_optimization.Adafactor(ref, **config)
+    for step in range(100):
+        for i, (p, q) in enumerate(zip(ours, ref)):
+            g = torch.randn(p.shape, generator=torch.Generator().manual_seed(1000 * step + i))
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        opt_ref.step()
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
+    assert not any(k.startswith("proj") for s in opt.state.values() for k in s)
+
+
+def _reference(W, grads, *, rank, T_u, lam, beta1, lr, wd=0.0, clip=1.0, decay_rate=-0.8, eps=(1e-30, 1e-3)):
+    """A literal float64 transcription of our reading of Algorithm 1 for one (m >= n) matrix."""
+    from coap_torch.optim._base import _sketch_seed
+
+    W = W.clone()
+    m, n = W.shape
+    P = M = row = col = None
+    for t, G in enumerate(grads, start=1):
+        if t == 1:
+            P = low_cost_svd(G, rank, generator=torch.Generator().manual_seed(_sketch_seed(0, 0)))
+            M = torch.zeros(m, rank, dtype=G.dtype)
+            row, col = torch.zeros(m, dtype=G.dtype), torch.zeros(rank, dtype=G.dtype)
+        elif t % T_u == 0:
+            moment = M if beta1 is not None else G @ P  # beta1=None: the gradient in the old basis
+            P_new = low_cost_svd(G, rank, sketch=P) if t % (T_u * lam) == 0 else correlation_aware_step(P, G, moment)
+            R = P.T @ P_new
+            M = rotate_first_moment(M, R)
+            col = rotate_second_moment(col[None], R)[0]
+            P = P_new
+        Gp = G @ P
+        beta2t = 1 - t**decay_rate
+        U = Gp**2 + eps[0]
+        row = beta2t * row + (1 - beta2t) * U.mean(dim=1)
+        col = beta2t * col + (1 - beta2t) * U.mean(dim=0)
+        V = torch.outer(row / row.mean(), col)
+        delta = Gp / V.sqrt()
+        full_rms = delta.norm() / math.sqrt(m * n)
+        delta = delta / max(1.0, (full_rms / clip).item())
+        delta = lr * delta
+        if beta1 is not None:
+            M = beta1 * M + (1 - beta1) * delta
+            delta = M
+        W = W - wd * lr * W
+        W = W - delta @ P.T
+    return W, P
+
+
+@pytest.mark.parametrize("beta1", [None, 0.9])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_projected_matrix_follows_algorithm_1(beta1, transpose):
+    m, n, rank, T_u, lam = 30, 20, 5, 3, 2  # 20 steps: six refreshes of both kinds
+    W0 = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(m, n, dtype=torch.float64, generator=gen) @ torch.diag(torch.linspace(2, 0.1, n, dtype=torch.float64))
+             for _ in range(20)]
+    W_ref, P_ref = _reference(W0, grads, rank=rank, T_u=T_u, lam=lam, beta1=beta1, lr=1e-2, wd=0.1)
+    w = torch.nn.Parameter(W0.T.clone() if transpose else W0.clone())
+    opt = CoapAdafactor([w], lr=1e-2, relative_step=False, scale_parameter=False, beta1=beta1, weight_decay=0.1,
+                        rank=rank, update_interval=T_u, reproject_factor=lam)
+    for G in grads:
+        w.grad = G.T.clone() if transpose else G.clone()
+        opt.step()
+    torch.testing.assert_close(w.detach().T if transpose else w.detach(), W_ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(opt.state[w]["proj"], P_ref, atol=1e-10, rtol=1e-10)
+
+
+def test_beta1_none_keeps_no_first_moment_across_refreshes():
+    model = make_net()
+    opt = CoapAdafactor(model.parameters(), rank_ratio_matrix=2, rank_ratio_cnn=2, update_interval=2,
+                        reproject_factor=3, min_conv_numel=0)
+    proj_history = []
+    for step in range(13):  # Eq. 2 steps at 2, 4, 8, 10; SVD refreshes at 6 and 12
+        train(model, opt, 1, start=step)
+        proj_history.append(opt.state[model.fc2.weight]["proj"].clone())
+    assert all("exp_avg" not in s for s in opt.state.values())
+    assert not torch.equal(proj_history[0], proj_history[1])  # step 2 refreshed P
+    assert torch.equal(proj_history[1], proj_history[2])  # step 3 did not
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_projected_state_shapes_and_memory():
+    model = make_net()
+    opt = CoapAdafactor(model.parameters(), beta1=0.9, rank_ratio_matrix=2, min_conv_numel=0)
+    train(model, opt, 1)
+    fc1 = opt.state[model.fc1.weight]  # (40, 192): canonical (192, 40), r = 20
+    assert fc1["proj"].shape == (40, 20) and fc1["exp_avg"].shape == (192, 20)
+    assert fc1["exp_avg_sq_row"].shape == (192,) and fc1["exp_avg_sq_col"].shape == (20,)
+    conv = opt.state[model.conv.weight]  # (16, 8, 3, 3) at ratio 2: core (11, 5, 3, 3)
+    assert conv["exp_avg"].shape == (11, 5, 3, 3)
+    assert conv["exp_avg_sq_row"].shape == (11, 5, 3) and conv["exp_avg_sq_col"].shape == (11, 5, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"lr": 1e-3}, r"Cannot combine manual lr=0\.001 and relative_step=True"),
+        ({"relative_step": False}, r"lr=None requires relative_step=True"),
+        ({"lr": 1e-3, "relative_step": False, "warmup_init": True}, r"warmup_init=True requires relative_step=True"),
+        ({"lr": -1e-3, "relative_step": False}, r"lr: -0\.001"),
+        ({"decay_rate": 0.5}, r"decay_rate: 0\.5"),
+        ({"beta1": 1.0}, r"beta1: 1\.0"),
+        ({"clip_threshold": 0.0}, r"clip_threshold: 0\.0"),
+        ({"eps": (1e-30,)}, r"eps"),
+        ({"eps": (-1.0, 1e-3)}, r"eps\[0\]: -1\.0"),
+        ({"weight_decay": -1.0}, r"weight_decay: -1\.0"),
+        ({"rank": 0}, r"rank: 0"),
+        ({"update_interval": 0}, r"update_interval: 0"),
+        ({"scale_parameter": 1}, r"scale_parameter: 1"),
+    ],
+)
+def test_argument_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CoapAdafactor([torch.nn.Parameter(torch.zeros(8, 8))], **kwargs)
+
+
+def test_defaults_match_transformers():
+    import inspect
+
+    ours = inspect.signature(CoapAdafactor.__init__).parameters
+    theirs = inspect.signature(transformers_optimization.Adafactor.__init__).parameters
+    for name in ("lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay", "scale_parameter",
+                 "relative_step", "warmup_init"):
+        assert ours[name].default == theirs[name].default, name
