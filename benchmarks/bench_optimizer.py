@@ -320,11 +320,6 @@ def bench_shape(
         raise SystemExit("--update-interval must be > 2 for a steady (refresh-free) step to exist")
     eq2_step = T_u if lam > 1 else None
     svd_step = T_u * lam
-    t_steady = timer(coap.step, setup=at_step(steady_step))
-    t_eq2 = timer(coap.step, setup=at_step(eq2_step)) if eq2_step is not None else None
-    t_svd = timer(coap.step, setup=at_step(svd_step), repeats=args.svd_step_repeats)
-    t_adamw = {foreach: timer(adamw[foreach][1].step) for foreach in (False, True)}
-
     # -- the floor: G P, Adam's elementwise update on (max, r), U P^T in the parameter's layout --
     transposed = m < n
     P = state["proj"].clone()
@@ -351,13 +346,25 @@ def bench_shape(
     def floor() -> Tensor:
         return floor_restore(floor_adam(floor_project()))
 
-    t_floor = timer(floor)
-    t_floor_mm = timer(lambda: floor_restore(floor_project()))
-    t_floor_adam = timer(floor_adam)
+    # All step kinds and references of this shape are timed round-robin (see Timer.interleaved).
+    cases = {
+        "coap_steady": Case(coap.step, setup=at_step(steady_step)),
+        "coap_svd_refresh": Case(coap.step, setup=at_step(svd_step), repeats=args.svd_step_repeats),
+        "adamw_foreach_false": Case(adamw[False][1].step),
+        "adamw_foreach_true": Case(adamw[True][1].step),
+        "floor": Case(floor),
+        "floor_matmuls": Case(lambda: floor_restore(floor_project())),
+        "floor_adam_elementwise": Case(floor_adam),
+    }
+    if eq2_step is not None:
+        cases["coap_eq2_refresh"] = Case(coap.step, setup=at_step(eq2_step))
+    timings = timer.interleaved(cases)
+    t_steady, t_svd, t_floor = timings["coap_steady"], timings["coap_svd_refresh"], timings["floor"]
+    t_eq2 = timings.get("coap_eq2_refresh")
+    t_adamw = {False: timings["adamw_foreach_false"], True: timings["adamw_foreach_true"]}
+    t_floor_mm, t_floor_adam = timings["floor_matmuls"], timings["floor_adam_elementwise"]
 
-    t_amortised = amortised(
-        t_steady.median, t_eq2.median if t_eq2 is not None else t_svd.median, t_svd.median, T_u, lam
-    )
+    t_amortised = amortised(t_steady.median, t_eq2.median if t_eq2 is not None else 0.0, t_svd.median, T_u, lam)
     t_cycle = None
     if args.full_cycle:
         # The real schedule: T_u * lambda consecutive steps (steps 1..cycle on initialised state).
@@ -415,7 +422,10 @@ def bench_shape(
 
     profile = None
     if args.profile:
-        profile = profile_steady_step(coap, coap_param, state, at_step(steady_step), timer, transposed, t_steady)
+        resets = {"steady": at_step(steady_step), "svd_refresh": at_step(svd_step)}
+        if eq2_step is not None:
+            resets["eq2_refresh"] = at_step(eq2_step)
+        profile = profile_steady_step(coap, coap_param, state, resets, timer, transposed, t_steady)
         profile["shape"] = list(shape)
     return state_row, step_row, profile
 
@@ -427,80 +437,95 @@ def profile_steady_step(
     coap: CoapAdamW,
     param: nn.Parameter,
     state: dict[str, Any],
-    reset: Callable[[], None],
+    resets: dict[str, Callable[[], None]],
     timer: Timer,
     transposed: bool,
     t_steady: Timing,
 ) -> dict[str, Any]:
-    """Time the pieces of a steady CoapAdamW step one by one (same ops, same tensors), plus a
-    fused alternative for the last two, and collect the torch.profiler op table of one step."""
+    """Where a CoapAdamW step spends its time.
+
+    The pieces of a steady step and of the two refreshes are re-run one by one on the same
+    tensors with the public functional API (so the breakdown does not depend on private code),
+    and torch.profiler's op table of one real step of each kind is kept as the ground truth.
+    """
     grad = param.grad
-    P = state["proj"]
+    P = state["proj"].clone()
     exp_avg, exp_avg_sq = state["exp_avg"].clone(), state["exp_avg_sq"].clone()
     G_c = grad.mT if transposed else grad
     weight = param.detach().clone()
     decay, lr = 1 - LR * WEIGHT_DECAY, LR
+    rank = P.shape[-1]
 
     R = G_c @ P
     U = adam_direction_(exp_avg, exp_avg_sq, R, step=2, beta1=BETAS[0], beta2=BETAS[1], eps=EPS)
-    full = U @ P.mT
-    update = full.mT if transposed else full
-
-    def apply() -> None:
-        weight.mul_(decay)
-        weight.add_(update, alpha=-lr)
 
     def fused_restore_apply() -> None:
-        # p <- decay * p - lr * restore(U) in one GEMM (beta = decay, alpha = -lr), no (m, n) temporary.
+        # W <- decay * W - lr * restore(U) as one GEMM with accumulation, in W's own layout.
         if transposed:
             weight.addmm_(P, U.mT, beta=decay, alpha=-lr)
         else:
             weight.addmm_(U, P.mT, beta=decay, alpha=-lr)
 
-    parts = {
-        "project G_c @ P": timer(lambda: G_c @ P),
-        "adam_direction_ (max, r)": timer(
+    def unfused_restore_apply() -> None:
+        full = U @ P.mT
+        weight.mul_(decay)
+        weight.add_(full.mT if transposed else full, alpha=-lr)
+
+    P_new = correlation_aware_step(P, G_c, exp_avg, lr=CORRELATION_LR)
+    Rot = P.mT @ P_new
+    Q = torch.linalg.qr(G_c @ P)[0]
+    B = Q.mT @ G_c
+    Vh = torch.linalg.svd(B, full_matrices=False)[2]
+
+    cases = {
+        # steady step
+        "steady: project G_c @ P": Case(lambda: G_c @ P),
+        "steady: adam_direction_ on (max, r)": Case(
             lambda: adam_direction_(exp_avg, exp_avg_sq, R, step=2, beta1=BETAS[0], beta2=BETAS[1], eps=EPS)
         ),
-        "restore U @ P^T": timer(lambda: U @ P.mT),
-        "apply mul_ + add_ (m, n)": timer(apply),
+        "steady: restore + decay + update, one addmm_": Case(fused_restore_apply),
+        "alt: restore U @ P^T, then mul_ + add_": Case(unfused_restore_apply),
+        # Eq. 2 refresh = steady + these
+        "eq2: correlation_aware_step": Case(lambda: correlation_aware_step(P, G_c, exp_avg, lr=CORRELATION_LR)),
+        "eq2: rotations P^T P', M R, V (R*R)": Case(lambda: (P.mT @ P_new, exp_avg @ Rot, exp_avg_sq @ Rot.square())),
+        # SVD refresh = steady + low_cost_svd + rotations; low_cost_svd's pieces:
+        "svd: low_cost_svd (warm)": Case(lambda: low_cost_svd(G_c, rank, sketch=P)),
+        "svd:   G_c @ P": Case(lambda: G_c @ P),
+        "svd:   qr (max, r)": Case(lambda: torch.linalg.qr(R)),
+        "svd:   Q^T G_c": Case(lambda: Q.mT @ G_c),
+        "svd:   svd (r, min)": Case(lambda: torch.linalg.svd(B, full_matrices=False)),
+        "svd:   orthonormalize (min, r)": Case(lambda: orthonormalize(Vh.mT)),
     }
-    total = sum(t.median for t in parts.values())
-    alt = {
-        "fused addmm_ (restore + apply)": timer(fused_restore_apply),
-        "contiguous restore (P @ U^T) + apply": timer(
-            (lambda: (weight.mul_(decay), weight.add_(P @ U.mT, alpha=-lr)))
-            if transposed
-            else (lambda: (weight.mul_(decay), weight.add_(U @ P.mT, alpha=-lr)))
-        ),
-    }
+    parts = timer.interleaved(cases)
+    steady_parts = [k for k in parts if k.startswith("steady:")]
+    steady_sum = sum(parts[k].median for k in steady_parts)
 
-    op_table = None
+    op_tables: dict[str, str] = {}
     try:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU]
         if param.device.type == "cuda":
             activities.append(ProfilerActivity.CUDA)
-        reset()
-        coap.step()
-        timer.sync()
-        reset()
-        with profile(activities=activities) as prof:
+        sort_by = "self_cuda_time_total" if param.device.type == "cuda" else "self_cpu_time_total"
+        for kind, reset in resets.items():
+            reset()
             coap.step()
             timer.sync()
-        sort_by = "self_cuda_time_total" if param.device.type == "cuda" else "self_cpu_time_total"
-        op_table = prof.key_averages().table(sort_by=sort_by, row_limit=12)
+            reset()
+            with profile(activities=activities) as prof:
+                coap.step()
+                timer.sync()
+            op_tables[kind] = prof.key_averages().table(sort_by=sort_by, row_limit=12)
     except Exception as exc:  # the profiler is optional
-        op_table = f"(torch.profiler unavailable: {exc})"
+        op_tables["error"] = f"(torch.profiler unavailable: {exc})"
 
     return {
         "steady_ms": t_steady.median,
         "parts_ms": {k: v.median for k, v in parts.items()},
-        "parts_sum_ms": total,
-        "unaccounted_ms": t_steady.median - total,
-        "alternatives_ms": {k: v.median for k, v in alt.items()},
-        "op_table": op_table,
+        "steady_parts_sum_ms": steady_sum,
+        "steady_unaccounted_ms": t_steady.median - steady_sum,
+        "op_tables": op_tables,
     }
 
 
@@ -525,10 +550,18 @@ def bench_refresh(
     P = orthonormalize(random_matrix((min(shape), rank), generator, device))
     M = (G_c @ P) * 0.1  # a plausible low-rank first moment (max, r)
 
-    t_svd = timer(lambda: torch.linalg.svd(G, full_matrices=False), repeats=args.full_svd_repeats, warmup=1)
-    t_cas = timer(lambda: correlation_aware_step(P, G_c, M, lr=CORRELATION_LR))
-    t_lcs = timer(lambda: low_cost_svd(G_c, rank, sketch=P))
-    t_auto = timer(lambda: autograd_correlation_step(P, G_c, M, CORRELATION_LR))
+    timings = timer.interleaved(
+        {
+            "full_svd": Case(
+                lambda: torch.linalg.svd(G, full_matrices=False), repeats=args.full_svd_repeats, warmup=1, inner=1
+            ),
+            "correlation_aware_step": Case(lambda: correlation_aware_step(P, G_c, M, lr=CORRELATION_LR)),
+            "low_cost_svd_warm": Case(lambda: low_cost_svd(G_c, rank, sketch=P)),
+            "autograd_eq2_step": Case(lambda: autograd_correlation_step(P, G_c, M, CORRELATION_LR)),
+        }
+    )
+    t_svd, t_cas = timings["full_svd"], timings["correlation_aware_step"]
+    t_lcs, t_auto = timings["low_cost_svd_warm"], timings["autograd_eq2_step"]
 
     closed = correlation_aware_step(P, G_c, M, lr=CORRELATION_LR)
     reference = autograd_correlation_step(P, G_c, M, CORRELATION_LR)
@@ -647,16 +680,22 @@ def print_step_times(rows: list[dict[str, Any]], args: argparse.Namespace) -> No
 
 def print_profile(profiles: list[dict[str, Any]], show_ops: bool) -> None:
     for prof in profiles:
-        rows = [[name, fmt_ms(ms), f"{ms / prof['steady_ms']:.1%}"] for name, ms in prof["parts_ms"].items()]
-        rows.append(["(sum of parts)", fmt_ms(prof["parts_sum_ms"]), f"{prof['parts_sum_ms'] / prof['steady_ms']:.1%}"])
-        rows.append(["(unaccounted: python, .mT copies, ...)", fmt_ms(prof["unaccounted_ms"]),
-                     f"{prof['unaccounted_ms'] / prof['steady_ms']:.1%}"])
-        rows.append(["steady step (measured)", fmt_ms(prof["steady_ms"]), "100.0%"])
-        for name, ms in prof["alternatives_ms"].items():
-            rows.append([f"alt: {name}", fmt_ms(ms), f"{ms / prof['steady_ms']:.1%}"])
-        print_table(f"Profile of the steady step, {shape_str(prof['shape'])}", ["part", "ms", "of steady"], rows)
-        if show_ops and prof.get("op_table"):
-            print(prof["op_table"])
+        steady = prof["steady_ms"]
+        rows = [[name, fmt_ms(ms), f"{ms / steady:.1%}"] for name, ms in prof["parts_ms"].items()]
+        rows.append(["steady: sum of its parts", fmt_ms(prof["steady_parts_sum_ms"]),
+                     f"{prof['steady_parts_sum_ms'] / steady:.1%}"])
+        rows.append(["steady: rest (python, step counter, ...)", fmt_ms(prof["steady_unaccounted_ms"]),
+                     f"{prof['steady_unaccounted_ms'] / steady:.1%}"])
+        rows.append(["steady step (measured above)", fmt_ms(steady), "100.0%"])
+        print_table(
+            f"Profile, {shape_str(prof['shape'])}: pieces timed in isolation (median, round-robin)",
+            ["piece", "ms", "of steady step"],
+            rows,
+        )
+        if show_ops:
+            for kind, table in prof["op_tables"].items():
+                print(f"\ntorch.profiler, one {kind} step of CoapAdamW, {shape_str(prof['shape'])}:")
+                print(table)
 
 
 def print_refresh(row: dict[str, Any]) -> None:
@@ -690,7 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: shapes {','.join(map(shape_str, QUICK_SHAPES))}, rank {QUICK_RANK}, "
-                             "2 repeats, 1 warm-up")
+                             "2 repeats, 1 warm-up, 1 thread")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default: cpu")
     parser.add_argument("--json", type=Path, default=Path("results/bench_optimizer.json"),
                         help="where to write the results (default: results/bench_optimizer.json)")
@@ -706,7 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--full-svd-repeats", type=int, default=None,
                         help="samples of the full torch.linalg.svd in section 3 (default: --repeats)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads (default: all CPUs available to this process)")
+                        help="torch.set_num_threads (default: all CPUs available to this process; 1 with --quick)")
     parser.add_argument("--shapes", type=parse_shapes, default=None,
                         help=f"comma-separated MxN shapes (default: {','.join(map(shape_str, FULL_SHAPES))})")
     parser.add_argument("--rank", type=int, default=None, help=f"CoapAdamW rank (default: {FULL_RANK})")
@@ -734,6 +773,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.refresh_shape = args.refresh_shape or QUICK_REFRESH_SHAPE
         args.repeats = args.repeats or 2
         args.warmup = 1 if args.warmup is None else args.warmup
+        # One thread: a smoke test should not depend on (or suffer from) other load on the machine;
+        # BLAS threads oversubscribed by a concurrent process can make it 10x slower.
+        args.threads = args.threads or 1
     args.shapes = args.shapes or FULL_SHAPES
     args.rank = args.rank or FULL_RANK
     args.refresh_shape = args.refresh_shape or FULL_REFRESH_SHAPE
@@ -770,6 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, device: torch.device) -> int:
     started = time.perf_counter()
+    load_before = _load_average()
     timer = Timer(device, repeats=args.repeats, warmup=args.warmup, inner=args.inner)
     generator = torch.Generator().manual_seed(args.seed)
     meta = {
@@ -806,6 +849,11 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
             "closed_form_over_autograd_max": CLOSED_FORM_TARGET,
         },
     }
+    if load_before is not None and load_before > 0.25 * (os.cpu_count() or 1):
+        print(
+            f"note: load average {load_before:.2f} on {os.cpu_count()} CPUs before the run; other processes "
+            "compete for the CPU (operations are timed round-robin so ratios stay comparable, absolute ms inflate)"
+        )
     print(
         f"bench_optimizer: torch {meta['torch']} on {meta['device']}"
         f"{' (' + meta['device_name'] + ')' if meta['device_name'] else ''}, {meta['threads']} threads, "
@@ -846,6 +894,8 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
         summary.update(refresh["targets"])
     elapsed = time.perf_counter() - started
     meta["elapsed_s"] = elapsed
+    meta["load_average_1min_before"] = load_before
+    meta["load_average_1min_after"] = _load_average()
     results = {
         "meta": meta,
         "state_bytes": state_rows,
@@ -859,6 +909,13 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
     args.json.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
     print(f"wrote {args.json} ({elapsed:.1f} s)")
     return 0
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def _json_default(value: object) -> object:

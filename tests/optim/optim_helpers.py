@@ -71,9 +71,23 @@ def _coap_adafactor_beta1(params, **overrides):
     return CoapAdafactor(params, **{**_COAP_ONLY, "beta1": 0.9, "lr": 1e-2, "relative_step": False, **overrides})
 
 
+def _coap_adamw8bit(params, **overrides):
+    from coap_torch import CoapAdamW8bit
+
+    return CoapAdamW8bit(params, **{**COAP_KWARGS, "min_8bit_size": 256, **overrides})
+
+
+def _coap_adafactor8bit(params, **overrides):
+    from coap_torch import CoapAdafactor8bit
+
+    return CoapAdafactor8bit(params, **{**_COAP_ONLY, "beta1": 0.9, "min_8bit_size": 256, **overrides})
+
+
 #: Every optimizer configuration that the contract tests run over (an OptimizerInfo-style table).
 OPTIMIZERS = {
     "CoapAdamW": _coap_adamw,
     "CoapAdafactor": _coap_adafactor,
     "CoapAdafactor-beta1": _coap_adafactor_beta1,
+    "CoapAdamW8bit": _coap_adamw8bit,
+    "CoapAdafactor8bit": _coap_adafactor8bit,
 }

@@ -86,7 +86,7 @@ class LowRankOptimizer(Optimizer):
     moment_rotations: ClassVar[dict[str, str]] = {}
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
-        for key, value in COAP_DEFAULTS.items():
+        for key, value in {**COAP_DEFAULTS, **self._extra_defaults()}.items():
             defaults.setdefault(key, value)
         self._validate_group(defaults)
         super().__init__(params, defaults)
@@ -148,6 +148,13 @@ class LowRankOptimizer(Optimizer):
     ) -> tuple[Tensor, float, float]:
         raise NotImplementedError
 
+    def _unpack(self, state: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
+        """The state as the moment rule works on it (float32 moments); identity here."""
+        return state
+
+    def _pack(self, work: dict[str, Any], state: dict[str, Any], group: dict[str, Any]) -> None:
+        """Store what :meth:`_unpack` returned after the step (nothing to do for float32 state)."""
+
     def _refresh_moment(self, state: dict[str, Any], layout: Layout, grad: Tensor, factors: list[Tensor]) -> Tensor:
         """The low-rank first moment ``M`` that the Eq. 2 step correlates with."""
         return state["exp_avg"]
@@ -188,6 +195,7 @@ class LowRankOptimizer(Optimizer):
         canonical = layout.canonical(grad)
         if not state:
             self._init_state(state, layout, canonical, group, index, param)
+        stored, state = state, self._unpack(state, group)
         state["step"] += 1
         step = int(state["step"].item())  # a CPU tensor: no device sync
 
@@ -204,6 +212,7 @@ class LowRankOptimizer(Optimizer):
             if isinstance(decay, Tensor) or decay != 1.0:
                 target.mul_(decay)
             target.add_(direction, alpha=alpha)
+        self._pack(state, stored, group)
         if target is not param:
             param.copy_(target)
 

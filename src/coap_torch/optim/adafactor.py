@@ -13,8 +13,9 @@ from ..functional.moments import adafactor_direction_, adafactor_lr
 from . import _validation as check
 from ._base import DEFAULT_MIN_CONV_NUMEL, LowRankOptimizer
 from ._layout import Layout
+from ._storage import Int8MomentsMixin
 
-__all__ = ["CoapAdafactor"]
+__all__ = ["CoapAdafactor", "CoapAdafactor8bit"]
 
 
 class CoapAdafactor(LowRankOptimizer):
@@ -211,3 +212,27 @@ class CoapAdafactor(LowRankOptimizer):
             return state["exp_avg"]
         # beta1=None: correlate with the current gradient in the previous basis (no memory kept).
         return layout.project(grad, factors)
+
+
+class CoapAdafactor8bit(Int8MomentsMixin, CoapAdafactor):
+    r""":class:`CoapAdafactor` with its moments stored block-wise quantized to 8 bits.
+
+    Same arguments and defaults as :class:`CoapAdafactor`, plus:
+
+    Args:
+        block_size: entries per quantization block, each with one float32 absmax (default 256).
+        min_8bit_size: moments with fewer entries stay float32 (default 4096).
+
+    The first moment (when ``beta1`` is set) uses the signed dynamic code map; unfactored second
+    moments and factored accumulators large enough use the unsigned one (the row / column
+    accumulators of a matrix are usually below ``min_8bit_size`` and stay float32). Every
+    moment, 1-D ones included, is written back after every step.
+
+    Example:
+        >>> model = torch.nn.Linear(256, 512)
+        >>> opt = CoapAdafactor8bit(model.parameters(), beta1=0.9, rank_ratio_matrix=2)
+        >>> model(torch.randn(512, 256)).square().mean().backward()
+        >>> opt.step()
+        >>> sorted(opt.state[model.weight])
+        ['exp_avg_absmax', 'exp_avg_codes', 'exp_avg_sq_col', 'exp_avg_sq_row', 'proj', 'step']
+    """

@@ -12,8 +12,9 @@ from ..functional.correlation import DEFAULT_CORRELATION_LR
 from ..functional.moments import adam_direction_
 from . import _validation as check
 from ._base import DEFAULT_MIN_CONV_NUMEL, LowRankOptimizer
+from ._storage import Int8MomentsMixin
 
-__all__ = ["CoapAdamW"]
+__all__ = ["CoapAdamW", "CoapAdamW8bit"]
 
 
 class CoapAdamW(LowRankOptimizer):
@@ -182,3 +183,30 @@ class CoapAdamW(LowRankOptimizer):
         )
         lr = group["lr"]
         return direction, 1 - lr * group["weight_decay"], -lr
+
+
+class CoapAdamW8bit(Int8MomentsMixin, CoapAdamW):
+    r""":class:`CoapAdamW` with its moments stored block-wise quantized to 8 bits.
+
+    Same arguments and defaults as :class:`CoapAdamW`, plus:
+
+    Args:
+        block_size: entries per quantization block, each with one float32 absmax (default 256).
+        min_8bit_size: moments with fewer entries stay float32 (default 4096).
+
+    The low-rank moments of projected parameters, and the moments of unprojected parameters with
+    at least ``min_8bit_size`` entries, are kept as ``exp_avg_codes`` / ``exp_avg_sq_codes``
+    (uint8) with ``exp_avg_absmax`` / ``exp_avg_sq_absmax`` (float32 per block): a signed dynamic
+    code map for the first moment, an unsigned one for the second. ``P`` stays float32. Each step
+    dequantizes, runs the float32 update of :class:`CoapAdamW` (refreshes and the change of basis
+    included) and re-quantizes.
+
+    Example:
+        >>> model = torch.nn.Linear(256, 512)
+        >>> opt = CoapAdamW8bit(model.parameters(), lr=1e-3, rank_ratio_matrix=2)
+        >>> model(torch.randn(512, 256)).square().mean().backward()
+        >>> opt.step()
+        >>> state = opt.state[model.weight]
+        >>> state["exp_avg_codes"].dtype, tuple(state["exp_avg_codes"].shape), state["proj"].dtype
+        (torch.uint8, (512, 128), torch.float32)
+    """
