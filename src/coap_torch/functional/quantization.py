@@ -23,9 +23,9 @@ largest gap is ``0.9 / 64`` for the signed map and ``0.9 / 128`` for the unsigne
 the top decade), so the error is at most ``0.0070 a_b`` (signed) and ``0.0035 a_b`` (unsigned).
 Small values are represented much more finely: an element with ``|x_i| <= 10^{-k} a_b`` sits in
 a decade where the gaps are at most ``(2/10)^k`` times the top ones (each decade is ten times
-narrower and has one fraction bit less), down to ``1e-6`` (signed) / ``1e-7`` (unsigned) of
-``a_b``, below which values round to zero. The block's largest element (``+-a_b``) and
-zeros are reproduced exactly.
+narrower and has one fraction bit less), down to the smallest non-zero codes, ``1e-6``
+(signed) / ``1e-7`` (unsigned) of ``a_b``; smaller magnitudes round to those or to zero. The
+block's largest element (``+-a_b``) and zeros are reproduced exactly.
 
 Memory: 1 byte per element plus 4 bytes per block (``4 / 256`` bytes per element by default).
 """

@@ -86,6 +86,11 @@ def low_cost_svd_with_values(
         P = torch.cat([P, sketch[..., P.shape[-1] :].expand(*P.shape[:-1], -1)], dim=-1)
         S = torch.cat([S, S.new_zeros((*S.shape[:-1], rank - S.shape[-1]))], dim=-1)
 
+    # Singular vectors are defined up to sign; take the sign closest to the sketch, so that a
+    # warm start moves P (and the moments expressed in it) as little as possible.
+    signs = torch.sign((P * sketch).sum(dim=-2, keepdim=True))
+    P = P * torch.where(signs == 0, torch.ones_like(signs), signs)
+
     # A gradient of numerical rank k < r determines only k directions; the SVD fills the rest
     # from rounding noise, so two runs that differ in the last bit (gradient accumulation,
     # all-reduce order) would pick different subspaces. Replace those columns by the sketch's

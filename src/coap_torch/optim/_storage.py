@@ -7,6 +7,12 @@ Between two steps a moment ``key`` with at least ``min_8bit_size`` entries is st
 code map, second moments (and Adafactor's accumulators) the unsigned one. Projections stay in
 full precision.
 
+Second moments are stored as their square roots. The dynamic map resolves about seven decades
+below a block's maximum; Adam's ``v`` spans twice the decades of ``m`` (it is a mean of squares),
+so its small entries would round to zero while the matching ``m`` does not, and
+``m / (sqrt(v) + eps)`` would explode (the zero-point problem of 8-bit second moments).
+``sqrt(v)`` has the dynamic range of ``m``, and reading it back costs one square.
+
 During a step the moments are dequantized to float32, go through exactly the code of the
 32-bit optimizer (moment rule, refresh and change of basis included), and are re-quantized:
 one code path for both precisions.
@@ -60,9 +66,9 @@ class Int8MomentsMixin:
         for key, value in state.items():
             if key.endswith(_CODES):
                 name = key[: -len(_CODES)]
-                work[name] = dequantize_blockwise(
-                    value, state[name + _ABSMAX], signed=self._signed(name), block_size=group["block_size"]
-                )
+                signed = self._signed(name)
+                decoded = dequantize_blockwise(value, state[name + _ABSMAX], signed=signed, block_size=group["block_size"])
+                work[name] = decoded if signed else decoded.square_()
             elif not key.endswith(_ABSMAX):
                 work[key] = value
         return work
@@ -75,7 +81,9 @@ class Int8MomentsMixin:
                 if codes is None or codes.shape != value.shape or absmax is None or absmax.numel() != blocks:
                     codes = value.new_empty(value.shape, dtype=torch.uint8)
                     absmax = value.new_empty(blocks)
-                quantize_blockwise_(codes, absmax, value, signed=self._signed(key), block_size=group["block_size"])
+                signed = self._signed(key)
+                stored = value if signed else value.sqrt()
+                quantize_blockwise_(codes, absmax, stored, signed=signed, block_size=group["block_size"])
                 state[key + _CODES], state[key + _ABSMAX] = codes, absmax
                 state.pop(key, None)
             else:
