@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 import coap_torch
+import coap_torch.optim.adafactor
 import coap_torch.optim.adamw
-from coap_torch import CoapAdamW
+from coap_torch import CoapAdafactor, CoapAdamW
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
@@ -22,14 +23,16 @@ def test_readme_snippet_runs(index):
     exec(compile(SNIPPETS[index], f"README.md snippet {index}", "exec"), {})
 
 
-def test_docstring_examples_run():
-    result = doctest.testmod(coap_torch.optim.adamw, raise_on_error=False, verbose=False)
+@pytest.mark.parametrize("module", [coap_torch.optim.adamw, coap_torch.optim.adafactor])
+def test_docstring_examples_run(module):
+    result = doctest.testmod(module, raise_on_error=False, verbose=False)
     assert result.attempted > 0 and result.failed == 0
 
 
-def test_every_constructor_argument_is_documented_with_its_default():
-    doc = CoapAdamW.__doc__
-    signature = inspect.signature(CoapAdamW.__init__)
+@pytest.mark.parametrize("cls", [CoapAdamW, CoapAdafactor])
+def test_every_constructor_argument_is_documented_with_its_default(cls):
+    doc = cls.__doc__
+    signature = inspect.signature(cls.__init__)
     for name, parameter in signature.parameters.items():
         if name == "self":
             continue

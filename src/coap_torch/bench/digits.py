@@ -236,6 +236,7 @@ def train_one(name: str, config: DigitsConfig, data: DigitsData) -> dict[str, An
     final_loss, final_accuracy = evaluate(model, data.train_x, data.train_y)
     heldout_loss, heldout_accuracy = evaluate(model, data.heldout_x, data.heldout_y)
     changes = [c["rel_change"] for c in eq2_changes]
+    nonfinite = next((i for i, value in enumerate(losses, start=1) if not math.isfinite(value)), None)
     return {
         "name": name,
         "lr": config.lr,
@@ -246,6 +247,7 @@ def train_one(name: str, config: DigitsConfig, data: DigitsData) -> dict[str, An
         "final_loss": final_loss,
         "final_accuracy": final_accuracy,
         "last_batch_loss": losses[-1],
+        "first_nonfinite_step": nonfinite,
         "heldout_loss": heldout_loss,
         "heldout_accuracy": heldout_accuracy,
         "p_step_rel_change": statistics.median(changes) if changes else None,

@@ -84,6 +84,13 @@ def format_table(run: dict[str, Any], *, notes: bool = True) -> str:
     )
     text = [title, "", line(rows[0]), "  ".join("-" * w for w in widths)]
     text += [line(row) for row in rows[1:]]
+    diverged = [r for r in run["results"] if r.get("first_nonfinite_step") is not None]
+    if diverged:
+        text.append("")
+        text += [
+            f"warning: {r['name']}: the training loss became non-finite at step {r['first_nonfinite_step']}"
+            for r in diverged
+        ]
     if notes:
         text += ["", *textwrap.wrap(_NOTES, width=100)]
     return "\n".join(text)
