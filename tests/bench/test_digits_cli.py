@@ -34,6 +34,7 @@ def test_digits_compares_adamw_and_coap(tmp_path, capsys):
             assert math.isfinite(result[key]), (result["name"], key)
         assert 0 <= result["heldout_accuracy"] <= 1
         assert len(result["loss_curve"]) == 20 and all(math.isfinite(v) for v in result["loss_curve"])
+        assert result["first_nonfinite_step"] is None
     # Same init and first batch for every optimizer.
     assert adamw["loss_curve"][0] == coap["loss_curve"][0]
     # Both projection paths are exercised.
@@ -57,6 +58,15 @@ def test_same_seed_same_losses(tmp_path):
         assert a["final_loss"] == b["final_loss"]
         assert a["heldout_loss"] == b["heldout_loss"]
         assert a["loss_curve"] == b["loss_curve"]
+
+
+def test_table_flags_a_diverged_run(tmp_path):
+    from coap_torch.bench.report import format_table
+
+    run = _run(tmp_path, "--optimizers", "adamw")
+    run["results"][0].update(final_loss=float("nan"), first_nonfinite_step=7)
+    table = format_table(run)
+    assert "nan" in table and "adamw: the training loss became non-finite at step 7" in table
 
 
 def test_unknown_optimizer_is_named(capsys):
