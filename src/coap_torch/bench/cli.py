@@ -71,14 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a small CNN on scikit-learn's digits once per optimizer and print a side-by-side table",
         description=(
             "Train a small CNN (a Tucker-projected 3x3 conv, projected linear layers) on scikit-learn's "
-            "bundled digits (8x8, upsampled to 16x16; 20%% held out, stratified) once per optimizer, with "
+            "bundled digits (8x8, upsampled to 16x16; 20% held out, stratified) once per optimizer, with "
             "the same initial weights and batches, and print memory, speed, loss and accuracy side by side."
         ),
     )
     digits.add_argument("--steps", type=_positive_int, default=400, help="training steps (default 400)")
     digits.add_argument("--batch-size", type=_positive_int, default=128, help="batch size (default 128)")
     digits.add_argument(
-        "--lr", type=_float_at_least(0.0, strict=True), default=1e-3, help="learning rate of every optimizer (default 1e-3)"
+        "--lr",
+        type=_float_at_least(0.0, strict=True),
+        default=1e-3,
+        help="learning rate of every optimizer (default 1e-3)",
     )
     digits.add_argument(
         "--optimizers",
@@ -98,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     digits.add_argument(
         "--correlation-normalize", action="store_true", help="COAP correlation_normalize (scale-invariant Eq. 2 step)"
     )
-    digits.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the initial weights and batch order (default 0)")
+    digits.add_argument(
+        "--seed", type=_non_negative_int, default=0, help="seed of the initial weights and batch order (default 0)"
+    )
     digits.add_argument("--device", default="cpu", help="torch device to train on (default cpu)")
     digits.add_argument("--json", metavar="PATH", help="write the configuration and all results to this JSON file")
     digits.add_argument("--plots", metavar="DIR", help="write a loss-curve PNG to this folder (needs matplotlib)")

@@ -206,8 +206,9 @@ def train_one(name: str, config: DigitsConfig, data: DigitsData) -> dict[str, An
     eq2_changes: list[dict[str, Any]] = []
     started = time.perf_counter()
     model.train()
-    with tqdm(total=config.steps, desc=name, file=sys.stderr, disable=not config.progress, unit="step", leave=True) as bar:
-        for step, idx in enumerate(_batches(len(data.train_y), config.batch_size, config.steps, generator), start=1):
+    batches = _batches(len(data.train_y), config.batch_size, config.steps, generator)
+    with tqdm(total=config.steps, desc=name, file=sys.stderr, disable=not config.progress, unit="step") as bar:
+        for step, idx in enumerate(batches, start=1):
             idx = idx.to(device)
             x, y = data.train_x[idx], data.train_y[idx]
             before = _eq2_snapshot(optimizer)

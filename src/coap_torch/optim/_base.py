@@ -194,7 +194,7 @@ class LowRankOptimizer(Optimizer):
             grad = -grad
         canonical = layout.canonical(grad)
         if not state:
-            self._init_state(state, layout, canonical, group, index, param)
+            self._init_state(state, layout, canonical, group, index)
         stored, state = state, self._unpack(state, group)
         state["step"] += 1
         step = int(state["step"].item())  # a CPU tensor: no device sync
@@ -216,17 +216,14 @@ class LowRankOptimizer(Optimizer):
         if target is not param:
             param.copy_(target)
 
-    def _init_state(
-        self, state: dict[str, Any], layout: Layout, grad: Tensor, group: dict[str, Any], index: int, param: Tensor
-    ) -> None:
+    def _init_state(self, state: dict[str, Any], layout: Layout, grad: Tensor, group: dict[str, Any], index: int) -> None:
         state["step"] = torch.tensor(0.0)
+        generator = torch.Generator().manual_seed(_sketch_seed(group["seed"], index))
         if layout.kind == "matrix":
-            generator = torch.Generator().manual_seed(_sketch_seed(group["seed"], index))
             proj, singular = low_cost_svd_with_values(grad, layout.ranks[0], generator=generator)
             state["proj"] = proj
             self._warn_if_rank_deficient(grad, singular, layout, index)
         elif layout.kind == "tucker":
-            generator = torch.Generator().manual_seed(_sketch_seed(group["seed"], index))
             for key, mode, rank in zip(layout.factor_keys, (0, 1), layout.ranks):
                 state[key] = low_cost_svd(unfold(grad, mode).mT, rank, generator=generator)
         state.update(self._init_moments(layout.projected_shape, group, grad))
