@@ -336,3 +336,33 @@ def test_non_positive_max_norm_raises(max_norm):
     P, G, M = _inputs((), 10, 8, 3, seed=24)
     with pytest.raises(ValueError, match="max_norm"):
         correlation_aware_step(P, G, M, 0.1, max_norm=max_norm)
+
+
+def test_tiny_moment_rows_do_not_overflow_in_float32():
+    # A unit that stopped firing: its gradient row is 0 and its first-moment row decays towards
+    # 1e-40, where ||M_hat_i||^2 underflows. The step must stay finite and equal the one computed
+    # with that row exactly zero (both have cosine 0 and contribute nothing).
+    gen = torch.Generator().manual_seed(0)
+    G = torch.randn(12, 8, generator=gen)
+    P = torch.linalg.qr(torch.randn(8, 3, generator=gen))[0]
+    M = torch.randn(12, 3, generator=gen)
+    G[4] = 0.0
+    for tiny in (1e-20, 1e-30, 1e-38, 1e-42):
+        M_tiny, M_zero = M.clone(), M.clone()
+        M_tiny[4], M_zero[4] = tiny, 0.0
+        grad_tiny, value_tiny = coap_objective_grad(P, G, M_tiny)
+        grad_zero, value_zero = coap_objective_grad(P, G, M_zero)
+        assert torch.isfinite(grad_tiny).all() and torch.isfinite(value_tiny)
+        torch.testing.assert_close(grad_tiny, grad_zero)
+        torch.testing.assert_close(value_tiny, value_zero)
+
+
+def test_tiny_but_live_moment_rows_keep_their_direction():
+    # Scaling one row of M by 1e-30 leaves its cosine, and so the gradient, unchanged.
+    gen = torch.Generator().manual_seed(1)
+    G = torch.randn(10, 7, generator=gen)
+    P = torch.linalg.qr(torch.randn(7, 3, generator=gen))[0]
+    M = torch.randn(10, 3, generator=gen)
+    M_small = M.clone()
+    M_small[2] *= 1e-30
+    torch.testing.assert_close(coap_objective_grad(P, G, M_small)[0], coap_objective_grad(P, G, M)[0], rtol=1e-4, atol=1e-6)

@@ -10,7 +10,8 @@ moment ``M`` (m, r):
 
 Its gradient, derived here and checked against autograd in the tests (with ``A = G P``,
 ``E = A P^\top - G``, ``c_i`` the row cosines, ``a_i = 1 / (\lVert\hat M_i\rVert\lVert G_i\rVert)``,
-``b_i = c_i / \lVert\hat M_i\rVert^2``):
+``b_i = c_i / \lVert\hat M_i\rVert^2``; computed with the rows of ``M`` normalized,
+``U_i = M_i / \lVert\hat M_i\rVert``, so that ``b_i M_i^\top M_i = c_i U_i^\top U_i``):
 
 .. math::
     \nabla\mathrm{MSE} &= \tfrac{2}{mn}\,(G^\top E P + E^\top G P)
@@ -41,7 +42,10 @@ DEFAULT_CORRELATION_LR = 0.1
 
 
 def _safe_reciprocal(x: Tensor) -> Tensor:
-    return torch.where(x > 0, 1.0 / torch.where(x > 0, x, torch.ones_like(x)), torch.zeros_like(x))
+    """``1 / x`` where that is finite and ``x > 0``, else 0 (a zero row has no direction)."""
+    positive = x > 0
+    inverse = 1.0 / torch.where(positive, x, torch.ones_like(x))
+    return torch.where(positive & torch.isfinite(inverse), inverse, torch.zeros_like(x))
 
 
 def coap_objective(P: Tensor, grad: Tensor, exp_avg_proj: Tensor) -> Tensor:
@@ -74,17 +78,20 @@ def coap_objective_grad(P: Tensor, grad: Tensor, exp_avg_proj: Tensor) -> tuple[
     PtP = P.mT @ P
     A = G @ P  # (m, r)
 
-    # Row cosines between M_hat = M P^T and G, from r-sized quantities only.
+    # Row cosines between M_hat = M P^T and G, from r-sized quantities only. The rows of M are
+    # first scaled to unit ||M_hat_i||: the moment of a long-dead unit decays towards 1e-40,
+    # where ||M_hat_i||^2 underflows and 1 / ||M_hat_i||^2 overflows float32.
+    row_max = M.abs().amax(dim=-1, keepdim=True)
+    M_scaled = M * _safe_reciprocal(row_max)
+    m_hat_norm = ((M_scaled @ PtP) * M_scaled).sum(dim=-1, keepdim=True).clamp_min(0).sqrt()
+    U = M_scaled * _safe_reciprocal(m_hat_norm)  # rows M_i / ||M_hat_i||, or 0
     g_norm = torch.linalg.vector_norm(G, dim=-1)  # (m,)
-    m_hat_norm = ((M @ PtP) * M).sum(dim=-1).clamp_min(0).sqrt()
-    dots = (M * A).sum(dim=-1)  # <M_hat_i, G_i> = M_i P^T G_i^T
-    a = _safe_reciprocal(m_hat_norm * g_norm)
-    cos = dots * a
-    b = cos * _safe_reciprocal(m_hat_norm.square())
+    inv_g = _safe_reciprocal(g_norm)
+    cos = (U * A).sum(dim=-1) * inv_g  # <M_hat_i, G_i> / (||M_hat_i|| ||G_i||)
     cos_sim = cos.mean(dim=-1)
 
-    # One pass over G for both G^T A and G^T (a M).
-    GtAaM = G.mT @ torch.cat([A, a.unsqueeze(-1) * M], dim=-1)
+    # One pass over G for both G^T A and G^T (a M), a_i M_i = U_i / ||G_i||.
+    GtAaM = G.mT @ torch.cat([A, inv_g.unsqueeze(-1) * U], dim=-1)
     GtA, GtaM = GtAaM.split(P.shape[-1], dim=-1)
     AtA = A.mT @ A
 
@@ -94,7 +101,7 @@ def coap_objective_grad(P: Tensor, grad: Tensor, exp_avg_proj: Tensor) -> tuple[
     mse = sq_err / (m * n)
 
     grad_mse = (2.0 / (m * n)) * (GtA @ PtP - 2 * GtA + P @ AtA)
-    grad_cos = (GtaM - P @ (M.mT @ (b.unsqueeze(-1) * M))) / m
+    grad_cos = (GtaM - P @ (U.mT @ (cos.unsqueeze(-1) * U))) / m
     one_minus = (1 - cos_sim)[..., None, None]
     grad_P = grad_mse * one_minus - mse[..., None, None] * grad_cos
     return grad_P, mse * (1 - cos_sim)
