@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 
 from ._deps import MissingExtraError
-from .optimizers import OPTIMIZERS, parse_optimizer_names
+from .optimizers import DEFAULT_OPTIMIZERS, OPTIMIZERS, parse_optimizer_names
 
 __all__ = ["build_parser", "main"]
 
@@ -86,9 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     digits.add_argument(
         "--optimizers",
         type=_optimizer_list,
-        default=["adamw", "coap_adamw"],
+        default=list(DEFAULT_OPTIMIZERS),
         metavar="A,B",
-        help=f"comma-separated optimizers to compare, from: {', '.join(OPTIMIZERS)} (default adamw,coap_adamw)",
+        help=f"comma-separated optimizers to compare, from: {', '.join(OPTIMIZERS)} (default: all)",
     )
     digits.add_argument(
         "--rank-ratio",

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..utils import optimizer_state_nbytes
 from ..utils.memory import state_nbytes_by_kind
 from ._deps import require
-from .optimizers import OPTIMIZERS
+from .optimizers import DEFAULT_OPTIMIZERS, OPTIMIZERS
 
 __all__ = ["DigitsCNN", "DigitsConfig", "DigitsData", "build_model", "load_data", "run_digits", "train_one"]
 
@@ -55,7 +55,7 @@ class DigitsConfig:
     steps: int = 400
     batch_size: int = 128
     lr: float = 1e-3
-    optimizers: tuple[str, ...] = ("adamw", "coap_adamw")
+    optimizers: tuple[str, ...] = DEFAULT_OPTIMIZERS
     rank_ratio: float = 2.0
     update_interval: int = 32
     reproject_factor: int = 5

@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
-from ..optim import CoapAdamW
+from ..optim import CoapAdafactor, CoapAdafactor8bit, CoapAdamW, CoapAdamW8bit
+from ._deps import require
 
-__all__ = ["OPTIMIZERS", "OptimizerFactory", "parse_optimizer_names"]
+__all__ = ["DEFAULT_OPTIMIZERS", "OPTIMIZERS", "OptimizerFactory", "parse_optimizer_names"]
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter], float, Any], torch.optim.Optimizer]
 
@@ -30,11 +31,30 @@ def _coap_options(config: Any) -> dict[str, Any]:
     )
 
 
+#: Adafactor runs use the same external lr schedule as the AdamW runs, and a first moment (the
+#: paper's setting, where COAP saves memory on Adafactor): the comparison is then only the method.
+_ADAFACTOR_OPTIONS = dict(relative_step=False, scale_parameter=False, warmup_init=False, beta1=0.9)
+
+
+def _transformers_adafactor(params: Iterable[torch.nn.Parameter], lr: float, config: Any) -> torch.optim.Optimizer:
+    optimization = require("transformers.optimization", package="transformers")
+    return optimization.Adafactor(params, lr=lr, **_ADAFACTOR_OPTIONS)
+
+
 #: name -> factory(params, lr, config). Add an optimizer with one line here.
 OPTIMIZERS: dict[str, OptimizerFactory] = {
     "adamw": lambda params, lr, config: torch.optim.AdamW(params, lr=lr),
     "coap_adamw": lambda params, lr, config: CoapAdamW(params, lr=lr, **_coap_options(config)),
+    "coap_adamw8bit": lambda params, lr, config: CoapAdamW8bit(params, lr=lr, **_coap_options(config)),
+    "adafactor": _transformers_adafactor,
+    "coap_adafactor": lambda params, lr, config: CoapAdafactor(params, lr=lr, **_ADAFACTOR_OPTIONS, **_coap_options(config)),
+    "coap_adafactor8bit": lambda params, lr, config: CoapAdafactor8bit(
+        params, lr=lr, **_ADAFACTOR_OPTIONS, **_coap_options(config)
+    ),
 }
+
+#: What `coap-bench digits` runs by default: every optimizer, each next to its dense counterpart.
+DEFAULT_OPTIMIZERS = tuple(OPTIMIZERS)
 
 
 def parse_optimizer_names(text: str) -> list[str]:
