@@ -104,6 +104,45 @@ def _tables(signed: bool, device: torch.device) -> tuple[Tensor, Tensor]:
     return tables
 
 
+_ENCODERS: dict[tuple[bool, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
+
+
+def _encoder_tables(signed: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """A lookup table from float16 bit patterns to codes, and the midpoints around each code.
+
+    ``torch.bucketize`` (a binary search per element) dominates quantization time. Instead the
+    value is rounded to float16, whose 16-bit pattern indexes a table of the nearest code of
+    every float16 value; one comparison with the midpoints on each side of that code then fixes
+    the few values that float16 rounding moved across a midpoint. That is exact: float16 moves a
+    value by at most 2^-11 relative (3e-8 absolute near zero), less than any gap between codes
+    (0.7% relative, 1e-7 absolute), so at most one midpoint lies between ``x`` and its float16.
+    """
+    key = (bool(signed), device)
+    tables = _ENCODERS.get(key)
+    if tables is None:
+        code, midpoints = _tables(signed, torch.device("cpu"))
+        patterns = torch.arange(1 << 16, dtype=torch.int32)
+        patterns = torch.where(patterns >= 1 << 15, patterns - (1 << 16), patterns).to(torch.int16)
+        values = patterns.view(torch.float16).float().nan_to_num(0.0, 1.0, -1.0).clamp(-1.0, 1.0)
+        lookup = torch.bucketize(values, midpoints, out_int32=True)
+        inf = torch.tensor([float("inf")])
+        upper = torch.cat([midpoints, inf])  # midpoint between code c and c + 1
+        lower = torch.cat([-inf, midpoints])  # midpoint between code c - 1 and c
+        tables = (lookup.to(device), upper.to(device), lower.to(device))
+        _ENCODERS[key] = tables
+    return tables
+
+
+def _encode(normalized: Tensor, signed: bool) -> Tensor:
+    """Index of the nearest code (ties go down, as ``torch.bucketize``) of values in [-1, 1]."""
+    lookup, upper, lower = _encoder_tables(signed, normalized.device)
+    index = normalized.to(torch.float16).view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)
+    codes = torch.index_select(lookup, 0, index)
+    codes += torch.index_select(upper, 0, codes) < normalized
+    codes -= (torch.index_select(lower, 0, codes) >= normalized).to(torch.int32)
+    return codes
+
+
 def _normalize_device(device: torch.device | str | None) -> torch.device:
     device = torch.device("cpu") if device is None else torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -146,8 +185,13 @@ def quantize_blockwise_(
     *,
     signed: bool,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    check_sign: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """In-place :func:`quantize_blockwise`: write the codes of ``x`` into ``codes`` and ``absmax``.
+
+    ``check_sign=False`` skips the check that ``x >= 0`` for ``signed=False`` (one host sync on
+    CUDA), for callers whose values are non-negative by construction; negative values then
+    encode as 0.
 
     ``codes`` must be uint8 with ``x``'s shape and ``absmax`` float32 of shape
     ``(ceil(x.numel() / block_size),)``, both on ``x``'s device (e.g. the tensors returned by an
@@ -178,7 +222,7 @@ def quantize_blockwise_(
     work[n:].zero_()
     blocks = work.view(nb, block_size)
     lo, hi = torch.aminmax(blocks, dim=1)
-    if not signed:
+    if not signed and check_sign:
         smallest = lo.min()
         if smallest < 0:  # a host sync: second moments must be checked, not silently clamped
             raise ValueError(
@@ -189,9 +233,7 @@ def quantize_blockwise_(
     divisor = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     blocks.div_(divisor.unsqueeze(1))
 
-    midpoints = _tables(signed, x.device)[1]
-    index = torch.bucketize(work, midpoints, out_int32=True)  # nearest code (ties go down)
-    codes.copy_(index[:n].view(x.shape))
+    codes.copy_(_encode(work[:n], signed).view(x.shape))
     return codes, absmax
 
 
