@@ -78,8 +78,11 @@ def low_cost_svd_with_values(
     # Range finder: Y = G Omega spans (approximately) the dominant left subspace; the SVD of the
     # small r x n matrix Q^T G then gives the dominant right singular vectors.
     Q, _ = torch.linalg.qr(grad @ sketch)
-    _, S, Vh = torch.linalg.svd(Q.mT @ grad, full_matrices=False)
-    P = Vh.mT
+    # SVD of B = Q^T G (r, n) through B^T = Q_B R_B: B = R_B^T Q_B^T, so the right singular
+    # vectors of B are Q_B V with R_B^T = U S V^T. The SVD then runs on an (r, r) matrix.
+    Q_B, R_B = torch.linalg.qr((Q.mT @ grad).mT)
+    _, S, Vh = torch.linalg.svd(R_B.mT)
+    P = Q_B @ Vh.mT
     if P.shape[-1] < rank:
         # m < r: the reduced QR and SVD give only m columns; G (rank <= m) determines no more.
         # Mark the missing r - m columns undetermined (singular value 0) so they are filled below.
@@ -115,8 +118,11 @@ def low_cost_svd(
     .. math::
         Y = G\,\Omega,\quad Q R = Y,\quad U S V^\top = Q^\top G,\quad P = V_{[:, :r]}
 
+    (the SVD of the (r, n) matrix ``Q^T G`` is computed as a QR of its transpose and an SVD of
+    the (r, r) triangular factor).
+
     With ``sketch = P_prev`` (the warm start of the paper) one call costs two (m, n, r) matmuls,
-    a QR of (m, r) and an SVD of (r, n), instead of the full SVD of (m, n) that GaLore pays.
+    QRs of (m, r) and (n, r) and an SVD of (r, r), instead of the full SVD of (m, n) that GaLore pays.
     When ``G`` has rank at least ``r`` and the sketch is not orthogonal to its top-r subspace,
     the result spans exactly the top-r right singular subspace of a rank-r ``G``.
 
