@@ -223,3 +223,20 @@ def test_converges_like_adamw_on_a_real_small_task():
     assert adamw < 0.1 * initial
     assert coap < 0.15 * initial  # same order as AdamW at half the rank
     assert coap < 3 * adamw + 0.05
+
+
+def test_stacked_matrices_get_one_projection_each():
+    # MoE-style experts (E, m, n): each expert is projected by its own P.
+    experts = torch.nn.Parameter(torch.randn(3, 40, 24, generator=torch.Generator().manual_seed(0)))
+    before = experts.detach().clone()
+    opt = CoapAdamW([experts], lr=1e-2, weight_decay=0.0, rank=6)
+    experts.grad = torch.randn(3, 40, 24, generator=torch.Generator().manual_seed(1))
+    opt.step()
+    P = opt.state[experts]["proj"]
+    assert P.shape == (3, 24, 6) and opt.state[experts]["exp_avg"].shape == (3, 40, 6)
+    torch.testing.assert_close(P.mT @ P, torch.eye(6).expand(3, 6, 6), atol=1e-5, rtol=0)
+    for e in range(3):  # first Adam step: direction g / (|g| + eps), restored through that expert's P
+        g_proj = experts.grad[e] @ P[e]
+        expected = before[e] - 1e-2 * (g_proj / (g_proj.abs() + 1e-8)) @ P[e].T
+        torch.testing.assert_close(experts.detach()[e], expected, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(P[0], P[1])

@@ -49,12 +49,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("make_opt", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_matches_cpu(dtype):
+def test_cuda_matches_cpu(dtype, make_opt):
     cpu_model = make_net(dtype=dtype)
     gpu_model = make_net(dtype=dtype).cuda()
-    cpu_opt = CoapAdamW(cpu_model.parameters(), **COAP_KWARGS)
-    gpu_opt = CoapAdamW(gpu_model.parameters(), **COAP_KWARGS)
+    cpu_opt = make_opt(cpu_model.parameters())
+    gpu_opt = make_opt(gpu_model.parameters())
     from optim_helpers import batch
 
     for step in range(7):
@@ -67,6 +68,8 @@ def test_cuda_matches_cpu(dtype):
         assert p.is_cuda and all(v.is_cuda for k, v in gpu_opt.state[p].items() if k != "step")
         assert gpu_opt.state[p]["step"].device.type == "cpu"
     tol = 1e-3 if dtype == torch.float32 else 5e-2
+    if "_codes" in "".join(str(k) for s in cpu_opt.state.values() for k in s):
+        tol = max(tol, 1e-2)  # 8-bit: a code can flip between devices on float rounding
     for p, q in zip(cpu_model.parameters(), gpu_model.parameters()):
         torch.testing.assert_close(q.cpu(), p, atol=tol, rtol=tol)
 
