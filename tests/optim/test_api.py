@@ -240,3 +240,24 @@ def test_stacked_matrices_get_one_projection_each():
         expected = before[e] - 1e-2 * (g_proj / (g_proj.abs() + 1e-8)) @ P[e].T
         torch.testing.assert_close(experts.detach()[e], expected, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(P[0], P[1])
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_eq2_step_size_with_and_without_normalization(normalize):
+    # Realistic gradient scale (1e-3): the faithful step barely moves P, the normalized one does,
+    # and keeps P orthonormal.
+    w = torch.nn.Parameter(torch.zeros(64, 48))
+    opt = CoapAdamW([w], rank=8, update_interval=2, reproject_factor=100, correlation_normalize=normalize)
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.randn(48, 48, generator=gen)
+    for step in range(2):
+        w.grad = 1e-3 * torch.randn(64, 48, generator=gen) @ basis
+        before = opt.state[w]["proj"].clone() if step else None
+        opt.step()
+    P = opt.state[w]["proj"]
+    change = ((P - before).norm() / before.norm()).item()
+    if normalize:
+        assert change > 1e-3
+        torch.testing.assert_close(P.T @ P, torch.eye(8), atol=1e-5, rtol=0)
+    else:
+        assert 0 < change < 1e-6
