@@ -1,16 +1,20 @@
-"""Benchmark CoapAdamW against torch.optim.AdamW: optimizer-state bytes, step time, refresh cost.
+"""Benchmark the four COAP optimizers (and CoapAdamW against torch.optim.AdamW): optimizer-state
+bytes, step time, refresh cost.
 
 Three sections, each printed as a table and written to a JSON file:
 
-1. **State bytes** of ``CoapAdamW(rank=r)`` after one step, against the closed form
-   ``4 * (2 * max(m, n) * r + min(m, n) * r)`` (fp32: two moments of (max, r) and ``P`` of
-   (min, r)) and against ``torch.optim.AdamW``'s ``8 * m * n``.
+1. **State bytes** after one step of ``CoapAdamW``, ``CoapAdamW8bit``, ``CoapAdafactor`` and
+   ``CoapAdafactor8bit`` (rank r; Adafactor with ``beta1=0.9``), each against its closed form
+   (the functions ``coap_*_bytes`` below, README's table with the block count rounded up and
+   ``min_8bit_size`` applied to every moment), and ``torch.optim.AdamW``'s ``8 * m * n``.
 2. **Step time** of one optimizer step on a single ``nn.Parameter`` with a fixed random gradient:
-   CoapAdamW's steady step (no refresh of ``P``), its Eq. 2 refresh step, its low-cost-SVD refresh
-   step, and the step amortised over a full ``T_u * lambda`` cycle, as ratios to
-   ``torch.optim.AdamW`` (``foreach=False`` and ``foreach=True``) and to the *floor*: the two
-   ``(max, min, r)`` matmuls ``G P`` and ``U P^T`` plus Adam's elementwise moment update on the
-   ``max * r`` projected entries, timed in the same run.
+   for each of the four optimizers its steady step (no refresh of ``P``), its Eq. 2 refresh step,
+   its low-cost-SVD refresh step, and the step amortised over a full ``T_u * lambda`` cycle, as
+   ratios to the matmul floor (the two ``(max, min, r)`` matmuls ``G P`` and ``U P^T``), with the
+   ratio 8-bit / 32-bit of the same optimizer; and CoapAdamW's step against
+   ``torch.optim.AdamW`` (``foreach=False`` and ``foreach=True``) and against the *floor*: the
+   two matmuls plus Adam's elementwise moment update on the ``max * r`` projected entries, all
+   timed in the same run.
 3. **Refresh cost** at one shape: ``correlation_aware_step`` and the warm-started ``low_cost_svd``
    as ratios to a full ``torch.linalg.svd(G, full_matrices=False)`` (GaLore's per-refresh cost),
    and the closed-form Eq. 2 step against an autograd reference of the same step.
@@ -38,8 +42,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from coap_torch import CoapAdamW, optimizer_state_nbytes
+from coap_torch import CoapAdafactor, CoapAdafactor8bit, CoapAdamW, CoapAdamW8bit, optimizer_state_nbytes
 from coap_torch.functional import adam_direction_, coap_objective, correlation_aware_step, low_cost_svd, orthonormalize
+from coap_torch.utils.memory import state_nbytes_by_kind
 
 FULL_SHAPES = ((2048, 2048), (2048, 5632), (5632, 2048))
 FULL_RANK = 512
@@ -49,11 +54,12 @@ QUICK_RANK = 128
 QUICK_REFRESH_SHAPE = (512, 1024)
 
 # Targets (printed, never asserted).
-STATE_BYTES_TOLERANCE = 16  # "within a few scalars": four fp32 values
+STATE_BYTES_TOLERANCE = 0  # measured state bytes (step counters excluded) equal the closed form exactly
 STEADY_TARGET = 1.25  # steady step <= 1.25 x floor
 AMORTISED_TARGET = 1.5  # amortised step <= 1.5 x floor
 REFRESH_TARGET = 0.1  # correlation_aware_step, low_cost_svd <= 0.1 x full SVD
 CLOSED_FORM_TARGET = 1.0  # closed-form Eq. 2 step faster than autograd
+EIGHT_BIT_TARGET = 1.5  # amortised step of an 8-bit optimizer <= 1.5 x its 32-bit counterpart
 
 # Hyper-parameters of the timed steps (the optimizer's defaults).
 LR = 1e-3
@@ -61,6 +67,16 @@ BETAS = (0.9, 0.999)
 EPS = 1e-8
 WEIGHT_DECAY = 1e-2
 CORRELATION_LR = 0.1
+# CoapAdafactor / CoapAdafactor8bit: a manual lr with a first moment (the paper's setting).
+ADAFACTOR_LR = 1e-3
+ADAFACTOR_BETA1 = 0.9
+# CoapAdamW8bit / CoapAdafactor8bit: the optimizers' defaults.
+BLOCK_SIZE = 256
+MIN_8BIT_SIZE = 4096
+
+#: The four COAP optimizers, in the order of the tables; each 8-bit one maps to its 32-bit twin.
+COAP_OPTIMIZERS = ("CoapAdamW", "CoapAdamW8bit", "CoapAdafactor", "CoapAdafactor8bit")
+EIGHT_BIT_PAIRS = {"CoapAdamW8bit": "CoapAdamW", "CoapAdafactor8bit": "CoapAdafactor"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,14 +216,15 @@ def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(parse_shape(part) for part in text.split(",") if part.strip())
 
 
-def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]], left: int = 1) -> None:
+    """Print a table; the first ``left`` columns are left-aligned, the others right-aligned."""
     cells = [[str(h) for h in header]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     line = "  ".join("-" * w for w in widths)
     print(f"\n{title}")
     print(line)
     for index, row in enumerate(cells):
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        print("  ".join(c.rjust(w) if i >= left else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
         if index == 0:
             print(line)
     print(line)
@@ -226,18 +243,23 @@ def random_matrix(shape: Sequence[int], generator: torch.Generator, device: torc
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device)
 
 
-def coap_optimizer(param: nn.Parameter, args: argparse.Namespace) -> CoapAdamW:
-    return CoapAdamW(
-        [param],
-        lr=LR,
-        betas=BETAS,
-        eps=EPS,
-        weight_decay=WEIGHT_DECAY,
+def coap_optimizer(param: nn.Parameter, args: argparse.Namespace, name: str = "CoapAdamW") -> torch.optim.Optimizer:
+    """One of :data:`COAP_OPTIMIZERS` on ``[param]``, with the benchmark's settings."""
+    coap = dict(
         rank=args.rank,
         update_interval=args.update_interval,
         reproject_factor=args.reproject_factor,
         correlation_lr=CORRELATION_LR,
     )
+    quant = dict(block_size=BLOCK_SIZE, min_8bit_size=MIN_8BIT_SIZE)
+    if name in ("CoapAdamW", "CoapAdamW8bit"):
+        cls, extra = (CoapAdamW, {}) if name == "CoapAdamW" else (CoapAdamW8bit, quant)
+        return cls([param], lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, **coap, **extra)
+    if name in ("CoapAdafactor", "CoapAdafactor8bit"):
+        cls, extra = (CoapAdafactor, {}) if name == "CoapAdafactor" else (CoapAdafactor8bit, quant)
+        return cls([param], lr=ADAFACTOR_LR, beta1=ADAFACTOR_BETA1, relative_step=False, scale_parameter=False,
+                   **coap, **extra)
+    raise ValueError(f"unknown optimizer {name!r}; expected one of {COAP_OPTIMIZERS}")
 
 
 def fresh_param(weight: Tensor, grad: Tensor) -> nn.Parameter:
@@ -246,9 +268,111 @@ def fresh_param(weight: Tensor, grad: Tensor) -> nn.Parameter:
     return param
 
 
-def formula_bytes(shape: tuple[int, int], rank: int, element_size: int = 4) -> int:
+# ------------------------------------------------------------------------------------------------
+# closed forms of the state bytes (README, "The four optimizers"), for one projected (m, n) matrix
+# ------------------------------------------------------------------------------------------------
+def moment_8bit_bytes(numel: int, block_size: int = BLOCK_SIZE, min_8bit_size: int = MIN_8BIT_SIZE) -> int:
+    """Bytes of one moment of ``numel`` entries in an 8-bit optimizer: ``numel`` uint8 codes and one
+    float32 absmax per block (the last block rounded up) when ``numel >= min_8bit_size``, else
+    ``4 * numel`` (float32). This applies to every moment, 1-D accumulators included."""
+    if numel >= min_8bit_size:
+        return numel + 4 * math.ceil(numel / block_size)
+    return 4 * numel
+
+
+def coap_adamw_bytes(shape: tuple[int, int], rank: int, element_size: int = 4) -> int:
+    """``CoapAdamW``: ``4 (2 m r + n r)`` (m >= n): two moments (m, r) and ``P`` (n, r)."""
     big, small = max(shape), min(shape)
     return element_size * (2 * big * rank + small * rank)
+
+
+def coap_adamw8bit_bytes(
+    shape: tuple[int, int], rank: int, block_size: int = BLOCK_SIZE, min_8bit_size: int = MIN_8BIT_SIZE
+) -> int:
+    """``CoapAdamW8bit``: ``4 n r + 2 m r + 8 ceil(m r / 256)`` (m >= n): ``P`` in float32, both
+    moments 8-bit (float32 if ``m r < min_8bit_size``)."""
+    big, small = max(shape), min(shape)
+    return 4 * small * rank + 2 * moment_8bit_bytes(big * rank, block_size, min_8bit_size)
+
+
+def coap_adafactor_bytes(shape: tuple[int, int], rank: int, beta1: bool = True) -> int:
+    """``CoapAdafactor``: ``4 (n r + m r + m + r)`` with ``beta1`` set, ``4 (n r + m + r)`` without
+    (m >= n): ``P`` (n, r), the first moment (m, r), row (m,) and column (r,) accumulators."""
+    big, small = max(shape), min(shape)
+    return 4 * (small * rank + (big * rank if beta1 else 0) + big + rank)
+
+
+def coap_adafactor8bit_bytes(
+    shape: tuple[int, int],
+    rank: int,
+    beta1: bool = True,
+    block_size: int = BLOCK_SIZE,
+    min_8bit_size: int = MIN_8BIT_SIZE,
+) -> int:
+    """``CoapAdafactor8bit``: ``4 n r + m r + 4 ceil(m r / 256) + 4 (m + r)`` with ``beta1`` set
+    (m >= n), where an accumulator with ``>= min_8bit_size`` entries is 8-bit too: the row
+    accumulator (m,) costs ``m + 4 ceil(m / 256)`` when ``m >= 4096``, the column one (r,) likewise."""
+    big, small = max(shape), min(shape)
+    first = moment_8bit_bytes(big * rank, block_size, min_8bit_size) if beta1 else 0
+    rows = moment_8bit_bytes(big, block_size, min_8bit_size)
+    cols = moment_8bit_bytes(rank, block_size, min_8bit_size)
+    return 4 * small * rank + first + rows + cols
+
+
+def adamw_bytes(shape: tuple[int, int]) -> int:
+    """``torch.optim.AdamW``: ``8 m n``."""
+    return 8 * shape[0] * shape[1]
+
+
+#: The closed form of each COAP optimizer, as configured by :func:`coap_optimizer`.
+FORMULAS: dict[str, Callable[[tuple[int, int], int], int]] = {
+    "CoapAdamW": coap_adamw_bytes,
+    "CoapAdamW8bit": coap_adamw8bit_bytes,
+    "CoapAdafactor": coap_adafactor_bytes,
+    "CoapAdafactor8bit": coap_adafactor8bit_bytes,
+}
+FORMULA_TEXT = {
+    "CoapAdamW": "4*(2*m*r + n*r)",
+    "CoapAdamW8bit": "4*n*r + 2*q(m*r)",
+    "CoapAdafactor": "4*(n*r + m*r + m + r)",
+    "CoapAdafactor8bit": "4*n*r + q(m*r) + q(m) + q(r)",
+}
+FORMULA_NOTE = (
+    "m = max(m,n), n = min(m,n); q(k) = k + 4*ceil(k/256) (uint8 codes + fp32 absmax per block) if "
+    "k >= min_8bit_size = 4096, else 4*k (fp32)"
+)
+
+
+def formula_bytes(shape: tuple[int, int], rank: int, element_size: int = 4) -> int:
+    """CoapAdamW's closed form (kept under its old name)."""
+    return coap_adamw_bytes(shape, rank, element_size)
+
+
+def measure_state_bytes(
+    name: str, shape: tuple[int, int], args: argparse.Namespace, weight: Tensor, grad: Tensor
+) -> tuple[nn.Parameter, torch.optim.Optimizer, dict[str, Any]]:
+    """Build optimizer ``name`` on a copy of ``weight``, take one step, and compare its state bytes
+    with the closed form. Returns the parameter, the optimizer and the row for the JSON."""
+    param = fresh_param(weight, grad)
+    opt = coap_optimizer(param, args, name)
+    opt.step()
+    measured = optimizer_state_nbytes(opt)
+    formula = FORMULAS[name](shape, args.rank)
+    row = {
+        "measured_bytes": measured,
+        "measured_bytes_incl_step": optimizer_state_nbytes(opt, include_step=True),
+        "formula_bytes": formula,
+        "minus_formula_bytes": measured - formula,
+        "formula": FORMULA_TEXT[name],
+        "bytes_by_key": state_nbytes_by_kind(opt),
+        "state_shapes": {
+            k: [list(v.shape), str(v.dtype).replace("torch.", "")]
+            for k, v in opt.state[param].items()
+            if isinstance(v, Tensor) and k != "step"
+        },
+        "equal_formula": measured == formula,
+    }
+    return param, opt, row
 
 
 def amortised(steady: float, eq2: float, svd: float, update_interval: int, reproject_factor: int) -> float:
@@ -258,6 +382,79 @@ def amortised(steady: float, eq2: float, svd: float, update_interval: int, repro
     n_eq2 = reproject_factor - 1
     n_steady = cycle - reproject_factor
     return (n_steady * steady + n_eq2 * eq2 + svd) / cycle
+
+
+#: Prefix of each optimizer's timing keys in the JSON (CoapAdamW keeps its historical ``coap_``).
+OPT_KEYS = {
+    "CoapAdamW": "coap",
+    "CoapAdamW8bit": "coap_adamw8bit",
+    "CoapAdafactor": "coap_adafactor",
+    "CoapAdafactor8bit": "coap_adafactor8bit",
+}
+
+
+def eight_bit_target_key(name: str) -> str:
+    """Summary / target key of the 8-bit optimizer ``name`` against its 32-bit twin."""
+    return f"{name}_amortised_le_{EIGHT_BIT_TARGET}x_{EIGHT_BIT_PAIRS[name]}"
+
+
+def optimizer_step_rows(
+    timings: dict[str, Timing],
+    cycles: dict[str, Timing],
+    args: argparse.Namespace,
+    t_floor: Timing,
+    t_floor_mm: Timing,
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Per-optimizer step times, amortised step and ratios to the floors; and 8-bit / 32-bit."""
+    T_u, lam = args.update_interval, args.reproject_factor
+    rows: dict[str, dict[str, Any]] = {}
+    for name in COAP_OPTIMIZERS:
+        key = OPT_KEYS[name]
+        steady, svd = timings[f"{key}_steady"], timings[f"{key}_svd_refresh"]
+        eq2 = timings.get(f"{key}_eq2_refresh")
+        amort = amortised(steady.median, eq2.median if eq2 is not None else 0.0, svd.median, T_u, lam)
+        amort_min = amortised(steady.min, eq2.min if eq2 is not None else 0.0, svd.min, T_u, lam)
+        cycle = cycles.get(name)
+        rows[name] = {
+            "ms": {
+                "steady": steady.median,
+                "eq2_refresh": eq2.median if eq2 is not None else None,
+                "svd_refresh": svd.median,
+                "amortised": amort,
+                "amortised_from_min": amort_min,
+                "full_cycle_mean": cycle.median / (T_u * lam) if cycle is not None else None,
+            },
+            "ratios": {
+                "steady_over_floor_matmuls": steady.median / t_floor_mm.median,
+                "amortised_over_floor_matmuls": amort / t_floor_mm.median,
+                "steady_over_floor": steady.median / t_floor.median,
+                "amortised_over_floor": amort / t_floor.median,
+            },
+            "ratios_from_min": {
+                "steady_over_floor_matmuls": steady.min / t_floor_mm.min,
+                "amortised_over_floor_matmuls": amort_min / t_floor_mm.min,
+                "steady_over_floor": steady.min / t_floor.min,
+                "amortised_over_floor": amort_min / t_floor.min,
+            },
+            "samples": {
+                "steady": steady.to_json(),
+                "eq2_refresh": eq2.to_json() if eq2 is not None else None,
+                "svd_refresh": svd.to_json(),
+                "full_cycle": cycle.to_json() if cycle is not None else None,
+            },
+        }
+    eight_bit: dict[str, dict[str, Any]] = {}
+    for name, twin in EIGHT_BIT_PAIRS.items():
+        q, f = rows[name]["ms"], rows[twin]["ms"]
+        amort_ratio = q["amortised"] / f["amortised"]
+        eight_bit[name] = {
+            "over": twin,
+            "steady": q["steady"] / f["steady"],
+            "amortised": amort_ratio,
+            "amortised_from_min": q["amortised_from_min"] / f["amortised_from_min"],
+            "target": amort_ratio <= EIGHT_BIT_TARGET,
+        }
+    return rows, eight_bit
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,14 +469,17 @@ def bench_shape(
     weight = random_matrix(shape, generator, device) * 0.02
     grad = random_matrix(shape, generator, device)
 
-    # -- CoapAdamW: one step initialises P and the moments --------------------------------------
-    coap_param = fresh_param(weight, grad)
-    coap = coap_optimizer(coap_param, args)
-    coap.step()
+    # -- the four COAP optimizers: one step initialises P and the moments ------------------------
+    coaps: dict[str, tuple[nn.Parameter, torch.optim.Optimizer]] = {}
+    coap_rows: dict[str, dict[str, Any]] = {}
+    for name in COAP_OPTIMIZERS:
+        param, opt, row = measure_state_bytes(name, shape, args, weight, grad)
+        coaps[name] = (param, opt)
+        coap_rows[name] = row
+    coap_param, coap = coaps["CoapAdamW"]
     state = coap.state[coap_param]
-    measured = optimizer_state_nbytes(coap)
-    measured_with_step = optimizer_state_nbytes(coap, include_step=True)
-    formula = formula_bytes(shape, rank, grad.element_size())
+    measured = coap_rows["CoapAdamW"]["measured_bytes"]
+    formula = coap_rows["CoapAdamW"]["formula_bytes"]
     proj_shape = tuple(state["proj"].shape)
     moment_shape = tuple(state["exp_avg"].shape)
 
@@ -291,7 +491,11 @@ def bench_shape(
         opt.step()
         adamw[foreach] = (p, opt)
     adamw_measured = optimizer_state_nbytes(adamw[False][1])
-    adamw_formula = 8 * m * n
+    adamw_formula = adamw_bytes(shape)
+    for name, row in coap_rows.items():
+        row["over_adamw"] = row["measured_bytes"] / adamw_measured
+        twin = EIGHT_BIT_PAIRS.get(name)
+        row["over_32bit"] = row["measured_bytes"] / coap_rows[twin]["measured_bytes"] if twin else None
 
     state_row = {
         "shape": list(shape),
@@ -299,21 +503,27 @@ def bench_shape(
         "proj_shape": list(proj_shape),
         "moment_shape": list(moment_shape),
         "coap_measured_bytes": measured,
-        "coap_measured_bytes_incl_step": measured_with_step,
+        "coap_measured_bytes_incl_step": coap_rows["CoapAdamW"]["measured_bytes_incl_step"],
         "coap_formula_bytes": formula,
         "coap_minus_formula_bytes": measured - formula,
         "adamw_measured_bytes": adamw_measured,
         "adamw_formula_bytes": adamw_formula,
         "coap_over_adamw": measured / adamw_measured,
         "formula_over_adamw_formula": formula / adamw_formula,
-        "target_state_bytes_equal_formula": abs(measured - formula) <= STATE_BYTES_TOLERANCE,
+        # every optimizer: measured / formula bytes, ratios to AdamW and to the 32-bit twin
+        "optimizers": coap_rows,
+        "target_state_bytes_equal_formula": all(
+            abs(r["minus_formula_bytes"]) <= STATE_BYTES_TOLERANCE for r in coap_rows.values()
+        )
+        and adamw_measured == adamw_formula,
     }
 
-    # -- CoapAdamW step kinds, chosen through the step counter (reset outside the timed region) --
-    counter = state["step"]
+    # -- step kinds, chosen through each optimizer's step counter (reset outside the timed region) --
+    counters = {name: opt.state[param]["step"] for name, (param, opt) in coaps.items()}
 
-    def at_step(k: int) -> Callable[[], None]:
-        return lambda: counter.fill_(float(k - 1))  # the next step() runs step k
+    def at_step(k: int, name: str = "CoapAdamW") -> Callable[[], None]:
+        c = counters[name]
+        return lambda: c.fill_(float(k - 1))  # the next step() runs step k
 
     steady_step = 2 if T_u > 2 else None
     if steady_step is None:
@@ -346,18 +556,24 @@ def bench_shape(
     def floor() -> Tensor:
         return floor_restore(floor_adam(floor_project()))
 
-    # All step kinds and references of this shape are timed round-robin (see Timer.interleaved).
-    cases = {
-        "coap_steady": Case(coap.step, setup=at_step(steady_step)),
-        "coap_svd_refresh": Case(coap.step, setup=at_step(svd_step), repeats=args.svd_step_repeats),
-        "adamw_foreach_false": Case(adamw[False][1].step),
-        "adamw_foreach_true": Case(adamw[True][1].step),
-        "floor": Case(floor),
-        "floor_matmuls": Case(lambda: floor_restore(floor_project())),
-        "floor_adam_elementwise": Case(floor_adam),
-    }
-    if eq2_step is not None:
-        cases["coap_eq2_refresh"] = Case(coap.step, setup=at_step(eq2_step))
+    # All step kinds of the four optimizers and the references of this shape are timed
+    # round-robin (see Timer.interleaved), so their ratios share the machine's load.
+    cases = {}
+    for name, (_, opt) in coaps.items():
+        key = OPT_KEYS[name]
+        cases[f"{key}_steady"] = Case(opt.step, setup=at_step(steady_step, name))
+        cases[f"{key}_svd_refresh"] = Case(opt.step, setup=at_step(svd_step, name), repeats=args.svd_step_repeats)
+        if eq2_step is not None:
+            cases[f"{key}_eq2_refresh"] = Case(opt.step, setup=at_step(eq2_step, name))
+    cases.update(
+        {
+            "adamw_foreach_false": Case(adamw[False][1].step),
+            "adamw_foreach_true": Case(adamw[True][1].step),
+            "floor": Case(floor),
+            "floor_matmuls": Case(lambda: floor_restore(floor_project())),
+            "floor_adam_elementwise": Case(floor_adam),
+        }
+    )
     timings = timer.interleaved(cases)
     t_steady, t_svd, t_floor = timings["coap_steady"], timings["coap_svd_refresh"], timings["floor"]
     t_eq2 = timings.get("coap_eq2_refresh")
@@ -366,15 +582,19 @@ def bench_shape(
 
     t_amortised = amortised(t_steady.median, t_eq2.median if t_eq2 is not None else 0.0, t_svd.median, T_u, lam)
     amortised_min = amortised(t_steady.min, t_eq2.min if t_eq2 is not None else 0.0, t_svd.min, T_u, lam)
-    t_cycle = None
+    t_cycles: dict[str, Timing] = {}
     if args.full_cycle:
         # The real schedule: T_u * lambda consecutive steps (steps 1..cycle on initialised state).
-        def cycle() -> None:
-            counter.fill_(0.0)
-            for _ in range(T_u * lam):
-                coap.step()
+        for name, (_, opt) in coaps.items():
+            def cycle(opt: torch.optim.Optimizer = opt, c: Tensor = counters[name]) -> None:
+                c.fill_(0.0)
+                for _ in range(T_u * lam):
+                    opt.step()
 
-        t_cycle = timer(cycle, repeats=max(1, args.repeats // 2), warmup=0, inner=1)
+            t_cycles[name] = timer(cycle, repeats=max(1, args.repeats // 2), warmup=0, inner=1)
+    t_cycle = t_cycles.get("CoapAdamW")
+
+    per_optimizer, eight_bit = optimizer_step_rows(timings, t_cycles, args, t_floor, t_floor_mm)
 
     floor_ms = t_floor.median
     a_false, a_true = t_adamw[False].median, t_adamw[True].median
@@ -418,7 +638,12 @@ def bench_shape(
         "targets": {
             "steady_le_1.25x_floor": t_steady.median <= STEADY_TARGET * floor_ms,
             "amortised_le_1.5x_floor": t_amortised <= AMORTISED_TARGET * floor_ms,
+            **{eight_bit_target_key(name): row["target"] for name, row in eight_bit.items()},
         },
+        # all four COAP optimizers: step kinds, amortised step, ratios to the floors
+        "optimizers": per_optimizer,
+        # 8-bit / 32-bit of the same optimizer (steady, amortised), with the target
+        "eight_bit_over_32bit": eight_bit,
         "samples": {
             "coap_steady": t_steady.to_json(),
             "coap_eq2_refresh": t_eq2.to_json() if t_eq2 is not None else None,
@@ -620,26 +845,47 @@ def bench_refresh(
 # ------------------------------------------------------------------------------------------------
 def print_state_bytes(rows: list[dict[str, Any]]) -> None:
     mib = 2.0**20
-    print_table(
-        "1. Optimizer-state bytes after one step (fp32; 'step' counters excluded)",
-        ["shape", "rank", "COAP measured", "COAP formula", "diff B", "AdamW measured", "AdamW 8mn", "COAP/AdamW",
-         "target"],
-        [
+    table = []
+    for r in rows:
+        for name, o in r["optimizers"].items():
+            table.append(
+                [
+                    shape_str(r["shape"]),
+                    r["rank"],
+                    name,
+                    f"{o['measured_bytes']:,} ({o['measured_bytes'] / mib:.2f} MiB)",
+                    f"{o['formula_bytes']:,}",
+                    o["minus_formula_bytes"],
+                    f"{o['over_adamw']:.4f}",
+                    f"{o['over_32bit']:.4f}" if o["over_32bit"] is not None else "-",
+                    f"{mark(o['equal_formula'])} (==formula)",
+                ]
+            )
+        adamw_ok = r["adamw_measured_bytes"] == r["adamw_formula_bytes"]
+        table.append(
             [
                 shape_str(r["shape"]),
-                r["rank"],
-                f"{r['coap_measured_bytes']:,} ({r['coap_measured_bytes'] / mib:.2f} MiB)",
-                f"{r['coap_formula_bytes']:,}",
-                r["coap_minus_formula_bytes"],
+                "-",
+                "torch AdamW",
                 f"{r['adamw_measured_bytes']:,} ({r['adamw_measured_bytes'] / mib:.2f} MiB)",
                 f"{r['adamw_formula_bytes']:,}",
-                f"{r['coap_over_adamw']:.4f}",
-                f"{mark(r['target_state_bytes_equal_formula'])} (==formula)",
+                r["adamw_measured_bytes"] - r["adamw_formula_bytes"],
+                "1.0000",
+                "-",
+                f"{mark(adamw_ok)} (==formula)",
             ]
-            for r in rows
-        ],
+        )
+    print_table(
+        "1. Optimizer-state bytes after one step ('step' counters excluded)",
+        ["shape", "rank", "optimizer", "measured", "formula", "diff B", "/AdamW", "8-bit/32-bit", "target"],
+        table,
+        left=3,
     )
-    print("  formula: COAP 4*(2*max(m,n)*r + min(m,n)*r), AdamW 8*m*n")
+    print("  formulas (bytes): " + "; ".join(f"{name} {text}" for name, text in FORMULA_TEXT.items())
+          + "; torch AdamW 8*m*n")
+    print(f"  {FORMULA_NOTE}")
+    print(f"  CoapAdafactor*: beta1={ADAFACTOR_BETA1} (first moment kept); 8-bit: block_size={BLOCK_SIZE}, "
+          f"min_8bit_size={MIN_8BIT_SIZE}")
 
 
 def print_step_times(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
@@ -704,6 +950,52 @@ def print_step_times(rows: list[dict[str, Any]], args: argparse.Namespace) -> No
         print(f"  full cycle: mean step time over {cycle} consecutive real steps (--full-cycle)")
 
 
+def print_coap_step_times(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    T_u, lam = args.update_interval, args.reproject_factor
+    table = []
+    for r in rows:
+        for name, o in r["optimizers"].items():
+            ms, ratios = o["ms"], o["ratios"]
+            adam = name.startswith("CoapAdamW")
+            eight = r["eight_bit_over_32bit"].get(name)
+            table.append(
+                [
+                    shape_str(r["shape"]),
+                    name,
+                    fmt_ms(ms["steady"]),
+                    fmt_ms(ms["eq2_refresh"]) if ms["eq2_refresh"] is not None else "-",
+                    fmt_ms(ms["svd_refresh"]),
+                    fmt_ms(ms["amortised"]),
+                    fmt_ms(ms["full_cycle_mean"]) if ms["full_cycle_mean"] is not None else "-",
+                    fmt_ratio(ratios["steady_over_floor_matmuls"]),
+                    fmt_ratio(ratios["amortised_over_floor_matmuls"]),
+                    fmt_ratio(ratios["amortised_over_floor"]) if adam else "-",
+                    f"{fmt_ratio(eight['steady'])}" if eight else "-",
+                    f"{fmt_ratio(eight['amortised'])} {mark(eight['target'])}" if eight else "-",
+                ]
+            )
+    print_table(
+        "2c. Step time of the four COAP optimizers, ms (median), and ratios",
+        ["shape", "optimizer", "steady", "Eq.2", "SVD", "amortised", "full cycle", "steady/floor mm",
+         "amort./floor mm", "amort./floor", "8-bit/32-bit steady", "8-bit/32-bit amort."],
+        table,
+        left=2,
+    )
+    print(f"  target: amortised step of an 8-bit optimizer <= {EIGHT_BIT_TARGET}x that of its 32-bit twin "
+          f"(CoapAdamW8bit/CoapAdamW, CoapAdafactor8bit/CoapAdafactor)")
+    for r in rows:
+        parts = []
+        for name, o in r["optimizers"].items():
+            parts.append(f"{name} amort./floor mm {fmt_ratio(o['ratios_from_min']['amortised_over_floor_matmuls'])}")
+        for name, e in r["eight_bit_over_32bit"].items():
+            parts.append(f"{name}/{e['over']} amort. {fmt_ratio(e['amortised_from_min'])}")
+        print(f"  from the fastest samples, {shape_str(r['shape'])}: " + ", ".join(parts))
+    print("  floor mm = G_c @ P + U @ P^T (the two (max, min, r) matmuls every optimizer here performs); "
+          "floor = floor mm + Adam's elementwise update (AdamW variants only)")
+    print(f"  amortised over T_u*lambda = {T_u}*{lam} steps, as in 2a; CoapAdafactor*: lr={ADAFACTOR_LR}, "
+          f"beta1={ADAFACTOR_BETA1}, relative_step=False, scale_parameter=False")
+
+
 def print_profile(profiles: list[dict[str, Any]], show_ops: bool) -> None:
     for prof in profiles:
         steady = prof["steady_ms"]
@@ -758,7 +1050,8 @@ def print_refresh(row: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Benchmark CoapAdamW vs torch.optim.AdamW: state bytes, step time, refresh cost.",
+        description="Benchmark the four COAP optimizers (and CoapAdamW vs torch.optim.AdamW): state bytes, "
+        "step time, refresh cost.",
     )
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: shapes {','.join(map(shape_str, QUICK_SHAPES))}, rank {QUICK_RANK}, "
@@ -781,7 +1074,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch.set_num_threads (default: all CPUs available to this process; 1 with --quick)")
     parser.add_argument("--shapes", type=parse_shapes, default=None,
                         help=f"comma-separated MxN shapes (default: {','.join(map(shape_str, FULL_SHAPES))})")
-    parser.add_argument("--rank", type=int, default=None, help=f"CoapAdamW rank (default: {FULL_RANK})")
+    parser.add_argument("--rank", type=int, default=None, help=f"rank of the COAP optimizers (default: {FULL_RANK})")
     parser.add_argument("--refresh-shape", type=parse_shape, default=None,
                         help=f"shape of section 3 (default: {shape_str(FULL_REFRESH_SHAPE)})")
     parser.add_argument("--refresh-rank", type=int, default=None, help="rank of section 3 (default: --rank)")
@@ -874,12 +1167,19 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
         "statistic": "median",
         "amortisation": "((T_u*lambda - lambda) * steady + (lambda - 1) * eq2 + 1 * svd) / (T_u*lambda)",
         "floor": "G_c @ P + Adam elementwise moment update on (max(m,n), r) + U @ P^T in the parameter's layout",
+        "floor_matmuls": "G_c @ P + U @ P^T in the parameter's layout",
+        "optimizers": list(COAP_OPTIMIZERS),
+        "adafactor": {"lr": ADAFACTOR_LR, "beta1": ADAFACTOR_BETA1, "relative_step": False,
+                      "scale_parameter": False},
+        "eight_bit": {"block_size": BLOCK_SIZE, "min_8bit_size": MIN_8BIT_SIZE},
+        "formulas": {**FORMULA_TEXT, "torch AdamW": "8*m*n", "note": FORMULA_NOTE},
         "targets": {
             "state_bytes_tolerance_bytes": STATE_BYTES_TOLERANCE,
             "steady_over_floor_max": STEADY_TARGET,
             "amortised_over_floor_max": AMORTISED_TARGET,
             "refresh_over_full_svd_max": REFRESH_TARGET,
             "closed_form_over_autograd_max": CLOSED_FORM_TARGET,
+            "eight_bit_amortised_over_32bit_max": EIGHT_BIT_TARGET,
         },
     }
     if load_before is not None and load_before > 0.25 * (os.cpu_count() or 1):
@@ -913,6 +1213,7 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
 
     print_state_bytes(state_rows)
     print_step_times(step_rows, args)
+    print_coap_step_times(step_rows, args)
     if refresh is not None:
         print_refresh(refresh)
     if profiles:
@@ -922,6 +1223,10 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
         "state_bytes_equal_formula": all(r["target_state_bytes_equal_formula"] for r in state_rows),
         "steady_le_1.25x_floor": all(r["targets"]["steady_le_1.25x_floor"] for r in step_rows),
         "amortised_le_1.5x_floor": all(r["targets"]["amortised_le_1.5x_floor"] for r in step_rows),
+        **{
+            eight_bit_target_key(name): all(r["eight_bit_over_32bit"][name]["target"] for r in step_rows)
+            for name in EIGHT_BIT_PAIRS
+        },
     }
     if refresh is not None:
         summary.update(refresh["targets"])
@@ -938,6 +1243,8 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
         "summary": summary,
     }
     print("\nSummary: " + ", ".join(f"{k} {mark(v)}" for k, v in summary.items()))
+    print(f"load average (1 min): {_fmt_load(load_before)} before, {_fmt_load(meta['load_average_1min_after'])} after "
+          f"({os.cpu_count()} CPUs)")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
     print(f"wrote {args.json} ({elapsed:.1f} s)")
@@ -949,6 +1256,10 @@ def _load_average() -> float | None:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
+
+
+def _fmt_load(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _json_default(value: object) -> object:
