@@ -365,3 +365,15 @@ def test_close_to_bitsandbytes():
     a = _per_element_absmax(absmax, x.numel()).view(x.shape)
     # Both are within their map's half gap of x, hence within the sum of each other.
     assert torch.all((y - reference).abs() <= a * (_half_max_gap(True) + bnb_half_gap) * (1 + 1e-4))
+
+
+@pytest.mark.parametrize("numel", [1, 255, 256, 257, 5000, (1 << 18) + 300])
+def test_trusted_non_negative_path_matches_the_checked_one(numel):
+    # check_sign=False (used by the optimizers for sqrt(v)) takes a cheaper reduction and the
+    # chunked encoder; on non-negative data it must give exactly the same codes and scales.
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(numel)).square()
+    checked = quantize_blockwise(x, signed=False)
+    codes = torch.empty(numel, dtype=torch.uint8)
+    absmax = torch.empty(-(-numel // 256))
+    quantize_blockwise_(codes, absmax, x, signed=False, check_sign=False)
+    assert torch.equal(codes, checked[0]) and torch.equal(absmax, checked[1])

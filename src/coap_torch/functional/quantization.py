@@ -104,10 +104,14 @@ def _tables(signed: bool, device: torch.device) -> tuple[Tensor, Tensor]:
     return tables
 
 
-_ENCODERS: dict[tuple[bool, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
+#: Elements encoded per chunk (1 MiB of float32): small enough for the encoder's temporaries to
+#: stay in cache, large enough that the per-chunk overhead is negligible.
+_CHUNK_ELEMENTS = 1 << 18
+
+_ENCODERS: dict[tuple[bool, torch.device], tuple[Tensor, Tensor]] = {}
 
 
-def _encoder_tables(signed: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def _encoder_tables(signed: bool, device: torch.device) -> tuple[Tensor, Tensor]:
     """A lookup table from float16 bit patterns to codes, and the midpoints around each code.
 
     ``torch.bucketize`` (a binary search per element) dominates quantization time. Instead the
@@ -128,18 +132,20 @@ def _encoder_tables(signed: bool, device: torch.device) -> tuple[Tensor, Tensor,
         inf = torch.tensor([float("inf")])
         upper = torch.cat([midpoints, inf])  # midpoint between code c and c + 1
         lower = torch.cat([-inf, midpoints])  # midpoint between code c - 1 and c
-        tables = (lookup.to(device), upper.to(device), lower.to(device))
+        bounds = torch.stack([upper, lower], dim=1)  # one gather fetches both
+        tables = (lookup.to(device), bounds.to(device))
         _ENCODERS[key] = tables
     return tables
 
 
 def _encode(normalized: Tensor, signed: bool) -> Tensor:
     """Index of the nearest code (ties go down, as ``torch.bucketize``) of values in [-1, 1]."""
-    lookup, upper, lower = _encoder_tables(signed, normalized.device)
+    lookup, bounds = _encoder_tables(signed, normalized.device)
     index = normalized.to(torch.float16).view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)
     codes = torch.index_select(lookup, 0, index)
-    codes += torch.index_select(upper, 0, codes) < normalized
-    codes -= (torch.index_select(lower, 0, codes) >= normalized).to(torch.int32)
+    around = torch.index_select(bounds, 0, codes)
+    codes += around[:, 0] < normalized
+    codes -= (around[:, 1] >= normalized).to(torch.int32)
     return codes
 
 
@@ -216,24 +222,50 @@ def quantize_blockwise_(
     if n == 0:
         return codes, absmax
 
-    # One float32 working buffer, zero-padded to whole blocks; it becomes the normalized values.
-    work = torch.empty(nb * block_size, dtype=torch.float32, device=x.device)
-    work[:n].view(x.shape).copy_(x)
-    work[n:].zero_()
-    blocks = work.view(nb, block_size)
-    lo, hi = torch.aminmax(blocks, dim=1)
-    if not signed and check_sign:
-        smallest = lo.min()
-        if smallest < 0:  # a host sync: second moments must be checked, not silently clamped
+    flat = x.reshape(-1).to(torch.float32)
+    full = n // block_size
+    # Non-negative values taken on trust need only the block maxima (one reduction, not two).
+    trusted = not signed and not check_sign
+    reduce = (lambda t, **kw: torch.amax(t, **kw).clamp_min(0)) if trusted else (lambda t, **kw: torch.aminmax(t, **kw))
+    parts = []
+    if full:
+        parts.append(reduce(flat[: full * block_size].view(full, block_size), dim=1))
+    if full < nb:
+        parts.append(reduce(flat[full * block_size :].view(1, -1), dim=1))
+    if trusted:
+        torch.cat(parts, out=absmax)
+    else:
+        lo = torch.cat([part[0] for part in parts])
+        hi = torch.cat([part[1] for part in parts])
+        if not signed and lo.min() < 0:  # a host sync: second moments must be checked, not clamped
             raise ValueError(
-                f"signed=False needs non-negative values (e.g. second moments), but min(x) = {smallest.item():.6g}"
+                f"signed=False needs non-negative values (e.g. second moments), but min(x) = {lo.min().item():.6g}"
             )
-    torch.maximum(hi, lo.neg(), out=absmax)
+        torch.maximum(hi, lo.neg(), out=absmax)
     # An all-zero block has absmax 0: divide by 1 instead, its codes then all map to 0.
     divisor = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    blocks.div_(divisor.unsqueeze(1))
 
-    codes.copy_(_encode(work[:n], signed).view(x.shape))
+    # Normalize and encode a chunk of blocks at a time: the temporaries of the encoder then stay
+    # in cache and are recycled by the allocator instead of being page-faulted in per call.
+    out = codes.view(-1) if codes.is_contiguous() else torch.empty(n, dtype=torch.uint8, device=x.device)
+    chunk = max(1, _CHUNK_ELEMENTS // block_size) * block_size
+    for begin in range(0, n, chunk):
+        stop = min(begin + chunk, n)
+        first, last = begin // block_size, -(-stop // block_size)
+        values = flat[begin:stop]
+        whole = (stop - begin) // block_size
+        normalized = torch.empty_like(values)
+        if whole:
+            torch.div(
+                values[: whole * block_size].view(whole, block_size),
+                divisor[first : first + whole].unsqueeze(1),
+                out=normalized[: whole * block_size].view(whole, block_size),
+            )
+        if first + whole < last:
+            torch.div(values[whole * block_size :], divisor[last - 1], out=normalized[whole * block_size :])
+        out[begin:stop] = _encode(normalized, signed)
+    if out.data_ptr() != codes.data_ptr():
+        codes.copy_(out.view(x.shape))
     return codes, absmax
 
 
