@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 
-import torch
 import pytest
+import torch
 from optim_helpers import OPTIMIZERS, make_net, train
 
 

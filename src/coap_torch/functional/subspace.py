@@ -66,7 +66,7 @@ def low_cost_svd_with_values(
     A singular value at or below the rank tolerance of :func:`torch.linalg.matrix_rank` marks a
     column of ``P`` that the gradient does not determine; see :func:`low_cost_svd`.
     """
-    m, n = grad.shape[-2], grad.shape[-1]
+    n = grad.shape[-1]
     if not 0 < rank <= n:
         raise ValueError(f"rank must be in [1, {n}] for a gradient of shape {tuple(grad.shape)}, got {rank}")
     if sketch is None:

@@ -161,11 +161,8 @@ class CoapAdamW(LowRankOptimizer):
         super()._validate_group(group)
 
     def _init_moments(self, shape: tuple[int, ...], group: dict[str, Any], like: Tensor) -> dict[str, Tensor]:
-        zeros = lambda: torch.zeros(shape, dtype=like.dtype, device=like.device)  # noqa: E731
-        moments = {"exp_avg": zeros(), "exp_avg_sq": zeros()}
-        if group["amsgrad"]:
-            moments["max_exp_avg_sq"] = zeros()
-        return moments
+        keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+        return {key: torch.zeros(shape, dtype=like.dtype, device=like.device) for key in keys}
 
     def _moment_step(
         self, state: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, param: Tensor
