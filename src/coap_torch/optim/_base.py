@@ -22,7 +22,7 @@ from ..functional.tucker import unfold
 from . import _validation as check
 from ._layout import Layout, route
 
-__all__ = ["COAP_DEFAULTS", "LowRankOptimizer"]
+__all__ = ["COAP_DEFAULTS", "LowRankOptimizer", "group_defaults"]
 
 #: Kernels with fewer entries stay dense: below 4096 values the state saved is under 32 KB,
 #: while each refresh still runs a QR and an SVD per mode. A per-group option.
@@ -55,6 +55,16 @@ def _cached_route(shape: tuple[int, ...], options: tuple[Any, ...]) -> Layout:
 def layout_of(param: Tensor, group: dict[str, Any]) -> Layout:
     """The :class:`Layout` of ``param`` under ``group``'s options."""
     return _cached_route(tuple(param.shape), tuple(group[k] for k in _ROUTING_KEYS))
+
+
+def group_defaults(arguments: dict[str, Any], *, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A constructor's ``locals()`` as param-group defaults: every argument but ``params``.
+
+    Each optimizer's signature lists its options explicitly (for users and their tools); this
+    turns them into ``defaults`` without writing the list a second time.
+    """
+    skip = {"self", "params", "__class__", *exclude}
+    return {key: value for key, value in arguments.items() if key not in skip}
 
 
 def _sketch_seed(seed: int, index: int) -> int:

@@ -11,7 +11,7 @@ from torch.optim.optimizer import ParamsT
 from ..functional.correlation import DEFAULT_CORRELATION_LR
 from ..functional.moments import adafactor_direction_, adafactor_lr
 from . import _validation as check
-from ._base import DEFAULT_MIN_CONV_NUMEL, LowRankOptimizer
+from ._base import DEFAULT_MIN_CONV_NUMEL, LowRankOptimizer, group_defaults
 from ._layout import Layout
 from ._storage import Int8MomentsMixin
 
@@ -114,29 +114,7 @@ class CoapAdafactor(LowRankOptimizer):
         seed: int = 0,
         coap: bool = True,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            eps=eps,
-            clip_threshold=clip_threshold,
-            decay_rate=decay_rate,
-            beta1=beta1,
-            weight_decay=weight_decay,
-            scale_parameter=scale_parameter,
-            relative_step=relative_step,
-            warmup_init=warmup_init,
-            rank=rank,
-            rank_ratio_matrix=rank_ratio_matrix,
-            rank_ratio_cnn=rank_ratio_cnn,
-            update_interval=update_interval,
-            reproject_factor=reproject_factor,
-            correlation_lr=correlation_lr,
-            correlation_normalize=correlation_normalize,
-            correlation_max_norm=correlation_max_norm,
-            scale=scale,
-            min_conv_numel=min_conv_numel,
-            seed=seed,
-            coap=coap,
-        )
+        defaults = group_defaults(locals())
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ from torch.optim.optimizer import ParamsT
 from ..functional.correlation import DEFAULT_CORRELATION_LR
 from ..functional.moments import adam_direction_
 from . import _validation as check
-from ._base import DEFAULT_MIN_CONV_NUMEL, LowRankOptimizer
+from ._base import DEFAULT_MIN_CONV_NUMEL, LowRankOptimizer, group_defaults
 from ._storage import Int8MomentsMixin
 
 __all__ = ["CoapAdamW", "CoapAdamW8bit"]
@@ -124,28 +124,10 @@ class CoapAdamW(LowRankOptimizer):
         seed: int = 0,
         coap: bool = True,
     ) -> None:
-        for name, value in (("foreach", foreach), ("capturable", capturable), ("differentiable", differentiable), ("fused", fused)):
+        flags = {"foreach": foreach, "capturable": capturable, "differentiable": differentiable, "fused": fused}
+        defaults = group_defaults(locals(), exclude=("flags", *flags))
+        for name, value in flags.items():
             check.unsupported_flag(name, value, type(self).__name__)
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            rank=rank,
-            rank_ratio_matrix=rank_ratio_matrix,
-            rank_ratio_cnn=rank_ratio_cnn,
-            update_interval=update_interval,
-            reproject_factor=reproject_factor,
-            correlation_lr=correlation_lr,
-            correlation_normalize=correlation_normalize,
-            correlation_max_norm=correlation_max_norm,
-            scale=scale,
-            min_conv_numel=min_conv_numel,
-            seed=seed,
-            coap=coap,
-        )
         super().__init__(params, defaults)
 
     def _extra_defaults(self) -> dict[str, Any]:
