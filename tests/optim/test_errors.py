@@ -80,3 +80,19 @@ def test_sparse_gradient_raises_naming_the_parameter():
     with pytest.raises(SparseGradientError, match=r"sparse gradients \(parameter 0 of shape \(20, 6\)\)"):
         opt.step()
     assert issubclass(SparseGradientError, RuntimeError) and issubclass(SparseGradientError, ValueError)
+
+
+def test_state_from_other_options_is_refused_not_misused():
+    w = torch.nn.Parameter(torch.randn(32, 24))
+    opt = CoapAdamW([w], rank=4)
+    w.grad = torch.randn(32, 24)
+    opt.step()
+    opt.param_groups[0]["rank"] = 8
+    with pytest.raises(ValueError, match=r"parameter 0 of shape \(32, 24\) holds projections of shapes \[\(24, 4\)\]"):
+        opt.step()
+    opt.param_groups[0]["rank"], opt.param_groups[0]["coap"] = 4, False
+    with pytest.raises(ValueError, match=r"dense projections of shapes \[\]"):
+        opt.step()
+    opt.state[w].clear()
+    opt.step()  # a fresh dense state
+    assert "proj" not in opt.state[w]

@@ -205,6 +205,8 @@ class LowRankOptimizer(Optimizer):
         canonical = layout.canonical(grad)
         if not state:
             self._init_state(state, layout, canonical, group, index)
+        else:
+            self._check_layout(state, layout, index)
         stored, state = state, self._unpack(state, group)
         state["step"] += 1
         step = int(state["step"].item())  # a CPU tensor: no device sync
@@ -237,6 +239,17 @@ class LowRankOptimizer(Optimizer):
             for key, mode, rank in zip(layout.factor_keys, (0, 1), layout.ranks):
                 state[key] = low_cost_svd(unfold(grad, mode).mT, rank, generator=generator)
         state.update(self._init_moments(layout.projected_shape, group, grad))
+
+    @staticmethod
+    def _check_layout(state: dict[str, Any], layout: Layout, index: int) -> None:
+        """Refuse state that was built for another projection (options changed, wrong checkpoint)."""
+        found = [tuple(state[key].shape) for key in ("proj", "proj_out", "proj_in") if key in state]
+        if found != layout.factor_shapes():
+            raise ValueError(
+                f"the state of parameter {index} of shape {layout.shape} holds projections of shapes {found}, "
+                f"but its group's options now give {layout.kind} projections of shapes {layout.factor_shapes()}; "
+                "restore the options the state was created with, or clear it with optimizer.state[param].clear()"
+            )
 
     @staticmethod
     def _warn_if_rank_deficient(grad: Tensor, singular: Tensor, layout: Layout, index: int) -> None:
