@@ -27,15 +27,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
-import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +42,24 @@ from torch import Tensor, nn
 from coap_torch import CoapAdafactor, CoapAdafactor8bit, CoapAdamW, CoapAdamW8bit, optimizer_state_nbytes
 from coap_torch.functional import adam_direction_, coap_objective, correlation_aware_step, low_cost_svd, orthonormalize
 from coap_torch.utils.memory import state_nbytes_by_kind
+
+# The helpers shared with the other benchmark scripts live next to this file.
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+from _common import (
+    Timing,
+    available_threads,
+    environment,
+    fmt_ms,
+    load_average,
+    load_averages_line,
+    parse_shape,
+    print_table,
+    round_robin,
+    shape_str,
+    write_json,
+)
 
 FULL_SHAPES = ((2048, 2048), (2048, 5632), (5632, 2048))
 FULL_RANK = 512
@@ -82,24 +97,6 @@ EIGHT_BIT_PAIRS = {"CoapAdamW8bit": "CoapAdamW", "CoapAdafactor8bit": "CoapAdafa
 # ------------------------------------------------------------------------------------------------
 # timing
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class Timing:
-    """Wall-clock samples of one operation, in milliseconds."""
-
-    samples_ms: list[float] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples_ms)
-
-    @property
-    def min(self) -> float:
-        return min(self.samples_ms)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"median_ms": self.median, "min_ms": self.min, "samples_ms": self.samples_ms}
-
-
 class Timer:
     """Medians of wall-clock times; synchronizes CUDA around every timed call."""
 
@@ -160,9 +157,8 @@ class Timer:
         self.sync()
         timings = {name: Timing() for name in names}
         rounds = max(self.repeats if c.repeats is None else c.repeats for c in cases.values())
-        for index in range(rounds):
-            shift = index % len(names)
-            for name in names[shift:] + names[:shift]:
+        for index, order in round_robin(names, rounds):
+            for name in order:
                 case = cases[name]
                 if index >= (self.repeats if case.repeats is None else case.repeats):
                     continue
@@ -198,40 +194,8 @@ def mark(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def shape_str(shape: Sequence[int]) -> str:
-    return "x".join(str(s) for s in shape)
-
-
-def parse_shape(text: str) -> tuple[int, int]:
-    try:
-        m, n = (int(part) for part in text.lower().split("x"))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a shape like 2048x5632, got {text!r}") from exc
-    if m <= 0 or n <= 0:
-        raise argparse.ArgumentTypeError(f"shape sides must be positive, got {text!r}")
-    return m, n
-
-
 def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(parse_shape(part) for part in text.split(",") if part.strip())
-
-
-def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]], left: int = 1) -> None:
-    """Print a table; the first ``left`` columns are left-aligned, the others right-aligned."""
-    cells = [[str(h) for h in header]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    line = "  ".join("-" * w for w in widths)
-    print(f"\n{title}")
-    print(line)
-    for index, row in enumerate(cells):
-        print("  ".join(c.rjust(w) if i >= left else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
-        if index == 0:
-            print(line)
-    print(line)
-
-
-def fmt_ms(value: float) -> str:
-    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
 
 def fmt_ratio(value: float) -> str:
@@ -1112,7 +1076,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.svd_step_repeats = args.svd_step_repeats or args.repeats
     args.full_svd_repeats = args.full_svd_repeats or args.repeats
     if args.threads is None:
-        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        args.threads = available_threads()
     for name in ("repeats", "inner", "svd_step_repeats", "full_svd_repeats", "threads", "rank", "refresh_rank",
                  "update_interval", "reproject_factor"):
         if getattr(args, name) < 1:
@@ -1138,14 +1102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, device: torch.device) -> int:
     started = time.perf_counter()
-    load_before = _load_average()
+    load_before = load_average()
     timer = Timer(device, repeats=args.repeats, warmup=args.warmup, inner=args.inner)
     generator = torch.Generator().manual_seed(args.seed)
     meta = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        **environment(),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "threads": torch.get_num_threads(),
@@ -1233,7 +1194,7 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
     elapsed = time.perf_counter() - started
     meta["elapsed_s"] = elapsed
     meta["load_average_1min_before"] = load_before
-    meta["load_average_1min_after"] = _load_average()
+    meta["load_average_1min_after"] = load_average()
     results = {
         "meta": meta,
         "state_bytes": state_rows,
@@ -1243,31 +1204,9 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
         "summary": summary,
     }
     print("\nSummary: " + ", ".join(f"{k} {mark(v)}" for k, v in summary.items()))
-    print(f"load average (1 min): {_fmt_load(load_before)} before, {_fmt_load(meta['load_average_1min_after'])} after "
-          f"({os.cpu_count()} CPUs)")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
-    print(f"wrote {args.json} ({elapsed:.1f} s)")
+    print(load_averages_line(load_before, meta["load_average_1min_after"]))
+    write_json(args.json, results, elapsed)
     return 0
-
-
-def _load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
-def _fmt_load(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 if __name__ == "__main__":

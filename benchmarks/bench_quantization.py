@@ -44,13 +44,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata as metadata
-import json
 import logging
 import math
 import os
-import platform
 import re
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -63,6 +60,24 @@ from torch import Tensor
 
 import coap_torch.functional.quantization as ours_q
 
+# The helpers shared with the other benchmark scripts live next to this file.
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+import _common
+from _common import (
+    Timing,
+    available_threads,
+    environment,
+    fmt_ms,
+    load_average,
+    load_averages_line,
+    print_table,
+    round_robin,
+    shape_str,
+    write_json,
+)
+
 BLOCK_SIZE = 256
 FULL_SHAPE = (5632, 512)
 QUICK_SHAPE = (512, 128)
@@ -73,53 +88,8 @@ KIND_DATA = {"signed": "normal", "unsigned": "squared normal"}
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class Timing:
-    """Wall-clock samples of one operation, in milliseconds."""
-
-    samples_ms: list[float] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples_ms)
-
-    @property
-    def min(self) -> float:
-        return min(self.samples_ms)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"median_ms": self.median, "min_ms": self.min, "samples_ms": self.samples_ms}
-
-
 def parse_shape(text: str) -> tuple[int, int]:
-    try:
-        m, n = (int(part) for part in text.lower().split("x"))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a shape like 5632x512, got {text!r}") from exc
-    if m <= 0 or n <= 0:
-        raise argparse.ArgumentTypeError(f"shape sides must be positive, got {text!r}")
-    return m, n
-
-
-def shape_str(shape: Sequence[int]) -> str:
-    return "x".join(str(s) for s in shape)
-
-
-def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]], left: int = 1) -> None:
-    cells = [[str(h) for h in header]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    line = "  ".join("-" * w for w in widths)
-    print(f"\n{title}")
-    print(line)
-    for index, row in enumerate(cells):
-        print("  ".join(c.rjust(w) if i >= left else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
-        if index == 0:
-            print(line)
-    print(line)
-
-
-def fmt_ms(value: float) -> str:
-    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+    return _common.parse_shape(text, example="5632x512")
 
 
 @contextlib.contextmanager
@@ -495,9 +465,8 @@ def time_backends(
     for b, kind in cases:
         for _ in range(args.warmup):
             b.dequantize(b.quantize(data[kind], kind), kind)
-    for index in range(args.repeats):
-        shift = index % len(cases)
-        for b, kind in cases[shift:] + cases[:shift]:
+    for _, order in round_robin(cases, args.repeats):
+        for b, kind in order:
             x, state = data[kind], states[b.name][kind]
             start = time.perf_counter()
             b.quantize(x, kind)
@@ -543,7 +512,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.repeats = args.repeats or 15
     args.warmup = 2 if args.warmup is None else args.warmup
     if args.threads is None:
-        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        args.threads = available_threads()
     if args.repeats < 1 or args.threads < 1 or args.warmup < 0:
         raise SystemExit("--repeats and --threads must be >= 1, --warmup >= 0")
     return args
@@ -561,7 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    load_before = _load_average()
+    load_before = load_average()
     shape = args.shape
     numel = shape[0] * shape[1]
     print(
@@ -637,12 +606,9 @@ def run(args: argparse.Namespace) -> int:
 
     print_results(results_backends, args)
     elapsed = time.perf_counter() - started
-    load_after = _load_average()
+    load_after = load_average()
     meta = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        **environment(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "shape": list(shape),
@@ -660,11 +626,8 @@ def run(args: argparse.Namespace) -> int:
         "load_average_1min_after": load_after,
         "elapsed_s": elapsed,
     }
-    print(f"\nload average (1 min): {_fmt_load(load_before)} before, {_fmt_load(load_after)} after "
-          f"({os.cpu_count()} CPUs)")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"meta": meta, "backends": results_backends}, indent=2, default=_json_default) + "\n")
-    print(f"wrote {args.json} ({elapsed:.1f} s)")
+    print("\n" + load_averages_line(load_before, load_after))
+    write_json(args.json, {"meta": meta, "backends": results_backends}, elapsed)
     return 0
 
 
@@ -740,24 +703,6 @@ def print_results(backends: dict[str, Any], args: argparse.Namespace) -> None:
         if not b["available"]:
             print(f"  {name}: skipped: {b['error']}")
 
-
-def _load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
-def _fmt_load(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 if __name__ == "__main__":
