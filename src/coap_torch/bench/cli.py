@@ -16,7 +16,7 @@ from .optimizers import DEFAULT_OPTIMIZERS, OPTIMIZERS, parse_optimizer_names
 
 __all__ = ["build_parser", "main"]
 
-_COMMANDS = ("digits",)
+_COMMANDS = ("digits", "llama")
 
 
 def _positive_int(text: str) -> int:
@@ -108,7 +108,117 @@ def build_parser() -> argparse.ArgumentParser:
     digits.add_argument("--json", metavar="PATH", help="write the configuration and all results to this JSON file")
     digits.add_argument("--plots", metavar="DIR", help="write a loss-curve PNG to this folder (needs matplotlib)")
     digits.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_llama_parser(commands)
     return parser
+
+
+def _add_llama_parser(commands: argparse._SubParsersAction) -> None:
+    from .llama import DEFAULT_LLAMA_OPTIMIZERS, LLAMA_PRESETS
+
+    llama = commands.add_parser(
+        "llama",
+        help="pre-train a small LLaMA once per optimizer on an offline corpus and print a side-by-side table",
+        description=(
+            "Pre-train a LLaMA model (transformers' LlamaForCausalLM, built locally) on Python's own documentation "
+            "(or a folder of text files) with a locally trained BPE tokenizer, once per optimizer, with the same "
+            "initial weights, batches and learning-rate schedule (linear warm-up, cosine to 10%), and print "
+            "memory, speed, training and held-out loss side by side."
+        ),
+    )
+    llama.add_argument("--preset", choices=list(LLAMA_PRESETS), default="tiny",
+                       help="model size (default tiny; micro is for smoke tests)")
+    llama.add_argument("--steps", type=_positive_int, default=400, help="training steps (default 400)")
+    llama.add_argument("--batch-size", type=_positive_int, help="sequences per batch (default 16 for tiny)")
+    llama.add_argument("--seq-len", type=_positive_int,
+                       help="tokens per sequence (default: the preset's, at most 128 for tiny)")
+    llama.add_argument(
+        "--optimizers",
+        type=_optimizer_list,
+        default=list(DEFAULT_LLAMA_OPTIMIZERS),
+        metavar="A,B",
+        help=f"comma-separated optimizers, from: {', '.join(OPTIMIZERS)} (default: {','.join(DEFAULT_LLAMA_OPTIMIZERS)})",
+    )
+    llama.add_argument("--recipe", choices=["drop-in", "paper"], default="paper",
+                       help="paper: COAP projects the attention/MLP matrices only, the rest is dense; "
+                            "drop-in: one param group (default paper)")
+    llama.add_argument("--rank-ratio", type=_float_at_least(1.0), default=4.0,
+                       help="COAP rank_ratio_matrix (default 4)")
+    llama.add_argument("--update-interval", type=_positive_int, default=32, help="COAP update_interval (default 32)")
+    llama.add_argument("--reproject-factor", type=_positive_int, default=5, help="COAP reproject_factor (default 5)")
+    llama.add_argument("--lr", type=_float_at_least(0.0, strict=True), help="peak learning rate (default 1e-3)")
+    llama.add_argument("--lr-sweep", action="store_true",
+                       help="run each optimizer at lr x 0.5, 1, 2 and keep the lowest held-out loss")
+    llama.add_argument("--warmup-steps", type=_non_negative_int, help="linear warm-up steps (default steps / 10)")
+    llama.add_argument("--data-dir", metavar="PATH", help="train on this folder of *.txt / *.md files instead")
+    llama.add_argument("--vocab-size", type=_positive_int, default=4096,
+                       help="vocabulary of the local BPE tokenizer (default 4096)")
+    llama.add_argument("--max-documents", type=_positive_int, help=argparse.SUPPRESS)
+    llama.add_argument("--max-heldout-windows", type=_positive_int, help=argparse.SUPPRESS)
+    llama.add_argument("--stop-after", type=_positive_int, help=argparse.SUPPRESS)
+    llama.add_argument("--seed", type=_non_negative_int, default=0,
+                       help="seed of the initial weights and batch order (default 0)")
+    llama.add_argument("--device", default="cpu", help="torch device to train on (default cpu)")
+    llama.add_argument("--json", metavar="PATH", help="write the configuration and all results to this JSON file")
+    llama.add_argument("--plots", metavar="DIR", help="write PNG plots to this folder (needs matplotlib)")
+    llama.add_argument("--checkpoint-dir", metavar="DIR",
+                       help="save each run to DIR/<optimizer>.pt and continue from there when started again")
+    llama.add_argument("--checkpoint-every", type=_positive_int, default=100,
+                       help="steps between checkpoints (default 100)")
+    llama.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _llama(args: argparse.Namespace, argv: list[str]) -> int:
+    import torch
+
+    from .llama import LlamaConfig, format_llama_table, run_llama, write_llama_plots
+    from .report import write_json
+
+    try:
+        torch.device(args.device)
+    except RuntimeError as error:
+        raise ValueError(f"invalid --device {args.device!r}: {error}") from None
+    config = LlamaConfig(
+        preset=args.preset,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        optimizers=tuple(args.optimizers),
+        recipe=args.recipe,
+        rank_ratio=args.rank_ratio,
+        update_interval=args.update_interval,
+        reproject_factor=args.reproject_factor,
+        lr=args.lr,
+        lr_sweep=args.lr_sweep,
+        warmup_steps=args.warmup_steps,
+        data_dir=args.data_dir,
+        vocab_size=args.vocab_size,
+        max_documents=args.max_documents,
+        max_heldout_windows=args.max_heldout_windows,
+        seed=args.seed,
+        device=args.device,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        stop_after=args.stop_after,
+        progress=not args.no_progress,
+        argv=["coap-bench", *argv],
+    )
+    started = time.perf_counter()
+    run = run_llama(config)
+    run["config"]["total_seconds"] = time.perf_counter() - started
+    print(format_llama_table(run), flush=True)
+    if args.json:
+        path = write_json(run, args.json)
+        print(f"results written to {path}", file=sys.stderr)
+    if args.plots:
+        paths = write_llama_plots(run, args.plots)
+        if paths is None:
+            print(
+                'no plots written: matplotlib is not installed (pip install matplotlib, or "coap-torch[examples]")',
+                file=sys.stderr,
+            )
+        else:
+            print(f"plots written to {', '.join(map(str, paths))}", file=sys.stderr)
+    return 0
 
 
 def _digits(args: argparse.Namespace) -> int:
@@ -161,10 +271,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(args_list)
     try:
+        if args.command == "llama":
+            return _llama(args, args_list)
         return _digits(args)
     except MissingExtraError as error:
         parser.exit(2, f"coap-bench: error: {error}\n")
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         parser.exit(2, f"coap-bench: error: {error}\n")
     return 0  # unreachable: parser.exit raises SystemExit
 
