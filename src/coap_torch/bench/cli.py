@@ -171,7 +171,6 @@ def _llama(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
     from .llama import LlamaConfig, format_llama_table, run_llama, write_llama_plots
-    from .report import write_json
 
     try:
         torch.device(args.device)
@@ -202,21 +201,28 @@ def _llama(args: argparse.Namespace, argv: list[str]) -> int:
         progress=not args.no_progress,
         argv=["coap-bench", *argv],
     )
+    return _run_and_report(lambda: run_llama(config), args, format_llama_table, write_llama_plots)
+
+
+def _run_and_report(run_job, args: argparse.Namespace, format_table, write_plots) -> int:
+    """Run a job, print its table, and write the JSON and plots it was asked for."""
+    from .report import write_json
+
     started = time.perf_counter()
-    run = run_llama(config)
+    run = run_job()
     run["config"]["total_seconds"] = time.perf_counter() - started
-    print(format_llama_table(run), flush=True)
+    print(format_table(run), flush=True)
     if args.json:
-        path = write_json(run, args.json)
-        print(f"results written to {path}", file=sys.stderr)
+        print(f"results written to {write_json(run, args.json)}", file=sys.stderr)
     if args.plots:
-        paths = write_llama_plots(run, args.plots)
+        paths = write_plots(run, args.plots)
         if paths is None:
             print(
                 'no plots written: matplotlib is not installed (pip install matplotlib, or "coap-torch[examples]")',
                 file=sys.stderr,
             )
         else:
+            paths = paths if isinstance(paths, list) else [paths]
             print(f"plots written to {', '.join(map(str, paths))}", file=sys.stderr)
     return 0
 
@@ -225,7 +231,7 @@ def _digits(args: argparse.Namespace) -> int:
     import torch
 
     from .digits import DigitsConfig, run_digits
-    from .report import format_table, write_json, write_plots
+    from .report import format_table, write_plots
 
     try:
         torch.device(args.device)
@@ -244,23 +250,7 @@ def _digits(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
     )
-    started = time.perf_counter()
-    run = run_digits(config)
-    run["config"]["total_seconds"] = time.perf_counter() - started
-    print(format_table(run), flush=True)
-    if args.json:
-        path = write_json(run, args.json)
-        print(f"results written to {path}", file=sys.stderr)
-    if args.plots:
-        path = write_plots(run, args.plots)
-        if path is None:
-            print(
-                'no plots written: matplotlib is not installed (pip install matplotlib, or "coap-torch[examples]")',
-                file=sys.stderr,
-            )
-        else:
-            print(f"loss curves written to {path}", file=sys.stderr)
-    return 0
+    return _run_and_report(lambda: run_digits(config), args, format_table, write_plots)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

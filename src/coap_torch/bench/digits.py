@@ -31,6 +31,7 @@ from ..utils import optimizer_state_nbytes
 from ..utils.memory import state_nbytes_by_kind
 from ._deps import require
 from .optimizers import DEFAULT_OPTIMIZERS, OPTIMIZERS
+from .timing import timed_step
 
 __all__ = ["DigitsCNN", "DigitsConfig", "DigitsData", "build_model", "load_data", "run_digits", "train_one"]
 
@@ -141,11 +142,6 @@ def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
         yield order[k * batch_size : (k + 1) * batch_size]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _eq2_snapshot(optimizer: torch.optim.Optimizer) -> list[tuple[Tensor, str, Tensor]]:
     """Copies of the projections that the coming ``step()`` refreshes with the Eq. 2 step.
 
@@ -212,18 +208,9 @@ def train_one(name: str, config: DigitsConfig, data: DigitsData) -> dict[str, An
             idx = idx.to(device)
             x, y = data.train_x[idx], data.train_y[idx]
             before = _eq2_snapshot(optimizer)
-            _sync(device)
-            t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            _sync(device)
-            t1 = time.perf_counter()
-            optimizer.step()
-            _sync(device)
-            t2 = time.perf_counter()
-            iteration_s.append(t2 - t0)
-            step_s.append(t2 - t1)
+            loss, iteration, step_time = timed_step(lambda: F.cross_entropy(model(x), y), optimizer, device)
+            iteration_s.append(iteration)
+            step_s.append(step_time)
             losses.append(loss.item())
             for param, key, old in before:
                 new = optimizer.state[param][key]

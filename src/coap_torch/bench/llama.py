@@ -35,6 +35,7 @@ from ._deps import require
 from .llama_model import PRESETS, RECIPES, LlamaPreset, projected_parameter_groups
 from .optimizers import OPTIMIZERS
 from .report import _number, format_bytes
+from .timing import timed_step
 
 __all__ = [
     "DEFAULT_LLAMA_OPTIMIZERS",
@@ -168,11 +169,6 @@ def _param_groups(model: nn.Module, name: str, config: LlamaConfig) -> Any:
     return split.param_groups(projected, {"coap": False})
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _loss(model: nn.Module, batch: Tensor, reduction: str = "mean") -> Tensor:
     logits = model(input_ids=batch[:, :-1]).logits
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), batch[:, 1:].reshape(-1), reduction=reduction)
@@ -294,19 +290,10 @@ def train_one(name: str, lr: float, config: LlamaConfig, data: Any, windows: Ten
               unit="step") as bar:
         for step in range(start_step + 1, end_step + 1):
             batch = batches.next()
-            _sync(device)
-            t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss = _loss(model, batch)
-            loss.backward()
-            _sync(device)
-            t1 = time.perf_counter()
-            optimizer.step()
-            _sync(device)
-            t2 = time.perf_counter()
+            loss, iteration, step_time = timed_step(lambda: _loss(model, batch), optimizer, device)
             scheduler.step()
-            iteration_s.append(t2 - t0)
-            step_s.append(t2 - t1)
+            iteration_s.append(iteration)
+            step_s.append(step_time)
             losses.append(loss.item())
             if checkpoint is not None and (step % config.checkpoint_every == 0 or step == config.steps):
                 save(step)
@@ -472,31 +459,19 @@ def format_llama_table(run: dict[str, Any], *, notes: bool = True) -> str:
 
 def write_llama_plots(run: dict[str, Any], directory: str | Path) -> list[Path] | None:
     """Write ``llama_loss.png`` and ``llama_heldout_vs_state.png``; ``None`` if matplotlib is not installed."""
-    try:
-        import matplotlib
+    from .report import _pyplot, plot_loss_curves
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
-    from .report import _smooth
-
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for result in run["results"]:
-        curve = result["loss_curve"]
-        steps = range(1, len(curve) + 1)
-        (handle,) = ax.plot(steps, _smooth(curve, 10), label=f"{result['name']} lr={result['lr']:g} (10-step mean)")
-        ax.plot(steps, curve, color=handle.get_color(), alpha=0.25, linewidth=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (batch cross-entropy)")
-    ax.set_title(f"llama {run['config']['preset']}, seed {run['config']['seed']}")
-    ax.legend()
-    fig.tight_layout()
-    loss_path = directory / "llama_loss.png"
-    fig.savefig(loss_path, dpi=120)
-    plt.close(fig)
+    loss_path = plot_loss_curves(
+        plt,
+        run,
+        directory / "llama_loss.png",
+        title=f"llama {run['config']['preset']}, seed {run['config']['seed']}",
+        label=lambda result: f"{result['name']} lr={result['lr']:g}",
+    )
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for result in run["results"]:

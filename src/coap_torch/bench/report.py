@@ -113,11 +113,7 @@ def _smooth(values: list[float], width: int) -> list[float]:
     return out
 
 
-def write_plots(run: dict[str, Any], directory: str | Path) -> Path | None:
-    """Write ``digits_loss.png`` (training loss per step, raw and smoothed) to ``directory``.
-
-    Returns ``None`` without writing anything when matplotlib is not installed.
-    """
+def _pyplot():
     try:
         import matplotlib
 
@@ -125,21 +121,43 @@ def write_plots(run: dict[str, Any], directory: str | Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    return plt
+
+
+def plot_loss_curves(plt, run: dict[str, Any], path: Path, *, title: str, label, log_scale: bool = False) -> Path:
+    """Training loss per step of every optimizer in ``run``, raw and as a 10-step mean."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for result in run["results"]:
         curve = result["loss_curve"]
         steps = range(1, len(curve) + 1)
-        (handle,) = ax.plot(steps, _smooth(curve, 10), label=f"{result['name']} (10-step mean)")
+        (handle,) = ax.plot(steps, _smooth(curve, 10), label=f"{label(result)} (10-step mean)")
         ax.plot(steps, curve, color=handle.get_color(), alpha=0.25, linewidth=0.8)
-    ax.set_yscale("log")
+    if log_scale:
+        ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (batch cross-entropy)")
-    ax.set_title(f"digits, seed {run['config']['seed']}")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    path = directory / "digits_loss.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def write_plots(run: dict[str, Any], directory: str | Path) -> Path | None:
+    """Write ``digits_loss.png`` (training loss per step, raw and smoothed) to ``directory``.
+
+    Returns ``None`` without writing anything when matplotlib is not installed.
+    """
+    plt = _pyplot()
+    if plt is None:
+        return None
+    return plot_loss_curves(
+        plt,
+        run,
+        Path(directory) / "digits_loss.png",
+        title=f"digits, seed {run['config']['seed']}",
+        label=lambda result: result["name"],
+        log_scale=True,
+    )
