@@ -65,6 +65,24 @@ def test_nested_containers():
     assert state_nbytes_by_kind(optimizer) == {"factors": 24 + 40 + 32, "nested": 8 + 4}
 
 
+class _Projector:
+    """Like GaLore's projector: a helper object in the state that holds a tensor."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        self.ortho_matrix = matrix
+        self.rank = matrix.shape[1]
+        self.owner = self  # a cycle must not loop forever
+
+
+def test_tensors_held_by_objects_in_the_state_count():
+    shared = torch.zeros(6, 2)
+    optimizer = _optimizer({"projector": _Projector(shared), "exp_avg": torch.zeros(2, 3)}, {"again": shared[:1]})
+    assert optimizer_state_nbytes(optimizer) == 4 * 12 + 4 * 6
+    assert state_nbytes_by_kind(optimizer) == {"projector": 48, "exp_avg": 24, "again": 0}
+    # Functions and classes are not walked.
+    assert optimizer_state_nbytes(_optimizer({"fn": torch.zeros, "cls": _Projector})) == 0
+
+
 def test_step_excluded_by_default_and_included_on_request():
     optimizer = _optimizer(
         {"step": torch.tensor(3.0), "exp_avg": torch.zeros(10)},
@@ -119,3 +137,26 @@ def test_coap_adamw_low_rank_state():
     # P (48, 8) on the smaller side, moments (64, 8) each, float32.
     assert optimizer_state_nbytes(optimizer) == 4 * (2 * 64 * 8 + 48 * 8)
     assert state_nbytes_by_kind(optimizer) == {"proj": 4 * 48 * 8, "exp_avg": 4 * 64 * 8, "exp_avg_sq": 4 * 64 * 8}
+
+
+def test_dtensor_state_counts_the_local_shard():
+    """FSDP2 keeps DTensor moments: each rank counts the bytes of the shard it holds."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group already running")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        moment = distribute_tensor(torch.zeros(6, 4), mesh, [Shard(0)])
+        optimizer = _optimizer({"exp_avg": moment, "exp_avg_sq": torch.zeros(3)})
+        assert optimizer_state_nbytes(optimizer) == 4 * 24 + 4 * 3
+    finally:
+        dist.destroy_process_group()

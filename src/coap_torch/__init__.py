@@ -2,8 +2,18 @@
 
 from . import functional
 from .optim import CoapAdafactor, CoapAdafactor8bit, CoapAdamW, CoapAdamW8bit
-from .utils import optimizer_state_nbytes
+from .utils import StateEstimate, estimate_state_bytes, optimizer_state_nbytes
 
 __version__ = "0.1.0"
 
-__all__ = ["CoapAdafactor", "CoapAdafactor8bit", "CoapAdamW", "CoapAdamW8bit", "__version__", "functional", "optimizer_state_nbytes"]
+__all__ = [
+    "CoapAdafactor",
+    "CoapAdafactor8bit",
+    "CoapAdamW",
+    "CoapAdamW8bit",
+    "StateEstimate",
+    "__version__",
+    "estimate_state_bytes",
+    "functional",
+    "optimizer_state_nbytes",
+]

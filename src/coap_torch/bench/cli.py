@@ -16,7 +16,7 @@ from .optimizers import DEFAULT_OPTIMIZERS, OPTIMIZERS, parse_optimizer_names
 
 __all__ = ["build_parser", "main"]
 
-_COMMANDS = ("digits", "llama")
+_COMMANDS = ("digits", "llama", "memory", "ddpm")
 
 
 def _positive_int(text: str) -> int:
@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     digits.add_argument("--plots", metavar="DIR", help="write a loss-curve PNG to this folder (needs matplotlib)")
     digits.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_llama_parser(commands)
+    from .memory import add_memory_parser
+
+    add_memory_parser(commands)
+    from .ddpm import add_ddpm_parser
+
+    add_ddpm_parser(commands)
     return parser
 
 
@@ -139,17 +145,32 @@ def _add_llama_parser(commands: argparse._SubParsersAction) -> None:
         help=f"comma-separated optimizers, from: {', '.join(OPTIMIZERS)} (default: {','.join(DEFAULT_LLAMA_OPTIMIZERS)})",
     )
     llama.add_argument("--recipe", choices=["drop-in", "paper"], default="paper",
-                       help="paper: COAP projects the attention/MLP matrices only, the rest is dense; "
-                            "drop-in: one param group (default paper)")
-    llama.add_argument("--rank-ratio", type=_float_at_least(1.0), default=4.0,
-                       help="COAP rank_ratio_matrix (default 4)")
-    llama.add_argument("--update-interval", type=_positive_int, default=32, help="COAP update_interval (default 32)")
-    llama.add_argument("--reproject-factor", type=_positive_int, default=5, help="COAP reproject_factor (default 5)")
-    llama.add_argument("--lr", type=_float_at_least(0.0, strict=True), help="peak learning rate (default 1e-3)")
+                       help="paper (default): the GaLore/COAP LLaMA recipe: attention and MLP matrices projected at "
+                            "the papers' rank for the preset, embeddings and head dense, T_u 40, lambda 5, "
+                            "update_proj_gap 200, scale 0.25, lr 1e-2 for low-rank methods and 1e-3 for dense ones; "
+                            "drop-in: one param group, the library defaults (rank ratio 2), lr 1e-3 for all")
+    llama.add_argument("--rank-ratio", type=_float_at_least(1.0),
+                       help="rank = min(m, n) // R for every low-rank optimizer, instead of the recipe's rank")
+    llama.add_argument("--update-interval", type=_positive_int, help="COAP update_interval T_u (default: recipe's)")
+    llama.add_argument("--reproject-factor", type=_positive_int,
+                       help="COAP reproject_factor lambda (default: recipe's)")
+    llama.add_argument("--scale", type=_float_at_least(0.0, strict=True),
+                       help="update scale of projected weights, every low-rank optimizer (default: recipe's)")
+    llama.add_argument("--proj-gap", type=_positive_int,
+                       help="GaLore / APOLLO update_proj_gap (default: recipe's, 200)")
+    llama.add_argument("--correlation-normalize", action="store_true",
+                       help="COAP correlation_normalize (the scale-invariant Eq. 2 step)")
+    llama.add_argument("--weight-decay", type=_float_at_least(0.0), default=0.0,
+                       help="weight decay of every optimizer (default 0, as in the papers' scripts)")
+    llama.add_argument("--lr", type=_float_at_least(0.0, strict=True),
+                       help="peak learning rate of every optimizer (default: the recipe's, per optimizer)")
     llama.add_argument("--lr-sweep", action="store_true",
-                       help="run each optimizer at lr x 0.5, 1, 2 and keep the lowest held-out loss")
+                       help="run each optimizer at its lr x 0.5, 1, 2 and keep the lowest held-out loss")
     llama.add_argument("--warmup-steps", type=_non_negative_int, help="linear warm-up steps (default steps / 10)")
     llama.add_argument("--data-dir", metavar="PATH", help="train on this folder of *.txt / *.md files instead")
+    llama.add_argument("--c4", action="store_true",
+                       help="the papers' data: English C4 streamed from the Hugging Face Hub with the t5-base "
+                            "tokenizer and the preset's sequence length (needs internet and `pip install datasets`)")
     llama.add_argument("--vocab-size", type=_positive_int, default=4096,
                        help="vocabulary of the local BPE tokenizer (default 4096)")
     llama.add_argument("--max-documents", type=_positive_int, help=argparse.SUPPRESS)
@@ -158,6 +179,9 @@ def _add_llama_parser(commands: argparse._SubParsersAction) -> None:
     llama.add_argument("--seed", type=_non_negative_int, default=0,
                        help="seed of the initial weights and batch order (default 0)")
     llama.add_argument("--device", default="cpu", help="torch device to train on (default cpu)")
+    llama.add_argument("--in-process", action="store_true",
+                       help="run every optimizer in this process (default on CPU: a fresh process each, so that "
+                            "peak RSS is per run and a crashing peer cannot end the comparison)")
     llama.add_argument("--json", metavar="PATH", help="write the configuration and all results to this JSON file")
     llama.add_argument("--plots", metavar="DIR", help="write PNG plots to this folder (needs matplotlib)")
     llama.add_argument("--checkpoint-dir", metavar="DIR",
@@ -165,6 +189,13 @@ def _add_llama_parser(commands: argparse._SubParsersAction) -> None:
     llama.add_argument("--checkpoint-every", type=_positive_int, default=100,
                        help="steps between checkpoints (default 100)")
     llama.add_argument("--no-progress", action="store_true", help="no progress bars")
+    llama.add_argument("--distributed", choices=["ddp", "fsdp2"],
+                       help="train on every rank of a torchrun job (gloo on CPU, NCCL on GPU) and report per-rank "
+                            "optimizer state and communication: torchrun --nproc-per-node 2 -m coap_torch.bench.cli "
+                            "llama --distributed fsdp2 ...")
+    llama.add_argument("--per-layer", action="store_true",
+                       help="update each parameter during backward (COAP optimizers; single process or fsdp2) and "
+                            "report the peak-memory saving")
 
 
 def _llama(args: argparse.Namespace, argv: list[str]) -> int:
@@ -186,21 +217,33 @@ def _llama(args: argparse.Namespace, argv: list[str]) -> int:
         rank_ratio=args.rank_ratio,
         update_interval=args.update_interval,
         reproject_factor=args.reproject_factor,
+        scale=args.scale,
+        proj_gap=args.proj_gap,
+        correlation_normalize=args.correlation_normalize,
+        weight_decay=args.weight_decay,
         lr=args.lr,
         lr_sweep=args.lr_sweep,
         warmup_steps=args.warmup_steps,
         data_dir=args.data_dir,
+        c4=args.c4,
         vocab_size=args.vocab_size,
         max_documents=args.max_documents,
         max_heldout_windows=args.max_heldout_windows,
         seed=args.seed,
         device=args.device,
+        isolate=False if args.in_process else None,
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every,
         stop_after=args.stop_after,
         progress=not args.no_progress,
         argv=["coap-bench", *argv],
+        distributed=args.distributed,
+        per_layer=args.per_layer,
     )
+    if config.distributed or config.per_layer:
+        from .llama_distributed import run_llama_command
+
+        return run_llama_command(config, args, _run_and_report)
     return _run_and_report(lambda: run_llama(config), args, format_llama_table, write_llama_plots)
 
 
@@ -263,6 +306,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "llama":
             return _llama(args, args_list)
+        if args.command == "ddpm":
+            from .ddpm import run_ddpm_command
+
+            return run_ddpm_command(args, args_list)
+        if args.command == "memory":
+            from .memory import run_memory_command
+
+            return run_memory_command(args, args_list)
         return _digits(args)
     except MissingExtraError as error:
         parser.exit(2, f"coap-bench: error: {error}\n")

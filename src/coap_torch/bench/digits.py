@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from ..utils import optimizer_state_nbytes
 from ..utils.memory import state_nbytes_by_kind
 from ._deps import require
-from .optimizers import DEFAULT_OPTIMIZERS, OPTIMIZERS
+from .optimizers import DEFAULT_OPTIMIZERS, OPTIMIZERS, LowRankSettings, build_optimizer
+from .probes import Eq2Probe
 from .timing import timed_step
 
 __all__ = ["DigitsCNN", "DigitsConfig", "DigitsData", "build_model", "load_data", "run_digits", "train_one"]
@@ -41,8 +42,6 @@ IMAGE_SIZE = 16
 HELDOUT_FRACTION = 0.2
 #: Seed of the held-out split: fixed, so every ``--seed`` is scored on the same images.
 SPLIT_SEED = 0
-#: State keys of the projection matrices (``proj`` for matrices, ``proj_out`` / ``proj_in`` for Tucker-2).
-PROJECTION_KEYS = ("proj", "proj_out", "proj_in")
 #: Width of the hidden linear layer.
 HIDDEN = 192
 #: Offset between the seed of the initial weights and the seed of the batch order.
@@ -142,28 +141,6 @@ def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
         yield order[k * batch_size : (k + 1) * batch_size]
 
 
-def _eq2_snapshot(optimizer: torch.optim.Optimizer) -> list[tuple[Tensor, str, Tensor]]:
-    """Copies of the projections that the coming ``step()`` refreshes with the Eq. 2 step.
-
-    That is the parameters whose next step is a multiple of ``update_interval`` but not of
-    ``update_interval * reproject_factor`` (those get the warm-started SVD instead). Optimizers
-    without these options, or parameters without projections, give nothing.
-    """
-    taken = []
-    for group in optimizer.param_groups:
-        interval, factor = group.get("update_interval"), group.get("reproject_factor")
-        if interval is None or factor is None:
-            continue
-        for param in group["params"]:
-            state = optimizer.state.get(param)
-            if not state or "step" not in state:
-                continue
-            coming = int(state["step"]) + 1
-            if coming > 1 and coming % interval == 0 and coming % (interval * factor) != 0:
-                taken.extend((param, key, state[key].clone()) for key in PROJECTION_KEYS if key in state)
-    return taken
-
-
 def _projection_kinds(optimizer: torch.optim.Optimizer, names: dict[Tensor, str]) -> dict[str, str]:
     kinds = {}
     for param, name in names.items():
@@ -193,13 +170,20 @@ def train_one(name: str, config: DigitsConfig, data: DigitsData) -> dict[str, An
     device = torch.device(config.device)
     model = build_model(config.seed, device)
     names = {param: pname for pname, param in model.named_parameters()}
-    optimizer = OPTIMIZERS[name](model.parameters(), config.lr, config)
+    settings = LowRankSettings(
+        rank_ratio=config.rank_ratio,
+        update_interval=config.update_interval,
+        reproject_factor=config.reproject_factor,
+        correlation_normalize=config.correlation_normalize,
+        seed=config.seed,
+    )
+    optimizer = build_optimizer(name, list(model.parameters()), [], config.lr, settings)
+    probe = Eq2Probe(optimizer, names)
     generator = torch.Generator().manual_seed(config.seed + _BATCH_STREAM)
 
     losses: list[float] = []
     iteration_s: list[float] = []
     step_s: list[float] = []
-    eq2_changes: list[dict[str, Any]] = []
     started = time.perf_counter()
     model.train()
     batches = _batches(len(data.train_y), config.batch_size, config.steps, generator)
@@ -207,15 +191,12 @@ def train_one(name: str, config: DigitsConfig, data: DigitsData) -> dict[str, An
         for step, idx in enumerate(batches, start=1):
             idx = idx.to(device)
             x, y = data.train_x[idx], data.train_y[idx]
-            before = _eq2_snapshot(optimizer)
-            loss, iteration, step_time = timed_step(lambda: F.cross_entropy(model(x), y), optimizer, device)
+            probe.before_step()
+            loss, iteration, step_time = timed_step(lambda x=x, y=y: F.cross_entropy(model(x), y), optimizer, device)
+            probe.after_step(step)
             iteration_s.append(iteration)
             step_s.append(step_time)
             losses.append(loss.item())
-            for param, key, old in before:
-                new = optimizer.state[param][key]
-                change = (torch.linalg.vector_norm(new - old) / torch.linalg.vector_norm(old)).item()
-                eq2_changes.append({"step": step, "param": names[param], "key": key, "rel_change": change})
             bar.update(1)
             if step % 10 == 0 or step == config.steps:
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -223,7 +204,6 @@ def train_one(name: str, config: DigitsConfig, data: DigitsData) -> dict[str, An
 
     final_loss, final_accuracy = evaluate(model, data.train_x, data.train_y)
     heldout_loss, heldout_accuracy = evaluate(model, data.heldout_x, data.heldout_y)
-    changes = [c["rel_change"] for c in eq2_changes]
     nonfinite = next((i for i, value in enumerate(losses, start=1) if not math.isfinite(value)), None)
     return {
         "name": name,
@@ -238,8 +218,8 @@ def train_one(name: str, config: DigitsConfig, data: DigitsData) -> dict[str, An
         "first_nonfinite_step": nonfinite,
         "heldout_loss": heldout_loss,
         "heldout_accuracy": heldout_accuracy,
-        "p_step_rel_change": statistics.median(changes) if changes else None,
-        "p_step_rel_changes": eq2_changes,
+        "p_step_rel_change": probe.median(),
+        "p_step_rel_changes": probe.changes,
         "projections": _projection_kinds(optimizer, names),
         "wall_seconds": wall,
         "loss_curve": losses,

@@ -5,9 +5,24 @@ with ``seed``), the same batches (:class:`~coap_torch.bench.text.TokenBatches` w
 the same learning-rate schedule (linear warm-up, then cosine decay to 10% of the peak). Each run is
 scored on the fixed held-out windows of :func:`~coap_torch.bench.text.heldout_windows`.
 
-With ``checkpoint_dir``, a run saves its model, optimizer, scheduler, batch stream, step and loss
-curve every ``checkpoint_every`` steps and continues from there when started again: on the CPU, a
-resumed run ends with exactly the numbers of one that never stopped.
+Recipes (:func:`recipe_settings`):
+
+* ``paper``: the pre-training recipe of the GaLore and COAP LLaMA scripts. The attention and MLP
+  matrices are projected, embeddings, ``lm_head`` and norms are trained densely; the rank is the
+  papers' rank for the preset (a quarter of the hidden size, :data:`PAPER_RANKS`), COAP's
+  ``T_u`` / lambda are those of its LLaMA-1B run (40 / 5; 100 / 1 for 7B), GaLore's and APOLLO's
+  ``update_proj_gap`` is 200, the update scale of projected weights is 0.25, and low-rank methods
+  train at lr 1e-2 (5e-3 for 7B) where the dense optimizers train at 1e-3.
+* ``drop-in``: every parameter in one group, the library defaults (rank ratio 2, ``T_u`` 32,
+  lambda 5, scale 1) and lr 1e-3 for everyone: the one-line swap of ``torch.optim.AdamW``.
+
+GaLore and APOLLO get the same projected set and rank as COAP in both recipes.
+
+On the CPU each run has a process of its own, so that its peak RSS is its own and a peer that
+crashes becomes a *failed* row instead of ending the comparison. With ``checkpoint_dir``, a run
+saves its model, optimizer, scheduler, RNG, batch stream, step and loss curve every
+``checkpoint_every`` steps and continues from there when started again: on the CPU, a resumed run
+ends with exactly the numbers of one that never stopped.
 """
 
 from __future__ import annotations
@@ -15,11 +30,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import platform
-import resource
 import statistics
 import sys
-import tempfile
 import textwrap
 import time
 from dataclasses import dataclass, field
@@ -30,21 +42,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..optim import LowRankOptimizer, enable_per_layer_updates
 from ..utils import optimizer_state_nbytes
 from ._deps import require
+from .environment import current_rss_bytes, hardware, peak_memory, versions
 from .llama_model import PRESETS, RECIPES, LlamaPreset, projected_parameter_groups
-from .optimizers import OPTIMIZERS
-from .report import _number, format_bytes
+from .optimizers import OPTIMIZERS, LowRankSettings, build_optimizer
+from .probes import Eq2Probe, refresh_time
+from .report import _number, format_bytes, markdown_table
+from .runner import RunConfigurationError, atomic_save, compare_to_baseline, rng_state, run_guarded, set_rng_state
 from .timing import timed_step
 
 __all__ = [
     "DEFAULT_LLAMA_OPTIMIZERS",
     "LLAMA_PRESETS",
     "LR_SWEEP_FACTORS",
+    "PAPER_RANKS",
     "LlamaConfig",
     "evaluate_heldout",
     "format_llama_table",
     "lr_lambda",
+    "recipe_settings",
     "run_llama",
     "write_llama_plots",
 ]
@@ -54,13 +72,29 @@ LLAMA_PRESETS: dict[str, LlamaPreset] = {
     **PRESETS,
     "micro": LlamaPreset(64, 172, 2, 2, 32, notes="smoke tests only: a few seconds on a CPU"),
 }
-DEFAULT_LLAMA_OPTIMIZERS = ("adamw", "coap_adamw")
+#: What ``coap-bench llama`` compares by default: AdamW, COAP 32- and 8-bit, and GaLore at COAP's rank.
+DEFAULT_LLAMA_OPTIMIZERS = ("adamw", "coap_adamw", "coap_adamw8bit", "galore_adamw")
 #: Default batch size and the cap of the default sequence length, per preset (else the preset's own).
 DEFAULT_BATCH_SIZE = {"micro": 8, "tiny": 16}
 DEFAULT_SEQ_LEN_CAP = {"micro": 32, "tiny": 128}
-#: Default peak learning rate per recipe (the AdamW rate of the GaLore / COAP recipes at small scale).
-DEFAULT_LR = {"paper": 1e-3, "drop-in": 1e-3}
-#: ``--lr-sweep`` runs each optimizer at the peak learning rate times these factors.
+#: The rank of the paper recipe: GaLore's LLaMA scripts (60M: 128, 130M and 350M: 256, 1B: 512,
+#: 7B: 1024; COAP's Table 1 uses 512 and 1024 for 1B and 7B); a quarter of the hidden size for
+#: the CPU presets.
+PAPER_RANKS = {"micro": 16, "tiny": 64, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+#: COAP's (T_u, lambda) in its LLaMA runs (supplementary Table 1): 1B's for every preset up to 1B.
+PAPER_COAP_SCHEDULE = {"7b": (100, 1)}
+PAPER_COAP_SCHEDULE_DEFAULT = (40, 5)
+#: Peak lr of the low-rank methods in the paper recipe (COAP Table 1, GaLore's scripts), and of the dense ones.
+PAPER_LOW_RANK_LR = {"7b": 5e-3}
+PAPER_LOW_RANK_LR_DEFAULT = 1e-2
+PAPER_DENSE_LR = 1e-3
+#: GaLore's ``scale`` (alpha) and ``update_proj_gap`` in its LLaMA scripts, used for every low-rank method.
+PAPER_SCALE = 0.25
+PAPER_PROJ_GAP = 200
+#: The drop-in recipe: the library defaults and one lr for everyone.
+DROP_IN_LR = 1e-3
+DROP_IN_RANK_RATIO = 2.0
+#: ``--lr-sweep`` runs each optimizer at its peak learning rate times these factors.
 LR_SWEEP_FACTORS = (0.5, 1.0, 2.0)
 #: The cosine decay ends at this share of the peak learning rate.
 FINAL_LR_FRACTION = 0.1
@@ -68,23 +102,17 @@ FINAL_LR_FRACTION = 0.1
 FINAL_LOSS_WINDOW = 10
 #: Offset between the seed of the initial weights and the seed of the batch order.
 _BATCH_STREAM = 2**32
-_CHECKPOINT_FORMAT = 1
-
-_NOTES = (
-    "state: optimizer-state bytes after training (storage counted once); iter / step ms: median over all "
-    "steps of forward+backward+step / of optimizer.step() alone; tok/s: batch tokens / median iteration; "
-    "final loss: mean of the last {window} batch losses; held-out loss: mean token cross-entropy on the "
-    "fixed held-out windows, ppl = exp(held-out loss); peak mem: {peak}."
-)
+_CHECKPOINT_FORMAT = 2
 
 
 @dataclass
 class LlamaConfig:
     """Options of one ``coap-bench llama`` run (the command-line flags, same names).
 
-    ``batch_size``, ``seq_len``, ``lr`` and ``warmup_steps`` left ``None`` take their defaults
-    from the preset and recipe (see :meth:`resolved`). ``stop_after`` ends each optimizer's run
-    after that many steps of this call (checkpointing as usual): it simulates an interrupted run.
+    Options left ``None`` take their defaults from the preset and recipe (see :meth:`resolved`
+    and :func:`recipe_settings`); ``lr`` set applies to every optimizer. ``isolate`` (default: on
+    the CPU) runs each optimizer in a fresh process. ``stop_after`` ends each optimizer's run after
+    that many steps of this call (checkpointing as usual): it simulates an interrupted run.
     """
 
     preset: str = "tiny"
@@ -93,24 +121,33 @@ class LlamaConfig:
     seq_len: int | None = None
     optimizers: tuple[str, ...] = DEFAULT_LLAMA_OPTIMIZERS
     recipe: str = "paper"
-    rank_ratio: float = 4.0
-    update_interval: int = 32
-    reproject_factor: int = 5
+    rank_ratio: float | None = None
+    update_interval: int | None = None
+    reproject_factor: int | None = None
+    scale: float | None = None
+    proj_gap: int | None = None
     correlation_normalize: bool = False
+    weight_decay: float = 0.0
     lr: float | None = None
     lr_sweep: bool = False
     warmup_steps: int | None = None
     data_dir: str | None = None
+    c4: bool = False
     vocab_size: int = 4096
     max_documents: int | None = None
     max_heldout_windows: int | None = None
     seed: int = 0
     device: str = "cpu"
+    isolate: bool | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int = 100
     stop_after: int | None = None
     progress: bool = True
     argv: list[str] = field(default_factory=list)
+    #: ``"ddp"`` or ``"fsdp2"``: a ``torchrun`` job (see :mod:`coap_torch.bench.llama_distributed`).
+    distributed: str | None = None
+    #: Update each parameter during backward (COAP optimizers; the others step as usual).
+    per_layer: bool = False
 
     def resolved(self) -> LlamaConfig:
         """A copy with every ``None`` default filled in; raises :class:`ValueError` on bad options."""
@@ -125,21 +162,67 @@ class LlamaConfig:
             raise ValueError("no optimizer to run")
         if self.steps < 1:
             raise ValueError(f"steps must be positive, got {self.steps}")
+        if self.rank_ratio is not None and self.rank_ratio < 1:
+            raise ValueError(f"rank_ratio must be >= 1, got {self.rank_ratio}")
+        if self.c4 and self.data_dir:
+            raise ValueError("c4 and data_dir are two different corpora: give one of them")
         preset = LLAMA_PRESETS[self.preset]
-        seq_len = self.seq_len or min(preset.seq_len, DEFAULT_SEQ_LEN_CAP.get(self.preset, preset.seq_len))
+        default_seq = preset.seq_len if self.c4 else min(preset.seq_len, DEFAULT_SEQ_LEN_CAP.get(self.preset, 1 << 30))
+        seq_len = self.seq_len or default_seq
         if seq_len > preset.seq_len:
             raise ValueError(f"seq_len {seq_len} exceeds the {self.preset} preset's {preset.seq_len} positions")
-        warmup = self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 10)
-        if warmup >= self.steps:
+        warmup = self.warmup_steps if self.warmup_steps is not None else min(max(1, self.steps // 10), self.steps - 1)
+        if warmup >= self.steps and warmup > 0:
             raise ValueError(f"warmup_steps ({warmup}) must be smaller than steps ({self.steps})")
         return dataclasses.replace(
             self,
             batch_size=self.batch_size or DEFAULT_BATCH_SIZE.get(self.preset, 32),
             seq_len=seq_len,
-            lr=self.lr if self.lr is not None else DEFAULT_LR[self.recipe],
             warmup_steps=warmup,
             optimizers=tuple(self.optimizers),
+            isolate=torch.device(self.device).type == "cpu" if self.isolate is None else self.isolate,
         )
+
+    def settings(self) -> LowRankSettings:
+        """The :class:`~coap_torch.bench.optimizers.LowRankSettings` of this run (recipe + overrides)."""
+        return recipe_settings(self.recipe, self.preset, rank_ratio=self.rank_ratio,
+                               update_interval=self.update_interval, reproject_factor=self.reproject_factor,
+                               scale=self.scale, proj_gap=self.proj_gap,
+                               correlation_normalize=self.correlation_normalize, weight_decay=self.weight_decay,
+                               seed=self.seed)
+
+    def lr_for(self, name: str) -> float:
+        """The peak lr of optimizer ``name``: ``lr`` if given, else the recipe's."""
+        if self.lr is not None:
+            return self.lr
+        if self.recipe == "paper" and OPTIMIZERS[name].family != "dense":
+            return PAPER_LOW_RANK_LR.get(self.preset, PAPER_LOW_RANK_LR_DEFAULT)
+        return PAPER_DENSE_LR if self.recipe == "paper" else DROP_IN_LR
+
+
+def recipe_settings(recipe: str, preset: str, *, rank_ratio: float | None = None, update_interval: int | None = None,
+                    reproject_factor: int | None = None, scale: float | None = None, proj_gap: int | None = None,
+                    correlation_normalize: bool = False, weight_decay: float = 0.0,
+                    seed: int = 0) -> LowRankSettings:
+    """The low-rank settings of ``recipe`` for ``preset``; any argument given overrides the recipe.
+
+    ``rank_ratio`` replaces the recipe's rank by ``min(m, n) // rank_ratio`` for every low-rank optimizer.
+    """
+    if recipe == "paper":
+        t_u, factor = PAPER_COAP_SCHEDULE.get(preset, PAPER_COAP_SCHEDULE_DEFAULT)
+        rank = None if rank_ratio is not None else PAPER_RANKS.get(preset)
+        if rank is None and rank_ratio is None:
+            rank_ratio = 4.0
+        base = LowRankSettings(rank=rank, rank_ratio=rank_ratio, update_interval=t_u, reproject_factor=factor,
+                               scale=PAPER_SCALE, proj_gap=PAPER_PROJ_GAP)
+    elif recipe == "drop-in":
+        base = LowRankSettings(rank_ratio=rank_ratio or DROP_IN_RANK_RATIO, proj_gap=PAPER_PROJ_GAP)
+    else:
+        raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+    overrides = {"update_interval": update_interval, "reproject_factor": reproject_factor, "scale": scale,
+                 "proj_gap": proj_gap}
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None},
+                               correlation_normalize=correlation_normalize, weight_decay=weight_decay, seed=seed)
 
 
 def lr_lambda(steps: int, warmup_steps: int, final_fraction: float = FINAL_LR_FRACTION):
@@ -152,21 +235,6 @@ def lr_lambda(steps: int, warmup_steps: int, final_fraction: float = FINAL_LR_FR
         return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
-
-
-def _param_groups(model: nn.Module, name: str, config: LlamaConfig) -> Any:
-    """What the optimizer ``name`` gets: COAP optimizers follow the recipe, the others get every parameter."""
-    if not name.startswith("coap_"):
-        return list(model.parameters())
-    split = projected_parameter_groups(model, config.recipe)
-    if config.recipe == "drop-in":
-        return split.param_groups()
-    projected = {
-        "rank_ratio_matrix": config.rank_ratio,
-        "update_interval": config.update_interval,
-        "reproject_factor": config.reproject_factor,
-    }
-    return split.param_groups(projected, {"coap": False})
 
 
 def _loss(model: nn.Module, batch: Tensor, reduction: str = "mean") -> Tensor:
@@ -189,26 +257,6 @@ def evaluate_heldout(model: nn.Module, windows: Tensor, batch_size: int) -> floa
     return total / count
 
 
-def _peak_memory(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss *= 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return int(rss), "process peak RSS so far (ru_maxrss)"
-
-
-def _atomic_save(payload: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _fingerprint(name: str, lr: float, config: LlamaConfig, data: Any) -> dict[str, Any]:
     """What must match for a checkpoint to be continued."""
     return {
@@ -219,10 +267,7 @@ def _fingerprint(name: str, lr: float, config: LlamaConfig, data: Any) -> dict[s
         "batch_size": config.batch_size,
         "seq_len": config.seq_len,
         "recipe": config.recipe,
-        "rank_ratio": config.rank_ratio,
-        "update_interval": config.update_interval,
-        "reproject_factor": config.reproject_factor,
-        "correlation_normalize": config.correlation_normalize,
+        "settings": dataclasses.asdict(config.settings()),
         "warmup_steps": config.warmup_steps,
         "seed": config.seed,
         "train_sha256": data.train_sha256,
@@ -236,24 +281,38 @@ def train_one(name: str, lr: float, config: LlamaConfig, data: Any, windows: Ten
     from .text import TokenBatches
 
     tqdm = require("tqdm").tqdm
+    spec = OPTIMIZERS[name]
+    settings = config.settings()
     device = torch.device(config.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    baseline_rss = current_rss_bytes()
     model = build_llama(LLAMA_PRESETS[config.preset], data.vocab_size, seed=config.seed, device=device)
     model.train()
-    optimizer = OPTIMIZERS[name](_param_groups(model, name, config), lr, config)
+    split = projected_parameter_groups(model, config.recipe)
+    optimizer = build_optimizer(name, [p for _, p in split.projected], [p for _, p in split.dense], lr, settings)
+    if config.per_layer and isinstance(optimizer, LowRankOptimizer):
+        enable_per_layer_updates(optimizer)  # step() then finds nothing left to do
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.steps, config.warmup_steps))
     batches = TokenBatches(data.train, config.batch_size, config.seq_len, seed=config.seed + _BATCH_STREAM,
                            device=device)
+    probe = Eq2Probe(optimizer, {param: pname for pname, param in model.named_parameters()})
     fingerprint = _fingerprint(name, lr, config, data)
     losses: list[float] = []
     iteration_s: list[float] = []
     step_s: list[float] = []
     start_step = 0
+    workarounds = []
+    if spec.state_classes and checkpoint is not None:
+        workarounds.append(
+            f"checkpoints allowlist {', '.join(c.rpartition('.')[2] for c in spec.state_classes)} (an object "
+            "the optimizer keeps in its state) for torch.load(weights_only=True)"
+        )
     if checkpoint is not None and checkpoint.is_file():
-        saved = torch.load(checkpoint, map_location=device, weights_only=True)
+        with torch.serialization.safe_globals(spec.safe_globals()):
+            saved = torch.load(checkpoint, map_location=device, weights_only=True)
         if saved.get("format") != _CHECKPOINT_FORMAT or saved.get("fingerprint") != fingerprint:
-            raise ValueError(
+            raise RunConfigurationError(
                 f"checkpoint {str(checkpoint)!r} was saved by a different run configuration; "
                 "remove it or use another --checkpoint-dir"
             )
@@ -261,11 +320,13 @@ def train_one(name: str, lr: float, config: LlamaConfig, data: Any, windows: Ten
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         batches.load_state_dict(saved["batches"])
+        set_rng_state(saved["rng"], device)
         start_step = int(saved["step"])
         losses, iteration_s, step_s = list(saved["losses"]), list(saved["iteration_s"]), list(saved["step_s"])
+        probe.changes = list(saved["eq2_changes"])
 
     def save(step: int) -> None:
-        _atomic_save(
+        atomic_save(
             {
                 "format": _CHECKPOINT_FORMAT,
                 "fingerprint": fingerprint,
@@ -274,9 +335,11 @@ def train_one(name: str, lr: float, config: LlamaConfig, data: Any, windows: Ten
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "batches": batches.state_dict(),
+                "rng": rng_state(device),
                 "losses": losses,
                 "iteration_s": iteration_s,
                 "step_s": step_s,
+                "eq2_changes": probe.changes,
             },
             checkpoint,
         )
@@ -290,7 +353,9 @@ def train_one(name: str, lr: float, config: LlamaConfig, data: Any, windows: Ten
               unit="step") as bar:
         for step in range(start_step + 1, end_step + 1):
             batch = batches.next()
-            loss, iteration, step_time = timed_step(lambda: _loss(model, batch), optimizer, device)
+            probe.before_step()
+            loss, iteration, step_time = timed_step(lambda batch=batch: _loss(model, batch), optimizer, device)
+            probe.after_step(step)
             scheduler.step()
             iteration_s.append(iteration)
             step_s.append(step_time)
@@ -301,21 +366,29 @@ def train_one(name: str, lr: float, config: LlamaConfig, data: Any, windows: Ten
             if step % 10 == 0 or step == end_step:
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
     wall = time.perf_counter() - started
+    peak, peak_kind = peak_memory(device)
 
     heldout_loss = evaluate_heldout(model, windows, config.batch_size)
-    peak, peak_kind = _peak_memory(device)
     iteration_ms = statistics.median(iteration_s) * 1e3 if iteration_s else None
     nonfinite = next((i for i, value in enumerate(losses, start=1) if not math.isfinite(value)), None)
     tail = losses[-FINAL_LOSS_WINDOW:]
     return {
         "name": name,
+        "optimizer": spec.description,
+        "family": spec.family,
         "lr": lr,
+        "failed": False,
+        "per_layer": config.per_layer and isinstance(optimizer, LowRankOptimizer),
         "state_bytes": optimizer_state_nbytes(optimizer),
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
+        "rss_before_model_bytes": baseline_rss if device.type == "cpu" else None,
         "iteration_ms": iteration_ms,
         "step_ms": statistics.median(step_s) * 1e3 if step_s else None,
         "tokens_per_s": config.batch_size * config.seq_len / (iteration_ms / 1e3) if iteration_ms else None,
+        "refresh": refresh_time(step_s, lambda i: spec.refreshes_at(i, settings)),
+        "p_step_rel_change": probe.median(),
+        "p_step_rel_changes": probe.changes,
         "final_loss": sum(tail) / len(tail) if tail else None,
         "last_batch_loss": losses[-1] if losses else None,
         "heldout_loss": heldout_loss,
@@ -324,70 +397,75 @@ def train_one(name: str, lr: float, config: LlamaConfig, data: Any, windows: Ten
         "steps_done": len(losses),
         "completed": len(losses) == config.steps,
         "resumed_from_step": start_step or None,
+        "workarounds": workarounds,
         "wall_seconds": wall,
+        "process_id": os.getpid(),
         "loss_curve": losses,
     }
 
 
-def _versions() -> dict[str, str | None]:
-    from .. import __version__
+def _best(runs: list[dict[str, Any]], sweep: bool) -> dict[str, Any]:
+    """The run with the lowest finite held-out loss (a failed result if none finished), with the sweep listed.
 
-    found: dict[str, str | None] = {"coap_torch": __version__, "torch": torch.__version__,
-                                    "python": platform.python_version()}
-    for module in ("transformers", "tokenizers"):
-        try:
-            found[module] = __import__(module).__version__
-        except ImportError:
-            found[module] = None
-    return found
+    ``lr_at_sweep_edge`` flags a best lr at the smallest or largest swept value: the optimum may lie
+    outside the sweep, and the comparison is then only as fair as the sweep is wide.
+    """
+    finished = [r for r in runs if not r.get("failed") and math.isfinite(r["heldout_loss"])]
+    if finished:
+        best = dict(min(finished, key=lambda r: r["heldout_loss"]))
+    else:
+        failed = [r for r in runs if r.get("failed")]
+        best = dict(failed[0]) if failed else dict(runs[0])
+    if sweep:
+        best["lr_sweep"] = [
+            {key: r.get(key) for key in ("lr", "heldout_loss", "final_loss", "first_nonfinite_step", "error")}
+            for r in runs
+        ]
+        lrs = [r["lr"] for r in runs]
+        best["lr_at_sweep_edge"] = not best.get("failed") and best["lr"] in (min(lrs), max(lrs))
+    return best
 
 
 def run_llama(config: LlamaConfig) -> dict[str, Any]:
-    """Train once per optimizer of ``config`` and return ``{"config", "data", "versions", "results"}``.
+    """Train once per optimizer of ``config`` and return ``{"config", "data", "versions", "hardware", "argv", "results"}``.
 
-    With ``lr_sweep``, each optimizer runs at ``lr`` times :data:`LR_SWEEP_FACTORS` and the run
-    with the lowest held-out loss is kept (all of them are listed in its ``lr_sweep``).
-    ``state_ratio_to_adamw`` and ``iteration_ratio_to_adamw`` are present when ``adamw`` ran.
+    With ``lr_sweep``, each optimizer runs at its lr times :data:`LR_SWEEP_FACTORS` and the run
+    with the lowest held-out loss is kept (all of them are listed in its ``lr_sweep``). A run that
+    raises (or whose process dies) is a result with ``failed: True`` and its ``error``. Ratios to
+    AdamW (``state_ratio_to_adamw``, ``iteration_ratio_to_adamw``, ...) are added when ``adamw`` ran.
     """
     from .text import heldout_windows, load_token_data
 
     config = config.resolved()
-    data = load_token_data(data_dir=config.data_dir, vocab_size=config.vocab_size,
-                           max_documents=config.max_documents)
+    data = load_token_data(source="c4" if config.c4 else None, data_dir=config.data_dir,
+                           vocab_size=config.vocab_size, max_documents=config.max_documents)
     windows = heldout_windows(data, config.seq_len, config.max_heldout_windows)
     if config.batch_size * (config.seq_len + 1) > data.train.numel():
         raise ValueError(f"{data.train.numel()} training tokens are too few for batch {config.batch_size}")
-    lrs = [config.lr * f for f in LR_SWEEP_FACTORS] if config.lr_sweep else [config.lr]
     folder = Path(config.checkpoint_dir).expanduser() if config.checkpoint_dir else None
 
     results = []
     for name in config.optimizers:
+        base_lr = config.lr_for(name)
+        lrs = [base_lr * f for f in LR_SWEEP_FACTORS] if config.lr_sweep else [base_lr]
         runs = []
         for lr in lrs:
             stem = name if not config.lr_sweep else f"{name}-lr{lr:g}"
             checkpoint = folder / f"{stem}.pt" if folder is not None else None
-            runs.append(train_one(name, lr, config, data, windows, checkpoint))
-        best = min(runs, key=lambda r: r["heldout_loss"] if math.isfinite(r["heldout_loss"]) else math.inf)
-        if config.lr_sweep:
-            best = dict(best)
-            best["lr_sweep"] = [
-                {key: r[key] for key in ("lr", "heldout_loss", "final_loss", "first_nonfinite_step")} for r in runs
-            ]
-        results.append(best)
-
-    by_name = {r["name"]: r for r in results}
-    if "adamw" in by_name:
-        adamw = by_name["adamw"]
-        for result in results:
-            result["state_ratio_to_adamw"] = result["state_bytes"] / adamw["state_bytes"]
-            if result["iteration_ms"] and adamw["iteration_ms"]:
-                result["iteration_ratio_to_adamw"] = result["iteration_ms"] / adamw["iteration_ms"]
-            result["heldout_loss_minus_adamw"] = result["heldout_loss"] - adamw["heldout_loss"]
+            result = run_guarded(train_one, (name, lr, config, data, windows, checkpoint), name=name, lr=lr,
+                                 isolate=config.isolate)
+            if result.get("failed") and OPTIMIZERS[name].package:
+                result["package"] = OPTIMIZERS[name].package
+            runs.append(result)
+        results.append(_best(runs, config.lr_sweep))
+    compare_to_baseline(results)
 
     preset = LLAMA_PRESETS[config.preset]
     settings = dataclasses.asdict(config)
     settings["optimizers"] = list(config.optimizers)
     settings.update(
+        low_rank=dataclasses.asdict(config.settings()),
+        lrs={name: config.lr_for(name) for name in config.optimizers},
         preset_shape={k: v for k, v in dataclasses.asdict(preset).items() if k != "notes"},
         parameters=preset.num_parameters(data.vocab_size),
         heldout_windows=int(windows.size(0)),
@@ -396,17 +474,31 @@ def run_llama(config: LlamaConfig) -> dict[str, Any]:
         final_lr_fraction=FINAL_LR_FRACTION,
         torch_threads=torch.get_num_threads(),
     )
-    return {"config": settings, "data": data.describe(), "versions": _versions(), "argv": list(config.argv),
-            "results": results}
+    return {"config": settings, "data": data.describe(), "versions": versions(),
+            "hardware": hardware(config.device), "argv": list(config.argv), "results": results}
 
 
-# ------------------------------------------------------------------------------------------- report
+_NOTES = (
+    "state: optimizer-state bytes after training (every tensor reachable from the state, each storage once, "
+    "step counters excluded); peak mem: {peak}; iter / step ms: median over all steps of forward+backward+step "
+    "/ of optimizer.step() alone; refresh ms: mean time a projection refresh adds to its step (refresh steps "
+    "minus the median of the others); tok/s: batch tokens / median iteration; final loss: mean of the last "
+    "{window} batch losses; held-out loss: mean token cross-entropy on the fixed held-out windows, "
+    "ppl = exp(held-out loss)."
+)
 
-_HEADER = ["optimizer", "lr", "state", "vs AdamW", "peak mem", "iter ms", "vs AdamW", "step ms", "tok/s",
-           "final loss", "held-out loss", "ppl"]
+_HEADER = ["optimizer", "lr", "state", "vs AdamW", "peak mem", "iter ms", "vs AdamW", "step ms", "refresh ms",
+           "tok/s", "final loss", "held-out loss", "vs AdamW", "ppl"]
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.2f}%"
 
 
 def _columns(result: dict[str, Any]) -> list[str]:
+    if result.get("failed"):
+        return [result["name"], f"{result['lr']:g}", "failed", *["-"] * (len(_HEADER) - 3)]
+    refresh = result.get("refresh")
     return [
         result["name"],
         f"{result['lr']:g}",
@@ -414,46 +506,78 @@ def _columns(result: dict[str, Any]) -> list[str]:
         _number(result.get("state_ratio_to_adamw"), ".3f"),
         format_bytes(result["peak_memory_bytes"]),
         _number(result["iteration_ms"], ".1f"),
-        _number(result.get("iteration_ratio_to_adamw"), ".2f"),
+        _number(result.get("iteration_ratio_to_adamw"), ".3f"),
         _number(result["step_ms"], ".1f"),
+        _number(refresh["mean_ms"] if refresh else None, ".1f"),
         _number(result["tokens_per_s"], ".0f"),
         _number(result["final_loss"], ".4f"),
         _number(result["heldout_loss"], ".4f"),
+        _percent(result.get("heldout_loss_rel_to_adamw")),
         _number(result["heldout_perplexity"], ".2f"),
     ]
 
 
+def _recipe_line(config: dict[str, Any]) -> str:
+    low = config["low_rank"]
+    rank = f"rank {low['rank']}" if low["rank"] is not None else f"rank min(m, n) // {low['rank_ratio']:g}"
+    projected = "attention and MLP matrices" if config["recipe"] == "paper" else "every matrix"
+    lrs = ", ".join(f"{name} {lr:g}" for name, lr in config["lrs"].items())
+    return (
+        f"recipe {config['recipe']}: low-rank methods project the {projected} at {rank} (COAP T_u "
+        f"{low['update_interval']}, lambda {low['reproject_factor']}; GaLore/APOLLO update_proj_gap "
+        f"{low['proj_gap']}; update scale {low['scale']:g}), weight decay {low['weight_decay']:g}; peak lr: {lrs}"
+        + (f"; lr sweep x{config['lr_sweep_factors']}, best held-out kept" if config.get("lr_sweep") else "")
+    )
+
+
 def format_llama_table(run: dict[str, Any], *, notes: bool = True) -> str:
-    """The run as a Markdown table, one row per optimizer, preceded by a line describing the setup."""
+    """The run as a Markdown table, one row per optimizer, with the setup above and the notes below."""
     config, data = run["config"], run["data"]
-    rows = [_HEADER, *(_columns(r) for r in run["results"])]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]
-
-    def line(row: list[str]) -> str:
-        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
-        return "| " + " | ".join(cells) + " |"
-
-    rule = "|" + "|".join([":" + "-" * (widths[0] + 1)] + ["-" * (w + 1) + ":" for w in widths[1:]]) + "|"
     title = (
         f"llama {config['preset']}: {config['parameters']:,} parameters, vocab {data['vocab_size']} "
         f"({data['corpus']['name']}: {data['train_tokens']:,} train / {data['heldout_tokens']:,} held-out tokens); "
         f"{config['steps']} steps, batch {config['batch_size']} x {config['seq_len']} tokens, warm-up "
         f"{config['warmup_steps']}, cosine to {config['final_lr_fraction']:g} x lr, seed {config['seed']}, "
-        f"{config['device']} ({config['torch_threads']} threads); recipe {config['recipe']}, COAP rank ratio "
-        f"{config['rank_ratio']:g}, update interval {config['update_interval']}, reproject factor "
-        f"{config['reproject_factor']}" + (f"; lr sweep x{config['lr_sweep_factors']}, best held-out kept"
-                                           if config.get("lr_sweep") else "")
+        f"{config['device']} ({config['torch_threads']} threads)"
     )
-    text = [*textwrap.wrap(title, width=120), "", line(rows[0]), rule, *(line(row) for row in rows[1:])]
-    for result in run["results"]:
+    results = run["results"]
+    text = [*textwrap.wrap(title, width=120), *textwrap.wrap(_recipe_line(config), width=120), ""]
+    text += markdown_table(_HEADER, [_columns(r) for r in results])
+    remarks = []
+    for result in results:
+        name = result["name"]
+        if result.get("failed"):
+            hint = f" (pip install {result['package']})" if "not installed" in result["error"] else ""
+            remarks.append(f"failed: {name}: {result['error']}{hint}")
+            continue
         if result.get("first_nonfinite_step") is not None:
-            text.append(f"\nwarning: {result['name']}: the training loss became non-finite at step "
-                        f"{result['first_nonfinite_step']}")
+            remarks.append(f"warning: {name}: the training loss became non-finite at step "
+                           f"{result['first_nonfinite_step']}")
         if not result.get("completed", True):
-            text.append(f"\nnote: {result['name']}: stopped after {result['steps_done']} of {config['steps']} steps")
+            remarks.append(f"note: {name}: stopped after {result['steps_done']} of {config['steps']} steps")
+        if result.get("lr_at_sweep_edge"):
+            swept = ", ".join(f"{s['lr']:g}: {_number(s['heldout_loss'], '.4f')}" for s in result["lr_sweep"])
+            remarks.append(f"note: {name}: its best lr is at the edge of the sweep ({swept}); the optimum may lie "
+                           "outside it (try --lr)")
+        if result.get("p_step_rel_change") is not None:
+            remarks.append(f"{name}: median |dP|/|P| of an Eq. 2 step: {result['p_step_rel_change']:.3g} "
+                           f"({len(result['p_step_rel_changes'])} projection updates)")
+        if result.get("refresh"):
+            refresh = result["refresh"]
+            remarks.append(f"{name}: {refresh['count']} projection refresh{'es' if refresh['count'] > 1 else ''}, "
+                           f"{refresh['total_ms']:.0f} ms in all, "
+                           f"{100 * refresh['share']:.1f}% of optimizer-step time")
+        remarks += [f"workaround: {name}: {w}" for w in result.get("workarounds", [])]
+    if config["recipe"] == "paper" and len({lr for lr in config["lrs"].values()}) > 1:
+        remarks.append("note: as in the papers' scripts, low-rank optimizers also train the dense parameters "
+                       "(embeddings, lm_head, norms) at their own, larger lr: the held-out difference to the dense "
+                       "optimizers mixes method and lr (--recipe drop-in compares the methods at one lr)")
+    if remarks:
+        text += ["", *remarks]
     if notes:
-        peak = run["results"][0]["peak_memory_kind"] if run["results"] else ""
-        text += ["", *textwrap.wrap(_NOTES.format(window=FINAL_LOSS_WINDOW, peak=peak), width=100)]
+        finished = [r for r in results if not r.get("failed")]
+        peak = finished[0]["peak_memory_kind"] if finished else ""
+        text += ["", *textwrap.wrap(_NOTES.format(window=FINAL_LOSS_WINDOW, peak=peak), width=120)]
     return "\n".join(text)
 
 
@@ -465,16 +589,17 @@ def write_llama_plots(run: dict[str, Any], directory: str | Path) -> list[Path] 
     if plt is None:
         return None
     directory = Path(directory)
+    finished = [r for r in run["results"] if not r.get("failed")]
     loss_path = plot_loss_curves(
         plt,
-        run,
+        {**run, "results": finished},
         directory / "llama_loss.png",
         title=f"llama {run['config']['preset']}, seed {run['config']['seed']}",
         label=lambda result: f"{result['name']} lr={result['lr']:g}",
     )
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for result in run["results"]:
+    for result in finished:
         ax.scatter([result["state_bytes"] / 2**20], [result["heldout_loss"]], label=result["name"])
     ax.set_xlabel("optimizer state (MiB)")
     ax.set_ylabel("held-out loss")

@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_bytes", "format_table", "write_json", "write_plots"]
+__all__ = ["format_bytes", "format_table", "markdown_table", "write_json", "write_plots"]
 
 _NOTES = (
     "state: optimizer-state bytes after training (step counters excluded); iter / step ms: median over "
@@ -33,6 +33,18 @@ def _number(value: float | None, spec: str) -> str:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return format(value, spec)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table, first column left-aligned, the others right-aligned, padded to line up."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
+        return "| " + " | ".join(cells) + " |"
+
+    rule = "|" + "|".join([":" + "-" * (widths[0] + 1)] + ["-" * (w + 1) + ":" for w in widths[1:]]) + "|"
+    return [line(header), rule, *(line(row) for row in rows)]
 
 
 def _columns(result: dict[str, Any]) -> list[str]:
@@ -124,7 +136,8 @@ def _pyplot():
     return plt
 
 
-def plot_loss_curves(plt, run: dict[str, Any], path: Path, *, title: str, label, log_scale: bool = False) -> Path:
+def plot_loss_curves(plt, run: dict[str, Any], path: Path, *, title: str, label, log_scale: bool = False,
+                     ylabel: str = "training loss (batch cross-entropy)") -> Path:
     """Training loss per step of every optimizer in ``run``, raw and as a 10-step mean."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for result in run["results"]:
@@ -135,7 +148,7 @@ def plot_loss_curves(plt, run: dict[str, Any], path: Path, *, title: str, label,
     if log_scale:
         ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (batch cross-entropy)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()

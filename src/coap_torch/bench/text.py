@@ -3,10 +3,12 @@
 Three sources of text:
 
 * the **built-in corpus** (the default): text that ships with Python itself, so nothing is
-  downloaded. Each help topic of :mod:`pydoc_data.topics` is one document (``topic:<name>``) and
-  each standard-library module docstring of at least :data:`MIN_DOCSTRING_CHARS` characters is one
-  document (``module:<dotted name>``); docstrings are read with :func:`ast.get_docstring`, never by
-  importing the modules. The corpus depends on the Python version, which is recorded with it;
+  downloaded. Each help topic of :mod:`pydoc_data.topics` is one document (``topic:<name>``), and
+  each standard-library module is one document (``module:<dotted name>``): its docstring and the
+  docstrings of its classes and functions, when they add up to at least
+  :data:`MIN_DOCSTRING_CHARS` characters. Docstrings are read with :func:`ast.get_docstring`,
+  never by importing the modules. About 2.2 million characters (600 thousand tokens at the
+  default vocabulary) with Python 3.11. The corpus depends on the Python version, which is recorded with it;
   machines with the same version get the same documents in the same order (sorted by id).
 * :func:`folder_corpus`: any folder of plain-text files (``*.txt``, ``*.md``), one document each.
 * ``"c4"``: the English C4 corpus streamed from the Hugging Face Hub with the ``t5-base``
@@ -70,7 +72,7 @@ EOS_TOKEN = "<|endoftext|>"
 DEFAULT_VOCAB_SIZE = 4096
 #: Default share of documents (in percent) held out.
 DEFAULT_HELDOUT_PERCENT = 10
-#: Module docstrings shorter than this are left out of the built-in corpus.
+#: Modules whose documentation (all docstrings together) is shorter than this are left out of the built-in corpus.
 MIN_DOCSTRING_CHARS = 200
 #: Standard-library folders that are not walked (tests, the IDE, third-party packages, old tools).
 SKIPPED_STDLIB_DIRS = frozenset(
@@ -137,11 +139,33 @@ class Corpus:
         return len(self.documents)
 
 
+def _documented(tree: ast.Module) -> list[str]:
+    """The module docstring, then ``qualname`` + docstring of every documented class and function, in source order."""
+    parts: list[str] = []
+    module_doc = ast.get_docstring(tree)
+    if module_doc:
+        parts.append(module_doc)
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                name = f"{prefix}{child.name}"
+                doc = ast.get_docstring(child)
+                if doc:
+                    parts.append(f"{name}\n{doc}")
+                visit(child, f"{name}.")
+
+    visit(tree, "")
+    return parts
+
+
 @functools.lru_cache(maxsize=4)
 def _stdlib_docstrings(root: Path) -> tuple[tuple[str, str], ...]:
-    """(name, docstring) of the top-level ``*.py`` files and the packages' ``__init__.py`` under ``root``.
+    """(dotted module name, documentation) of every standard-library module under ``root``.
 
-    Parsing the standard library takes about a second, so the result is kept for the process.
+    A module's documentation is its docstring followed by the docstrings of its classes and
+    functions (each headed by its qualified name), as :func:`_documented` joins them. Parsing the
+    standard library takes a few seconds, so the result is kept for the process.
     """
     found: dict[str, str] = {}
     for dirpath, dirnames, filenames in os.walk(root):
@@ -153,21 +177,19 @@ def _stdlib_docstrings(root: Path) -> tuple[tuple[str, str], ...]:
         )
         rel = here.relative_to(root)
         for filename in sorted(filenames):
-            if rel == Path("."):
-                if not filename.endswith(".py") or filename.startswith("_sysconfigdata"):
-                    continue
-                name = filename[: -len(".py")]
-            elif filename == "__init__.py":
-                name = ".".join(rel.parts)
-            else:
+            if not filename.endswith(".py") or filename.startswith("_sysconfigdata"):
+                continue
+            stem = filename[: -len(".py")]
+            parts = rel.parts if stem == "__init__" else (*rel.parts, stem)
+            if not parts or parts == (".",):
                 continue
             try:
                 tree = ast.parse((here / filename).read_bytes())
             except (SyntaxError, ValueError, OSError):
                 continue
-            doc = ast.get_docstring(tree)
-            if doc and len(doc) >= MIN_DOCSTRING_CHARS:
-                found[name] = doc
+            doc = "\n\n".join(_documented(tree))
+            if len(doc) >= MIN_DOCSTRING_CHARS:
+                found[".".join(p for p in parts if p != ".")] = doc
     return tuple(sorted(found.items()))
 
 

@@ -17,10 +17,12 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from ..functional.correlation import DEFAULT_CORRELATION_LR, correlation_aware_step
-from ..functional.subspace import _rank_tolerance, low_cost_svd, low_cost_svd_with_values
+from ..functional.subspace import _rank_tolerance, gaussian_sketch, low_cost_svd, low_cost_svd_with_values
 from ..functional.tucker import unfold
+from . import _placement as placement
 from . import _validation as check
-from ._layout import Layout, route
+from ._layout import PROJECTION_SIDES, Layout, route
+from ._sharded import CommunicationLog, ShardComm, sharded_correlation_step, sharded_low_cost_svd
 
 __all__ = ["COAP_DEFAULTS", "LowRankOptimizer", "group_defaults"]
 
@@ -42,9 +44,10 @@ COAP_DEFAULTS: dict[str, Any] = {
     "min_conv_numel": DEFAULT_MIN_CONV_NUMEL,
     "seed": 0,
     "coap": True,
+    "projection_side": None,
 }
 
-_ROUTING_KEYS = ("coap", "rank", "rank_ratio_matrix", "rank_ratio_cnn", "min_conv_numel")
+_ROUTING_KEYS = ("coap", "rank", "rank_ratio_matrix", "rank_ratio_cnn", "min_conv_numel", "projection_side")
 
 
 @lru_cache(maxsize=4096)
@@ -53,8 +56,15 @@ def _cached_route(shape: tuple[int, ...], options: tuple[Any, ...]) -> Layout:
 
 
 def layout_of(param: Tensor, group: dict[str, Any]) -> Layout:
-    """The :class:`Layout` of ``param`` under ``group``'s options."""
-    return _cached_route(tuple(param.shape), tuple(group[k] for k in _ROUTING_KEYS))
+    """The :class:`Layout` of ``param`` under ``group``'s options (global shapes for a DTensor).
+
+    A parameter sharded on dim 0 (FSDP2) with ``projection_side=None`` gets ``P`` on its input
+    side (dim 1), which is not sharded.
+    """
+    options = {key: group.get(key) for key in _ROUTING_KEYS}
+    if options["projection_side"] is None and placement.sharded_on_rows(param):
+        options["projection_side"] = "input"
+    return _cached_route(tuple(param.shape), tuple(options.values()))
 
 
 def group_defaults(arguments: dict[str, Any], *, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -99,6 +109,10 @@ class LowRankOptimizer(Optimizer):
         for key, value in {**COAP_DEFAULTS, **self._extra_defaults()}.items():
             defaults.setdefault(key, value)
         self._validate_group(defaults)
+        #: The collectives this optimizer issued (FSDP2 refreshes only); see :class:`CommunicationLog`.
+        self.communication = CommunicationLog()
+        self._had_matrices = False
+        self._engine_checked = False
         super().__init__(params, defaults)
 
     # -- validation ----------------------------------------------------------------------------
@@ -117,6 +131,8 @@ class LowRankOptimizer(Optimizer):
         check.non_negative_int("min_conv_numel", group["min_conv_numel"])
         check.non_negative_int("seed", group["seed"])
         check.boolean("coap", group["coap"])
+        if group["projection_side"] not in PROJECTION_SIDES:
+            raise ValueError(f"Invalid projection_side: {group['projection_side']!r} (must be one of {PROJECTION_SIDES})")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group as :meth:`torch.optim.Optimizer.add_param_group` does, validating its options.
@@ -133,6 +149,7 @@ class LowRankOptimizer(Optimizer):
             offset = sum(len(g["params"]) for g in self.param_groups[:-1])
             for index, param in enumerate(group["params"]):
                 check.parameter(param, offset + index)
+                self._had_matrices = self._had_matrices or param.dim() >= 2
         except (ValueError, TypeError) as error:
             self.param_groups.pop()
             if len(self.param_groups) == 0:
@@ -145,6 +162,9 @@ class LowRankOptimizer(Optimizer):
         for group in self.param_groups:
             for key, value in {**COAP_DEFAULTS, **self._extra_defaults()}.items():
                 group.setdefault(key, value)
+        self.__dict__.setdefault("communication", CommunicationLog())
+        self.__dict__.setdefault("_had_matrices", False)
+        self.__dict__.setdefault("_engine_checked", False)
 
     def _extra_defaults(self) -> dict[str, Any]:
         return {}
@@ -154,15 +174,20 @@ class LowRankOptimizer(Optimizer):
         raise NotImplementedError
 
     def _moment_step(
-        self, state: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, param: Tensor
+        self, state: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, param: Tensor, comm: ShardComm | None = None
     ) -> tuple[Tensor, float, float]:
+        """``comm`` is given for a row shard (FSDP2): sums over the whole parameter go through it."""
         raise NotImplementedError
 
-    def _unpack(self, state: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
-        """The state as the moment rule works on it (float32 moments); identity here."""
+    def _unpack(
+        self, state: dict[str, Any], group: dict[str, Any], shard: placement.RowShard | None = None, dtype: torch.dtype = torch.float32
+    ) -> dict[str, Any]:
+        """The state as the moment rule works on it (moments of the compute ``dtype``); identity here."""
         return state
 
-    def _pack(self, work: dict[str, Any], state: dict[str, Any], group: dict[str, Any]) -> None:
+    def _pack(
+        self, work: dict[str, Any], state: dict[str, Any], group: dict[str, Any], shard: placement.RowShard | None = None
+    ) -> None:
         """Store what :meth:`_unpack` returned after the step (nothing to do for float32 state)."""
 
     def _refresh_moment(self, state: dict[str, Any], layout: Layout, grad: Tensor, factors: list[Tensor]) -> Tensor:
@@ -181,6 +206,7 @@ class LowRankOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_engine()
         index = itertools.count()
         for group in self.param_groups:
             for param in group["params"]:
@@ -189,6 +215,14 @@ class LowRankOptimizer(Optimizer):
                     self._step_param(param, group, param_index)
         return loss
 
+    def _check_engine(self) -> None:
+        # Once, at the first step: wrappers (DeepSpeed ZeRO) replace the parameters after the
+        # optimizer is built, so the constructor cannot tell.
+        if not self._engine_checked:
+            params = [p for group in self.param_groups for p in group["params"]]
+            placement.refuse_flattening_engine(self._had_matrices, params)
+            self._engine_checked = True
+
     def _step_param(self, param: Tensor, group: dict[str, Any], index: int) -> None:
         grad = param.grad
         if grad.is_sparse:
@@ -196,42 +230,88 @@ class LowRankOptimizer(Optimizer):
                 f"{type(self).__name__} does not support sparse gradients "
                 f"(parameter {index} of shape {tuple(param.shape)})"
             )
+        shard = placement.placement_of(param, index)
         layout = layout_of(param, group)
-        state = self.state[param]
+        comm = None
+        if shard is not None:
+            layout = self._shard_layout(layout, shard, index)
+            comm = ShardComm(shard.group, self.communication, rows=shard.global_shape[0])
+        stored_state = self.state[param]
+        state = stored_state if shard is None else {k: placement.local(v) for k, v in stored_state.items()}
         dtype = _compute_dtype(param)
-        grad = grad.to(dtype)
+        param, grad = placement.local(param), placement.local(grad).to(dtype)
         if group.get("maximize", False):
             grad = -grad
         canonical = layout.canonical(grad)
         if not state:
-            self._init_state(state, layout, canonical, group, index)
+            self._init_state(state, layout, canonical, group, index, comm)
         else:
             self._check_layout(state, layout, index)
-        stored, state = state, self._unpack(state, group)
+        stored, state = state, self._unpack(state, group, shard, dtype)
         state["step"] += 1
         step = int(state["step"].item())  # a CPU tensor: no device sync
 
         factors = [state[key] for key in layout.factor_keys]
         if layout.projected and step > 1 and step % group["update_interval"] == 0:
-            factors = self._refresh(state, layout, canonical, group, step)
+            factors = self._refresh(state, layout, canonical, group, step, comm)
         target = param if param.dtype == dtype else param.to(dtype)
         if layout.projected:
             projected = layout.project(canonical, factors)
-            direction, decay, alpha = self._moment_step(state, projected, group, step, target)
+            direction, decay, alpha = self._moment_step(state, projected, group, step, target, comm)
             layout.add_restored_(target, direction, factors, beta=decay, alpha=alpha * group["scale"])
         else:
-            direction, decay, alpha = self._moment_step(state, grad, group, step, target)
+            direction, decay, alpha = self._moment_step(state, grad, group, step, target, comm)
             if isinstance(decay, Tensor) or decay != 1.0:
                 target.mul_(decay)
             target.add_(direction, alpha=alpha)
-        self._pack(state, stored, group)
+        self._pack(state, stored, group, shard)
         if target is not param:
             param.copy_(target)
+        if shard is not None:
+            self._store_sharded(stored_state, stored, shard)
 
-    def _init_state(self, state: dict[str, Any], layout: Layout, grad: Tensor, group: dict[str, Any], index: int) -> None:
+    def _shard_layout(self, layout: Layout, shard: placement.RowShard, index: int) -> Layout:
+        """The layout of this rank's rows; refuses what cannot be projected without per-step collectives."""
+        where = f"{placement.describe_shape(shard.global_shape, index)} sharded on dim 0 (FSDP2)"
+        local_shape = (shard.rows, *shard.global_shape[1:])
+        if layout.kind == "dense":
+            return Layout("dense", local_shape)
+        if layout.kind == "tucker" or len(layout.shape) == 3:
+            what = "a Tucker-2 conv kernel" if layout.kind == "tucker" else "a stack of matrices"
+            raise ValueError(
+                f"{where}: {what} cannot be projected on a row shard without collectives at every step; "
+                "put it in a param group with coap=False, or use DistributedDataParallel"
+            )
+        if layout.transposed:
+            raise ValueError(
+                f"{where}: projection_side='smaller' puts P on the sharded side of this wide matrix, which would "
+                "need an all-reduce at every step; use projection_side=None or 'input' (P on the unsharded side)"
+            )
+        return Layout("matrix", local_shape, layout.ranks)
+
+    @staticmethod
+    def _store_sharded(stored: dict[str, Any], state: dict[str, Any], shard: placement.RowShard) -> None:
+        # Moments shard like the weight (DTensors, so that torch.distributed.checkpoint can
+        # reshard them); P and the step counter are the same on every rank.
+        stored.clear()
+        for key, value in state.items():
+            if placement.replicated(key) or not isinstance(value, Tensor) or value.dim() == 0:
+                stored[key] = value
+            else:
+                stored[key] = placement.to_dtensor_like(value, shard, shard.global_shape[0])
+
+    def _init_state(
+        self, state: dict[str, Any], layout: Layout, grad: Tensor, group: dict[str, Any], index: int, comm: ShardComm | None = None
+    ) -> None:
         state["step"] = torch.tensor(0.0)
         generator = torch.Generator().manual_seed(_sketch_seed(group["seed"], index))
-        if layout.kind == "matrix":
+        if layout.kind == "matrix" and comm is not None:
+            n, rank = grad.shape[-1], layout.ranks[0]
+            sketch = gaussian_sketch((n, rank), generator=generator, dtype=grad.dtype, device=grad.device)
+            global_shape = (comm.rows, n)
+            state["proj"], singular = sharded_low_cost_svd(grad, rank, sketch, comm, global_shape)
+            self._warn_if_rank_deficient(torch.empty(global_shape, device="meta"), singular, layout, index)
+        elif layout.kind == "matrix":
             proj, singular = low_cost_svd_with_values(grad, layout.ranks[0], generator=generator)
             state["proj"] = proj
             self._warn_if_rank_deficient(grad, singular, layout, index)
@@ -266,14 +346,33 @@ class LowRankOptimizer(Optimizer):
                 stacklevel=4,
             )
 
-    def _refresh(self, state: dict[str, Any], layout: Layout, grad: Tensor, group: dict[str, Any], step: int) -> list[Tensor]:
+    def _refresh(
+        self, state: dict[str, Any], layout: Layout, grad: Tensor, group: dict[str, Any], step: int, comm: ShardComm | None = None
+    ) -> list[Tensor]:
         """Update P (or P_O, P_I) and move the moments to the new basis."""
         old = [state[key] for key in layout.factor_keys]
         reproject = step % (group["update_interval"] * group["reproject_factor"]) == 0
         first = self._refresh_moment(state, layout, grad, old)
         new = []
         for (matrix, moment), P, rank in zip(layout.refresh_pairs(grad, first, old), old, layout.ranks):
-            if reproject:
+            if comm is not None:
+                global_shape = (comm.rows, matrix.shape[-1])
+                if reproject:
+                    new.append(sharded_low_cost_svd(matrix, rank, P, comm, global_shape)[0])
+                else:
+                    new.append(
+                        sharded_correlation_step(
+                            P,
+                            matrix,
+                            moment,
+                            comm,
+                            global_shape,
+                            group["correlation_lr"],
+                            normalize=group["correlation_normalize"],
+                            max_norm=group["correlation_max_norm"],
+                        )
+                    )
+            elif reproject:
                 new.append(low_cost_svd(matrix, rank, sketch=P))
             else:
                 new.append(

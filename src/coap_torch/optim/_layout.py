@@ -6,8 +6,10 @@ Three kinds of parameter:
   not exceed the rank, small kernels, and every parameter of a group with ``coap=False``).
 * ``matrix``: ``G`` (m, n), or a stack (B, m, n) of independent matrices such as MoE experts,
   or a 1x1 convolution kernel (O, I, 1, 1) seen as the (O, I) matrix it is. The projection ``P``
-  always sits on the smaller side: when m < n we work on ``G^T`` (``transposed``), so there is
-  one code path and the Eq. 2 cosine is taken over the rows of the taller orientation.
+  sits on the smaller side: when m < n we work on ``G^T`` (``transposed``), so there is one code
+  path and the Eq. 2 cosine is taken over the rows of the taller orientation. The group option
+  ``projection_side="input"`` puts ``P`` on the last axis (n, the input side of a linear layer)
+  whatever the shape: the side FSDP2 does not shard, see :mod:`coap_torch.optim._sharded`.
 * ``tucker``: kernels (O, I, *k) with a kernel of more than one tap and at least
   ``min_conv_numel`` entries: Tucker-2 with ``P_O`` (O, r_O) and ``P_I`` (I, r_I).
 """
@@ -25,6 +27,11 @@ from ..functional.tucker import conv_ranks, mode_matrices, tucker2_project, tuck
 
 #: The rank ratio used when neither ``rank`` nor the matching ``rank_ratio_*`` is set.
 DEFAULT_RANK_RATIO = 2.0
+
+#: Values of the ``projection_side`` option: ``None`` (the smaller side, but the input side for
+#: parameters sharded on dim 0), ``"smaller"`` (always the smaller side), ``"input"`` (always
+#: the last axis).
+PROJECTION_SIDES = (None, "smaller", "input")
 
 Kind = Literal["dense", "matrix", "tucker"]
 
@@ -161,8 +168,12 @@ def cnn_ratio(group: dict[str, Any]) -> float:
 
 
 def route(shape: tuple[int, ...], group: dict[str, Any]) -> Layout:
-    """The :class:`Layout` of a parameter of ``shape`` in ``group`` (pure: shape + group only)."""
+    """The :class:`Layout` of a parameter of ``shape`` in ``group`` (pure: shape + group only).
+
+    ``group`` may leave out ``projection_side`` (the smaller side is used).
+    """
     shape = tuple(shape)
+    input_side = group.get("projection_side") == "input"
     if not group["coap"] or len(shape) < 2:
         return Layout("dense", shape)
     if len(shape) >= 4:
@@ -172,7 +183,7 @@ def route(shape: tuple[int, ...], group: dict[str, Any]) -> Layout:
             # 1.4 O^2 floats at ratio 2), more than the dense moments it replaces.
             small = min(shape[0], shape[1])
             rank = max(1, int(small // cnn_ratio(group)))
-            return _matrix_layout(shape, shape[:2], rank)
+            return _matrix_layout(shape, shape[:2], rank, input_side)
         if math.prod(shape) < group["min_conv_numel"]:
             return Layout("dense", shape)
         r_out, r_in = conv_ranks(shape, cnn_ratio(group))
@@ -181,11 +192,11 @@ def route(shape: tuple[int, ...], group: dict[str, Any]) -> Layout:
         return Layout("tucker", shape, (r_out, r_in))
     # 2-D matrices and 3-D stacks of matrices (B, m, n), each with its own P.
     small = min(shape[-2], shape[-1])
-    return _matrix_layout(shape, shape, matrix_rank(small, group))
+    return _matrix_layout(shape, shape, matrix_rank(small, group), input_side)
 
 
-def _matrix_layout(shape: tuple[int, ...], matrix_shape: tuple[int, ...], rank: int) -> Layout:
+def _matrix_layout(shape: tuple[int, ...], matrix_shape: tuple[int, ...], rank: int, input_side: bool = False) -> Layout:
     m, n = matrix_shape[-2], matrix_shape[-1]
     if min(m, n) <= rank:
         return Layout("dense", shape)
-    return Layout("matrix", shape, (rank,), transposed=m < n)
+    return Layout("matrix", shape, (rank,), transposed=m < n and not input_side)

@@ -13,6 +13,12 @@ so its small entries would round to zero while the matching ``m`` does not, and
 ``m / (sqrt(v) + eps)`` would explode (the zero-point problem of 8-bit second moments).
 ``sqrt(v)`` has the dynamic range of ``m``, and reading it back costs one square.
 
+A moment sharded on dim 0 (FSDP2) is quantized in blocks that never cross a row, so they never
+cross a shard boundary either and the state reshards with the weight: the block size is the
+largest divisor of the row length (``numel / rows``) not above ``block_size``, and a moment whose
+rows are too short for blocks of :data:`MIN_SHARDED_BLOCK` entries stays float32 (1-D ones).
+One process with that ``block_size`` stores the same codes.
+
 During a step the moments are dequantized to float32, go through exactly the code of the
 32-bit optimizer (moment rule, refresh and change of basis included), and are re-quantized:
 one code path for both precisions.
@@ -27,12 +33,22 @@ from torch import Tensor
 
 from ..functional.quantization import DEFAULT_BLOCK_SIZE, dequantize_blockwise, quantize_blockwise_
 from . import _validation as check
+from ._placement import RowShard, replicated
 
 #: Moments with fewer entries stay float32, as in bitsandbytes: the absmax and bookkeeping
 #: would outweigh the saving.
 DEFAULT_MIN_8BIT_SIZE = 4096
 
+#: Sharded moments whose row-aligned blocks would be smaller stay float32 (the absmax would
+#: cost more than an eighth of the codes).
+MIN_SHARDED_BLOCK = 32
+
 _CODES, _ABSMAX = "_codes", "_absmax"
+
+
+def _row_block_size(row_length: int, block_size: int) -> int:
+    """The largest divisor of ``row_length`` that is at most ``block_size``."""
+    return max(d for d in range(1, min(row_length, block_size) + 1) if row_length % d == 0)
 
 
 class Int8MomentsMixin:
@@ -61,31 +77,50 @@ class Int8MomentsMixin:
     def _signed(self, key: str) -> bool:
         return self.moment_rotations[key] == "linear"
 
-    def _unpack(self, state: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
+    def _block_size(self, key: str, shape: tuple[int, ...], group: dict[str, Any], shard: RowShard | None) -> int | None:
+        """Entries per block of a moment of (local) ``shape``, or ``None`` to keep it float32."""
+        if shard is None or replicated(key):
+            numel = torch.Size(shape).numel()
+            return group["block_size"] if numel >= group["min_8bit_size"] else None
+        row = torch.Size(shape[1:]).numel()
+        if row * shard.global_shape[0] < group["min_8bit_size"]:  # the same decision on every rank
+            return None
+        block = _row_block_size(row, group["block_size"])
+        return block if block >= min(MIN_SHARDED_BLOCK, group["block_size"]) else None
+
+    def _unpack(
+        self, state: dict[str, Any], group: dict[str, Any], shard: RowShard | None = None, dtype: torch.dtype = torch.float32
+    ) -> dict[str, Any]:
         work = {}
         for key, value in state.items():
             if key.endswith(_CODES):
                 name = key[: -len(_CODES)]
                 signed = self._signed(name)
-                decoded = dequantize_blockwise(value, state[name + _ABSMAX], signed=signed, block_size=group["block_size"])
+                block = self._block_size(name, tuple(value.shape), group, shard) if shard is not None else group["block_size"]
+                absmax = state[name + _ABSMAX].reshape(-1)
+                decoded = dequantize_blockwise(value, absmax, signed=signed, block_size=block, dtype=dtype)
                 work[name] = decoded if signed else decoded.square_()
             elif not key.endswith(_ABSMAX):
                 work[key] = value
         return work
 
-    def _pack(self, work: dict[str, Any], state: dict[str, Any], group: dict[str, Any]) -> None:
+    def _pack(self, work: dict[str, Any], state: dict[str, Any], group: dict[str, Any], shard: RowShard | None = None) -> None:
         for key, value in work.items():
-            if key in self.moment_rotations and isinstance(value, Tensor) and value.numel() >= group["min_8bit_size"]:
+            block = self._block_size(key, tuple(value.shape), group, shard) if key in self.moment_rotations else None
+            if block is not None and isinstance(value, Tensor):
                 codes, absmax = state.get(key + _CODES), state.get(key + _ABSMAX)
-                blocks = -(-value.numel() // group["block_size"])
+                blocks = -(-value.numel() // block)
                 if codes is None or codes.shape != value.shape or absmax is None or absmax.numel() != blocks:
                     codes = value.new_empty(value.shape, dtype=torch.uint8)
-                    absmax = value.new_empty(blocks)
+                    absmax = value.new_empty(blocks, dtype=torch.float32)
                 signed = self._signed(key)
                 stored = value if signed else value.sqrt()
                 # sqrt(v) >= 0 by construction: skip the sign check and its host sync.
-                quantize_blockwise_(codes, absmax, stored, signed=signed, block_size=group["block_size"], check_sign=False)
-                state[key + _CODES], state[key + _ABSMAX] = codes, absmax
+                flat_absmax = absmax.reshape(-1)
+                quantize_blockwise_(codes, flat_absmax, stored, signed=signed, block_size=block, check_sign=False)
+                if shard is not None and not replicated(key):  # a row of blocks per row: shards with the moment
+                    flat_absmax = flat_absmax.view(value.shape[0], -1)
+                state[key + _CODES], state[key + _ABSMAX] = codes, flat_absmax
                 state.pop(key, None)
             else:
                 state[key] = value

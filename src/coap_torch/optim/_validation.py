@@ -62,7 +62,8 @@ def non_negative_int(name: str, value: Any) -> None:
 
 def boolean(name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"Invalid {name}: {value!r} (must be True or False)")
+        # ValueError like every other bad option value (torch's convention for optimizer arguments).
+        raise ValueError(f"Invalid {name}: {value!r} (must be True or False)")  # noqa: TRY004
 
 
 def betas(value: Any, name: str = "betas") -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -13,6 +14,7 @@ from ..functional.moments import adafactor_direction_, adafactor_lr
 from . import _validation as check
 from ._base import DEFAULT_MIN_CONV_NUMEL, LowRankOptimizer, group_defaults
 from ._layout import Layout
+from ._sharded import ShardComm, sharded_adafactor_direction_
 from ._storage import Int8MomentsMixin
 
 __all__ = ["CoapAdafactor", "CoapAdafactor8bit"]
@@ -74,8 +76,8 @@ class CoapAdafactor(LowRankOptimizer):
         relative_step: use the ``min(1e-2, 1/sqrt(t))`` step size instead of ``lr`` (default True).
         warmup_init: with ``relative_step``, warm up as ``min(1e-6 t, 1/sqrt(t))`` (default False).
         rank, rank_ratio_matrix, rank_ratio_cnn, update_interval, reproject_factor, correlation_lr,
-        correlation_normalize, correlation_max_norm, scale, min_conv_numel, seed, coap: the COAP
-            options, as documented in :class:`~coap_torch.CoapAdamW`.
+        correlation_normalize, correlation_max_norm, scale, min_conv_numel, seed, coap,
+        projection_side: the COAP options, as documented in :class:`~coap_torch.CoapAdamW`.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
@@ -86,7 +88,7 @@ class CoapAdafactor(LowRankOptimizer):
         ['exp_avg', 'exp_avg_sq_col', 'exp_avg_sq_row', 'proj', 'step']
     """
 
-    moment_rotations = {"exp_avg": "linear", "exp_avg_sq": "squared", "exp_avg_sq_row": "row", "exp_avg_sq_col": "col"}
+    moment_rotations: ClassVar[dict[str, str]] = {"exp_avg": "linear", "exp_avg_sq": "squared", "exp_avg_sq_row": "row", "exp_avg_sq_col": "col"}
 
     def __init__(
         self,
@@ -113,6 +115,7 @@ class CoapAdafactor(LowRankOptimizer):
         min_conv_numel: int = DEFAULT_MIN_CONV_NUMEL,
         seed: int = 0,
         coap: bool = True,
+        projection_side: str | None = None,
     ) -> None:
         defaults = group_defaults(locals())
         super().__init__(params, defaults)
@@ -155,29 +158,36 @@ class CoapAdafactor(LowRankOptimizer):
         return moments
 
     def _moment_step(
-        self, state: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, param: Tensor
+        self, state: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, param: Tensor, comm: ShardComm | None = None
     ) -> tuple[Tensor, float, float]:
         eps1, eps2 = group["eps"]
+        moments = {key: state.get(key) for key in ("exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")}
+        rule = {"step": step, "decay_rate": group["decay_rate"], "eps1": eps1, "clip_threshold": group["clip_threshold"]}
+        if comm is None:
+            param_rms = torch.linalg.vector_norm(param) / param.numel() ** 0.5 if group["scale_parameter"] else 0.0
+            update = adafactor_direction_(grad, **rule, **moments, rms_numel=param.numel())
+        else:
+            # A row shard (FSDP2): the sums over the whole parameter are all-reduced.
+            if grad.dim() > 2:
+                raise ValueError(
+                    f"a dense parameter of local shape {tuple(param.shape)} sharded on dim 0: {type(self).__name__} "
+                    "factors its last two axes, not the sharded one; use DistributedDataParallel (or CoapAdamW)"
+                )
+            numel = math.prod(param.shape[1:]) * comm.rows
+            update, param_sq = sharded_adafactor_direction_(
+                grad, **rule, **moments, comm=comm, numel=numel, param_sq=param.square().sum()
+            )
+            param_rms = param_sq.sqrt() / numel**0.5 if group["scale_parameter"] else 0.0
         lr = adafactor_lr(
             group["lr"],
             step=step,
-            param_rms=torch.linalg.vector_norm(param) / param.numel() ** 0.5 if group["scale_parameter"] else 0.0,
+            param_rms=param_rms,
             relative_step=group["relative_step"],
             scale_parameter=group["scale_parameter"],
             warmup_init=group["warmup_init"],
             eps2=eps2,
         )
-        update = adafactor_direction_(
-            grad,
-            step=step,
-            decay_rate=group["decay_rate"],
-            eps1=eps1,
-            clip_threshold=group["clip_threshold"],
-            exp_avg_sq=state.get("exp_avg_sq"),
-            exp_avg_sq_row=state.get("exp_avg_sq_row"),
-            exp_avg_sq_col=state.get("exp_avg_sq_col"),
-            rms_numel=param.numel(),
-        ).mul_(lr)
+        update = update.mul_(lr)
         if group["beta1"] is not None:
             update = state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
         if group["weight_decay"] != 0:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -68,6 +68,10 @@ class CoapAdamW(LowRankOptimizer):
             ``(seed, parameter index)``, never from the global RNG (default 0).
         coap: set ``False`` in a group to train it densely, e.g. embeddings and output heads
             (default True).
+        projection_side: where ``P`` sits on a matrix: ``None`` (default) the smaller side, but the
+            input side (dim 1) of parameters sharded on dim 0 by FSDP2, so that steady steps need no
+            communication; ``"smaller"`` always the smaller side; ``"input"`` always dim 1 (one
+            process then reproduces FSDP2's choice exactly).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
@@ -95,7 +99,7 @@ class CoapAdamW(LowRankOptimizer):
         fp16 parameters are updated in float32 and rounded back once per step.
     """
 
-    moment_rotations = {"exp_avg": "linear", "exp_avg_sq": "squared", "max_exp_avg_sq": "squared"}
+    moment_rotations: ClassVar[dict[str, str]] = {"exp_avg": "linear", "exp_avg_sq": "squared", "max_exp_avg_sq": "squared"}
 
     def __init__(
         self,
@@ -123,6 +127,7 @@ class CoapAdamW(LowRankOptimizer):
         min_conv_numel: int = DEFAULT_MIN_CONV_NUMEL,
         seed: int = 0,
         coap: bool = True,
+        projection_side: str | None = None,
     ) -> None:
         flags = {"foreach": foreach, "capturable": capturable, "differentiable": differentiable, "fused": fused}
         defaults = group_defaults(locals(), exclude=("flags", *flags))
@@ -147,8 +152,9 @@ class CoapAdamW(LowRankOptimizer):
         return {key: torch.zeros(shape, dtype=like.dtype, device=like.device) for key in keys}
 
     def _moment_step(
-        self, state: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, param: Tensor
+        self, state: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, param: Tensor, comm: Any = None
     ) -> tuple[Tensor, float, float]:
+        # Element-wise: a row shard needs no collective (comm unused).
         beta1, beta2 = group["betas"]
         direction = adam_direction_(
             state["exp_avg"],

@@ -1,7 +1,7 @@
 """Counting the bytes an optimizer's state holds.
 
-Every tensor reachable from ``optimizer.state`` (also inside nested dicts, lists and tuples) is
-counted once per *storage*: two views of one storage count once, and a small view that keeps a
+Every tensor reachable from ``optimizer.state`` (also inside nested dicts, lists, tuples and the
+attributes of helper objects) is counted once per *storage*: two views of one storage count once, and a small view that keeps a
 larger storage alive counts the whole storage, since that is the memory the state actually pins.
 Storages are told apart by ``(device, data_ptr)`` of :meth:`torch.Tensor.untyped_storage` and
 measured with ``storage.nbytes()``.
@@ -18,16 +18,33 @@ __all__ = ["optimizer_state_nbytes", "state_nbytes_by_kind"]
 _StorageKey = tuple[str, int]
 
 
-def _tensors(value: object) -> Iterator[torch.Tensor]:
-    """The tensors in ``value``, depth first, in container order."""
+def _tensors(value: object, seen: set[int] | None = None) -> Iterator[torch.Tensor]:
+    """The tensors in ``value``, depth first, in container order.
+
+    Besides dicts, lists and tuples, the attributes of plain objects are walked too: some
+    optimizers keep tensors inside helper objects in their state (GaLore's projector holds its
+    projection matrix), and that memory is state all the same. ``seen`` guards against cycles.
+    """
     if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
+        # A DTensor (FSDP2 state) is counted by the shard this rank holds: per-rank bytes.
+        yield value.to_local() if hasattr(value, "to_local") else value
+        return
+    if isinstance(value, (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)):
+        return
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, dict):
+        items = value.values()
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = value
+    elif hasattr(value, "__dict__") and not callable(value):
+        items = vars(value).values()
+    else:
+        return
+    for item in items:
+        yield from _tensors(item, seen)
 
 
 def _storage(tensor: torch.Tensor) -> tuple[_StorageKey, int]:
@@ -86,7 +103,7 @@ def optimizer_state_nbytes(optimizer: torch.optim.Optimizer, *, include_step: bo
 
     Each storage counts once, with all its bytes (``untyped_storage().nbytes()``), however many
     tensors view it: two views of one buffer count once, and a narrow slice of a large buffer
-    counts the whole buffer it keeps alive. Tensors inside nested dicts, lists and tuples count.
+    counts the whole buffer it keeps alive. Tensors inside nested dicts, lists, tuples and objects count.
 
     ``step`` counters are left out by default: they are scalars that every optimizer keeps, and
     leaving them out makes the figure comparable with the closed-form counts. With

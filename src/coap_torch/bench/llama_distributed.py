@@ -1,0 +1,621 @@
+"""``coap-bench llama`` on several processes (DDP or FSDP2), and per-layer updates during backward.
+
+Distributed runs are started by ``torchrun``::
+
+    torchrun --nproc-per-node 2 -m coap_torch.bench.cli llama --distributed fsdp2 --preset micro --steps 20
+
+Every rank builds the same model (:func:`~coap_torch.bench.llama_model.build_llama`, same seed),
+wraps it (``DistributedDataParallel``, or ``fully_shard`` on each decoder layer and on the root)
+and trains on its slice of each global batch: the global batch is ``--batch-size`` sequences, the
+same batches a single-process run draws, split evenly across ranks. Runs stay in the ranks'
+processes (no per-run subprocess). Backend and device follow ``--device``: gloo on the CPU,
+NCCL and ``cuda:LOCAL_RANK`` on GPUs.
+
+Each rank measures its optimizer-state bytes (a DTensor state counts by its local shard), the
+optimizer's own collectives (``optimizer.communication`` of a COAP optimizer; other optimizers
+keep no such log and show ``n/a``) and the collectives the engine issues during one step's
+forward and backward. Rank 0 gathers the figures, evaluates the held-out loss on the full model and prints
+the table.
+
+Collective bytes are *payloads*: the size of each collective's full tensor (the output of an
+all-gather, the input of a reduce-scatter, the buffer of an all-reduce), as
+:class:`~coap_torch.optim.CommunicationLog` counts the optimizer's all-reduces. What a rank
+actually sends is a fraction of that: ``(W - 1) / W`` for all-gather and reduce-scatter, twice
+that for a ring all-reduce.
+
+``--per-layer`` updates each parameter during backward (:func:`~coap_torch.optim.enable_per_layer_updates`)
+in single-process and FSDP2 runs, and :func:`measure_per_layer_saving` measures what it saves: the
+peak of allocated tensor bytes of a few training steps with and without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import math
+import os
+import statistics
+import sys
+import textwrap
+import time
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from ..optim import LowRankOptimizer, enable_per_layer_updates
+from ..utils import optimizer_state_nbytes
+from ..utils.allocations import PeakAllocations
+from ._deps import require
+from .environment import hardware, peak_memory, versions
+from .llama import (
+    _BATCH_STREAM,
+    FINAL_LOSS_WINDOW,
+    FINAL_LR_FRACTION,
+    LLAMA_PRESETS,
+    LR_SWEEP_FACTORS,
+    LlamaConfig,
+    _best,
+    _loss,
+    evaluate_heldout,
+    format_llama_table,
+    lr_lambda,
+)
+from .llama_model import build_llama, projected_parameter_groups
+from .optimizers import OPTIMIZERS, build_optimizer
+from .probes import Eq2Probe, refresh_time
+from .report import format_bytes, markdown_table
+from .runner import compare_to_baseline, failed_result
+from .timing import timed_step
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
+
+__all__ = [
+    "ENGINES",
+    "CollectiveBytes",
+    "EngineCollectives",
+    "format_distributed_table",
+    "measure_per_layer_saving",
+    "run_llama_command",
+    "run_llama_distributed",
+]
+
+#: Values of ``--distributed``.
+ENGINES = ("ddp", "fsdp2")
+#: How the engine's bytes are obtained (written to the JSON and the table notes).
+ENGINE_BYTES_METHOD = (
+    "counted: the payloads of the c10d collectives of the last step's forward and backward, seen by a "
+    "TorchDispatchMode, less any the optimizer logs itself (per-layer updates run inside backward)"
+)
+#: Steps of :func:`measure_per_layer_saving` after its warm-up step.
+PER_LAYER_STEPS = 2
+
+
+# ------------------------------------------------------------------------------------- collectives
+
+
+class CollectiveBytes(TorchDispatchMode):
+    """Context manager: calls and payload bytes of every c10d collective issued inside it, per op.
+
+    ProcessGroup methods dispatch through ``c10d::*`` ops, so this sees what DDP's reducer and
+    FSDP2's hooks issue as well as direct ``torch.distributed`` calls. The payload of an op is the
+    larger of its first two tensor arguments (output and input of ``_allgather_base_`` /
+    ``_reduce_scatter_base_``; the buffers of ``allreduce_``): the full tensor either way.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, dict[str, int]] = {}
+        self.paused = False
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        name = str(func)
+        if name.startswith("c10d.") and not self.paused:
+            sides = [_tensor_bytes(arg) for arg in args[:2]]
+            entry = self.ops.setdefault(name.removeprefix("c10d.").removesuffix(".default"), {"calls": 0, "bytes": 0})
+            entry["calls"] += 1
+            entry["bytes"] += max(sides, default=0)
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def bytes(self) -> int:
+        return sum(entry["bytes"] for entry in self.ops.values())
+
+
+def _tensor_bytes(value: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tree_leaves(value) if isinstance(t, Tensor))
+
+
+class EngineCollectives:
+    """Context manager: the collectives the engine (DDP, FSDP2) issues in a region of training.
+
+    Counts every c10d collective (:class:`CollectiveBytes`) except those of ``optimizer.step()``
+    (paused by step hooks: a peer's DTensor ops may communicate there) and those a COAP optimizer
+    logs in ``optimizer.communication`` outside ``step()`` (per-layer updates run inside backward).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.counted = CollectiveBytes()
+        self._log = getattr(optimizer, "communication", None)
+        self._outside_step = 0  # optimizer-logged bytes counted by ``counted``
+
+    def _logged(self) -> int:
+        return self._log.bytes if self._log is not None else 0
+
+    def __enter__(self) -> Self:
+        self._handles = [self.optimizer.register_step_pre_hook(self._pause),
+                         self.optimizer.register_step_post_hook(self._resume)]
+        self._mark = self._logged()
+        self.counted.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.counted.__exit__(*exc)
+        self._outside_step += self._logged() - self._mark
+        for handle in self._handles:
+            handle.remove()
+
+    def _pause(self, *_: Any) -> None:
+        self.counted.paused = True
+        self._outside_step += self._logged() - self._mark
+
+    def _resume(self, *_: Any) -> None:
+        self.counted.paused = False
+        self._mark = self._logged()
+
+    @property
+    def bytes(self) -> int:
+        return self.counted.bytes - self._outside_step
+
+
+# --------------------------------------------------------------------------------------- launching
+
+
+def launch_environment() -> tuple[int, int, int]:
+    """``(rank, world size, local rank)`` from the variables ``torchrun`` sets; ``ValueError`` without them."""
+    missing = [name for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+               if name not in os.environ]
+    if missing:
+        raise ValueError(
+            f"--distributed needs the environment torchrun sets ({', '.join(missing)} missing); launch it as "
+            "`torchrun --nproc-per-node 2 -m coap_torch.bench.cli llama --distributed fsdp2 ...`"
+        )
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+
+
+def _check(config: LlamaConfig, world_size: int) -> None:
+    if config.distributed not in ENGINES:
+        raise ValueError(f"unknown --distributed {config.distributed!r}; choose from {', '.join(ENGINES)}")
+    if config.per_layer and config.distributed == "ddp":
+        raise ValueError(
+            "--per-layer cannot be combined with --distributed ddp: DDP averages gradients after the per-layer "
+            "hooks run, so each rank would update with its own gradient; use --distributed fsdp2"
+        )
+    if config.checkpoint_dir:
+        raise ValueError("--checkpoint-dir is not supported with --distributed")
+    if config.batch_size % world_size:
+        raise ValueError(f"--batch-size {config.batch_size} must be a multiple of the world size {world_size}")
+
+
+def _setup(config: LlamaConfig) -> tuple[torch.device, str, bool]:
+    """This rank's device, the backend, and whether this call initialised the process group."""
+    local_rank = launch_environment()[2]
+    device = torch.device(config.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group(backend)
+    return device, dist.get_backend(), started
+
+
+def _wrap(model: nn.Module, engine: str, device: torch.device) -> nn.Module:
+    if engine == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)  # embeddings, final norm and lm_head
+    return model
+
+
+def _heldout_on_rank0(model: nn.Module, engine: str, config: LlamaConfig, vocab_size: int, windows: Tensor,
+                      device: torch.device) -> float | None:
+    """Held-out loss of the full model, computed on rank 0 (a collective under FSDP2: every rank calls it)."""
+    if engine == "ddp":
+        return evaluate_heldout(model.module, windows, config.batch_size) if dist.get_rank() == 0 else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    full = build_llama(LLAMA_PRESETS[config.preset], vocab_size, seed=config.seed, device=device)
+    full.load_state_dict(state)
+    return evaluate_heldout(full, windows, config.batch_size)
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def train_distributed(name: str, lr: float, config: LlamaConfig, data: Any, windows: Tensor,
+                      device: torch.device) -> dict[str, Any]:
+    """One optimizer's run on this rank; the held-out figures are filled in on rank 0 only."""
+    from .text import TokenBatches
+
+    tqdm = require("tqdm").tqdm
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    spec = OPTIMIZERS[name]
+    settings = config.settings()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = build_llama(LLAMA_PRESETS[config.preset], data.vocab_size, seed=config.seed, device=device)
+    model.train()
+    model = _wrap(model, config.distributed, device)
+    split = projected_parameter_groups(model, config.recipe)
+    optimizer = build_optimizer(name, [p for _, p in split.projected], [p for _, p in split.dense], lr, settings)
+    per_layer = config.per_layer and isinstance(optimizer, LowRankOptimizer)
+    updates = enable_per_layer_updates(optimizer) if per_layer else None
+    comm = getattr(optimizer, "communication", None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.steps, config.warmup_steps))
+    batches = TokenBatches(data.train, config.batch_size, config.seq_len, seed=config.seed + _BATCH_STREAM)
+    share = config.batch_size // world_size
+    probe = Eq2Probe(optimizer, {param: pname for pname, param in model.named_parameters()})
+
+    losses: list[float] = []
+    iteration_s: list[float] = []
+    step_s: list[float] = []
+    optimizer_bytes: list[int] = []
+    engine: EngineCollectives | None = None
+    started = time.perf_counter()
+    with tqdm(total=config.steps, desc=name, file=sys.stderr, disable=not config.progress or rank != 0,
+              unit="step") as bar:
+        for step in range(1, config.steps + 1):
+            batch = batches.next()[rank * share : (rank + 1) * share].to(device)
+            before = comm.bytes if comm is not None else 0
+            probe.before_step()
+            if step == config.steps:  # the engine moves the same bytes every step: count one
+                with EngineCollectives(optimizer) as engine:
+                    loss, iteration, step_time = timed_step(lambda b=batch: _loss(model, b), optimizer, device)
+            else:
+                loss, iteration, step_time = timed_step(lambda b=batch: _loss(model, b), optimizer, device)
+            probe.after_step(step)
+            scheduler.step()
+            optimizer_bytes.append(comm.bytes - before if comm is not None else 0)
+            # The mean of equal shares' mean losses is the global batch's mean loss.
+            global_loss = loss.detach().reshape(1).clone()
+            dist.all_reduce(global_loss)
+            losses.append(global_loss.item() / world_size)
+            iteration_s.append(iteration)
+            step_s.append(step_time)
+            bar.update(1)
+    wall = time.perf_counter() - started
+    if updates is not None:
+        updates.remove()
+    peak, peak_kind = peak_memory(device)
+    heldout = _heldout_on_rank0(model, config.distributed, config, data.vocab_size, windows, device)
+
+    steady = [b for i, b in enumerate(optimizer_bytes, start=1) if not spec.refreshes_at(i, settings)]
+    iteration_ms = statistics.median(iteration_s) * 1e3
+    tail = losses[-FINAL_LOSS_WINDOW:]
+    return {
+        "name": name,
+        "optimizer": spec.description,
+        "family": spec.family,
+        "lr": lr,
+        "failed": False,
+        "per_layer": per_layer,
+        "state_bytes": optimizer_state_nbytes(optimizer),
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": peak_kind + " (since the rank's process started)" if device.type == "cpu" else peak_kind,
+        "iteration_ms": iteration_ms,
+        "step_ms": statistics.median(step_s) * 1e3,
+        "tokens_per_s": config.batch_size * config.seq_len / (iteration_ms / 1e3),
+        "refresh": refresh_time(step_s, lambda i: spec.refreshes_at(i, settings)),
+        "p_step_rel_change": probe.median(),
+        "p_step_rel_changes": probe.changes,
+        "final_loss": sum(tail) / len(tail),
+        "last_batch_loss": losses[-1],
+        "heldout_loss": heldout,
+        "heldout_perplexity": None if heldout is None else math.exp(heldout) if heldout < 700 else float("inf"),
+        "first_nonfinite_step": next((i for i, v in enumerate(losses, start=1) if not math.isfinite(v)), None),
+        "steps_done": len(losses),
+        "completed": True,
+        "workarounds": [],
+        "wall_seconds": wall,
+        "process_id": os.getpid(),
+        "loss_curve": losses,
+        # Per-rank communication figures; rank 0 moves them into "ranks".
+        "optimizer_comm_calls": comm.calls if comm is not None else None,
+        "optimizer_comm_bytes": comm.bytes if comm is not None else None,
+        "optimizer_comm_bytes_per_step": comm.bytes / len(losses) if comm is not None else None,
+        "optimizer_comm_steady_step_bytes": max(steady) if comm is not None and steady else None,
+        "optimizer_comm_bytes_by_step": optimizer_bytes if comm is not None else None,
+        "engine_bytes_per_step": engine.bytes if engine is not None else 0,
+        # The counted collectives by op (with per-layer updates, the optimizer's all-reduces in backward too).
+        "engine_collectives": engine.counted.ops if engine is not None else {},
+    }
+
+
+#: Figures that differ per rank: kept per rank in ``ranks``, rank 0's at the top level of a result.
+_PER_RANK = ("state_bytes", "peak_memory_bytes", "optimizer_comm_calls", "optimizer_comm_bytes",
+             "optimizer_comm_bytes_per_step", "optimizer_comm_steady_step_bytes", "optimizer_comm_bytes_by_step",
+             "engine_bytes_per_step", "engine_collectives", "iteration_ms", "step_ms", "process_id")
+
+
+def _merge_ranks(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    failed = [r for r in per_rank if r.get("failed")]
+    if failed:
+        return failed[0]
+    result = dict(per_rank[0])
+    result["ranks"] = [{"rank": rank, **{key: r.get(key) for key in _PER_RANK}} for rank, r in enumerate(per_rank)]
+    result["state_bytes_all_ranks"] = sum(r["state_bytes"] for r in per_rank)
+    return result
+
+
+def _guarded(name: str, lr: float, *args: Any) -> dict[str, Any]:
+    # An optimizer that fails the same way on every rank (a peer that rejects DTensors) becomes a
+    # failed row; a failure on one rank only leaves the others in a collective, and torchrun ends them.
+    try:
+        return train_distributed(name, lr, *args)
+    except (ValueError, RuntimeError, TypeError, NotImplementedError) as error:
+        lines = str(error).strip().splitlines()
+        return failed_result(name, lr, f"{type(error).__name__}: {lines[0] if lines else ''}")
+
+
+def run_llama_distributed(config: LlamaConfig) -> dict[str, Any] | None:
+    """Train once per optimizer on every rank of a ``torchrun`` job; the run (as :func:`run_llama`'s) on rank 0.
+
+    Other ranks return ``None``. The process group is created if needed, and then destroyed at the end.
+    """
+    from .text import heldout_windows, load_token_data
+
+    config = dataclasses.replace(config.resolved(), isolate=False)
+    rank, world_size, _ = launch_environment()
+    _check(config, world_size)
+    device, backend, started = _setup(config)
+    try:
+        def load() -> Any:
+            return load_token_data(source="c4" if config.c4 else None, data_dir=config.data_dir,
+                                   vocab_size=config.vocab_size, max_documents=config.max_documents)
+
+        # Rank 0 trains the tokenizer into the cache first; the others then read it.
+        data = load() if rank == 0 else None
+        dist.barrier()
+        data = load() if data is None else data
+        windows = heldout_windows(data, config.seq_len, config.max_heldout_windows)
+        results = []
+        for name in config.optimizers:
+            base_lr = config.lr_for(name)
+            runs = []
+            for lr in [base_lr * f for f in LR_SWEEP_FACTORS] if config.lr_sweep else [base_lr]:
+                mine = _guarded(name, lr, config, data, windows, device)
+                gathered: list[Any] | None = [None] * world_size if rank == 0 else None
+                dist.gather_object(mine, gathered, dst=0)
+                if rank == 0:
+                    runs.append(_merge_ranks(gathered))
+            if rank == 0:
+                results.append(_best(runs, config.lr_sweep))
+        dist.barrier()  # no rank tears the group down while another still talks to it
+        if rank != 0:
+            return None
+        compare_to_baseline(results)
+        return {"config": _settings(config, data, windows, world_size, backend), "data": data.describe(),
+                "versions": versions(), "hardware": hardware(device), "argv": list(config.argv), "results": results}
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def _settings(config: LlamaConfig, data: Any, windows: Tensor, world_size: int, backend: str) -> dict[str, Any]:
+    preset = LLAMA_PRESETS[config.preset]
+    settings = dataclasses.asdict(config)
+    settings.update(
+        optimizers=list(config.optimizers),
+        low_rank=dataclasses.asdict(config.settings()),
+        lrs={name: config.lr_for(name) for name in config.optimizers},
+        preset_shape={k: v for k, v in dataclasses.asdict(preset).items() if k != "notes"},
+        parameters=preset.num_parameters(data.vocab_size),
+        heldout_windows=int(windows.size(0)),
+        tokens_per_step=config.batch_size * config.seq_len,
+        lr_sweep_factors=list(LR_SWEEP_FACTORS) if config.lr_sweep else None,
+        final_lr_fraction=FINAL_LR_FRACTION,
+        torch_threads=torch.get_num_threads(),
+        world_size=world_size,
+        backend=backend,
+        engine=config.distributed,
+        batch_per_rank=config.batch_size // world_size,
+        engine_bytes_method=ENGINE_BYTES_METHOD,
+    )
+    return settings
+
+
+# ------------------------------------------------------------------------------------------ report
+
+_RANK_HEADER = ["optimizer", "rank", "state", "opt comm/step", "opt comm steady", "engine/step", "opt / engine"]
+
+
+def _maybe_bytes(value: float | None) -> str:
+    return "n/a" if value is None else format_bytes(round(value))
+
+
+def _rank_rows(result: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for r in result.get("ranks", []):
+        share = r["optimizer_comm_bytes_per_step"]
+        ratio = "n/a" if share is None or not r["engine_bytes_per_step"] else f"{share / r['engine_bytes_per_step']:.2%}"
+        rows.append([result["name"], str(r["rank"]), format_bytes(r["state_bytes"]), _maybe_bytes(share),
+                     _maybe_bytes(r["optimizer_comm_steady_step_bytes"]), _maybe_bytes(r["engine_bytes_per_step"]),
+                     ratio])
+    return rows
+
+
+def format_distributed_table(run: dict[str, Any]) -> str:
+    """:func:`~coap_torch.bench.llama.format_llama_table`, then the per-rank state and communication table."""
+    config = run["config"]
+    text = [format_llama_table(run, notes=True)]
+    per_layer = [r["name"] for r in run["results"] if r.get("per_layer")]
+    if per_layer:
+        remark = (f"per-layer updates: {', '.join(per_layer)} updated each parameter inside backward, so their "
+                  "step ms is the empty optimizer.step() and iter ms includes the updates")
+        text += ["", remark]
+    if "per_layer_saving" in run:
+        text += ["", format_per_layer_saving(run["per_layer_saving"])]
+    if config.get("engine") is None:
+        return "\n".join(text)
+    rows = [row for result in run["results"] for row in _rank_rows(result)]
+    title = (f"per rank: {config['engine']} on {config['world_size']} ranks ({config['backend']}), "
+             f"{config['batch_per_rank']} sequences per rank and step")
+    text += ["", title, ""]
+    text += markdown_table(_RANK_HEADER, rows)
+    notes = (
+        "state: the rank's optimizer-state bytes (DTensor state counted by its local shard); opt comm/step: the "
+        "optimizer's own collectives (optimizer.communication), payload bytes per step amortised over the run, n/a "
+        "for optimizers without their own collectives; opt comm steady: the largest step without a projection "
+        "refresh; engine/step: what the engine moved in one step (DDP: gradient all-reduce and buffer broadcast; "
+        "FSDP2: parameter all-gathers and gradient reduce-scatters), "
+        f"{ENGINE_BYTES_METHOD}. Payload = the full tensor of each collective (what a rank sends is (W-1)/W of it, "
+        "twice that for a ring all-reduce)."
+    )
+    text += ["", *textwrap.wrap(notes, width=120)]
+    return "\n".join(text)
+
+
+def format_per_layer_saving(saving: dict[str, Any]) -> str:
+    """One line per optimizer: peak allocated tensor bytes of training steps without and with per-layer updates."""
+    lines = [f"per-layer updates ({saving['kind']}, {saving['steps']} steps after a warm-up step):"]
+    for row in saving["results"]:
+        lines.append(
+            f"  {row['name']}, batch {row['batch_size']} x {saving['seq_len']}: peak "
+            f"{format_bytes(row['regular_peak_bytes'])} -> "
+            f"{format_bytes(row['per_layer_peak_bytes'])} with per-layer updates (saves "
+            f"{format_bytes(row['saving_bytes'])}; the gradients are {format_bytes(row['gradient_bytes'])}); "
+            f"largest loss difference {row['max_loss_difference']:.2e}"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------- per-layer
+
+
+def _train_measured(name: str, config: LlamaConfig, data: Any, per_layer: bool, steps: int,
+                    batch_size: int) -> tuple[int, list[float]]:
+    from .text import TokenBatches
+
+    device = torch.device(config.device)
+    model = build_llama(LLAMA_PRESETS[config.preset], data.vocab_size, seed=config.seed, device=device)
+    model.train()
+    split = projected_parameter_groups(model, config.recipe)
+    optimizer = build_optimizer(name, [p for _, p in split.projected], [p for _, p in split.dense],
+                                config.lr_for(name), config.settings())
+    batches = TokenBatches(data.train, batch_size, config.seq_len, seed=config.seed + _BATCH_STREAM, device=device)
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = _loss(model, batches.next())
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    losses = [step()]  # the optimizer state exists before the measured steps in both modes
+    updates = enable_per_layer_updates(optimizer) if per_layer else None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        losses += [step() for _ in range(steps)]
+        peak = torch.cuda.max_memory_allocated(device) - before
+    else:
+        with PeakAllocations() as allocations:
+            losses += [step() for _ in range(steps)]
+        peak = allocations.peak_bytes
+    if updates is not None:
+        updates.remove()
+    return peak, losses
+
+
+def measure_per_layer_saving(config: LlamaConfig, names: tuple[str, ...] | None = None, *,
+                             steps: int = PER_LAYER_STEPS, batch_sizes: tuple[int, ...] | None = None,
+                             data: Any = None) -> dict[str, Any]:
+    """Peak allocated tensor bytes of ``steps`` training steps without and with per-layer updates.
+
+    For each COAP optimizer of ``names`` (default: those of ``config.optimizers``) and each batch
+    size (default: the run's and a single sequence), trains the model of ``config`` from its
+    initial weights on its first batches twice, in this process: a warm-up step (so the optimizer
+    state exists in both modes), then ``steps`` measured steps. Per-layer updates save the
+    gradients, so the saving shows where gradients rather than activations set the peak: at small
+    batches, or with large matrices.
+    The peak is the most tensor memory the measured steps held on top of the model and the state:
+    :class:`~coap_torch.utils.allocations.PeakAllocations` on the CPU,
+    ``torch.cuda.max_memory_allocated`` minus what was allocated before on a GPU. Both modes see
+    the same batches, so their loss curves agree (``max_loss_difference``).
+    """
+    from .text import load_token_data
+
+    config = config.resolved()
+    if data is None:
+        data = load_token_data(source="c4" if config.c4 else None, data_dir=config.data_dir,
+                               vocab_size=config.vocab_size, max_documents=config.max_documents)
+    names = tuple(n for n in (names or config.optimizers) if OPTIMIZERS[n].family == "coap")
+    batch_sizes = tuple(dict.fromkeys(batch_sizes or (config.batch_size, 1)))
+    model = build_llama(LLAMA_PRESETS[config.preset], data.vocab_size, seed=config.seed, device="meta")
+    gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    rows = []
+    for name, batch_size in itertools.product(names, batch_sizes):
+        with warnings.catch_warnings():
+            # A single sequence's first gradient has a low numerical rank; the optimizer says so,
+            # but this measures memory, not the subspace.
+            warnings.filterwarnings("ignore", message=".*numerical rank", category=RuntimeWarning)
+            regular, regular_losses = _train_measured(name, config, data, False, steps, batch_size)
+            per_layer, per_layer_losses = _train_measured(name, config, data, True, steps, batch_size)
+        rows.append({
+            "name": name,
+            "batch_size": batch_size,
+            "regular_peak_bytes": regular,
+            "per_layer_peak_bytes": per_layer,
+            "saving_bytes": regular - per_layer,
+            "gradient_bytes": gradient_bytes,
+            "regular_losses": regular_losses,
+            "per_layer_losses": per_layer_losses,
+            "max_loss_difference": max(abs(a - b) for a, b in zip(regular_losses, per_layer_losses)),
+        })
+    kind = ("torch.cuda.max_memory_allocated" if torch.device(config.device).type == "cuda"
+            else "peak allocated tensor bytes, PeakAllocations")
+    return {"steps": steps, "seq_len": config.seq_len, "kind": kind, "results": rows}
+
+
+# ------------------------------------------------------------------------------------------- command
+
+
+def run_llama_command(config: LlamaConfig, args: argparse.Namespace,
+                      run_and_report: Callable[..., int]) -> int:
+    """``coap-bench llama`` with ``--distributed`` and/or ``--per-layer``; ``run_and_report`` prints and writes."""
+    from .llama import run_llama, write_llama_plots
+
+    if config.distributed is None:  # --per-layer on one process: the usual runs, then the saving
+        def job() -> dict[str, Any]:
+            run = run_llama(config)
+            run["per_layer_saving"] = measure_per_layer_saving(config)
+            return run
+
+        return run_and_report(job, args, format_distributed_table, write_llama_plots)
+    rank, _, _ = launch_environment()
+    if rank != 0:
+        run_llama_distributed(config)
+        return 0
+    return run_and_report(lambda: run_llama_distributed(config), args, format_distributed_table, write_llama_plots)
+

@@ -1,0 +1,107 @@
+"""Running one training run of a benchmark: in a fresh process if asked, and never letting one crash
+end the whole comparison.
+
+:func:`run_guarded` returns the run's result, or a *failed* result (``failed: True`` and the
+``error``) when it raised or its process died: a peer optimizer that does not work on this
+machine is a row of the table, not a traceback. On the CPU, each run gets a fresh process so that
+its peak RSS is its own (a process's peak only grows).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import concurrent.futures.process
+import multiprocessing
+import os
+import tempfile
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["RunConfigurationError", "atomic_save", "compare_to_baseline", "failed_result", "rng_state", "run_guarded", "set_rng_state"]
+
+
+class RunConfigurationError(ValueError):
+    """A run cannot start as configured (e.g. a checkpoint of another configuration): the user's
+    error, raised to them rather than reported as a failed optimizer."""
+
+
+#: Measurements every result has; a failed run has them all ``None``.
+MEASUREMENTS = ("state_bytes", "peak_memory_bytes", "iteration_ms", "step_ms", "final_loss", "heldout_loss")
+
+
+def failed_result(name: str, lr: float, error: str) -> dict[str, Any]:
+    """The result of a run that did not finish: its name, lr and error, every measurement ``None``."""
+    return {"name": name, "lr": lr, "failed": True, "error": error, **dict.fromkeys(MEASUREMENTS)}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def run_guarded(fn: Callable[..., dict[str, Any]], args: Sequence[Any], *, name: str, lr: float,
+                isolate: bool) -> dict[str, Any]:
+    """``fn(*args)``, in a fresh spawned process when ``isolate``; a failed result if it raises or dies."""
+    try:
+        if not isolate:
+            return fn(*args)
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            return pool.submit(fn, *args).result()
+    except concurrent.futures.process.BrokenProcessPool:
+        return failed_result(name, lr, "the run's process died (a crash in native code, or out of memory)")
+    except (KeyboardInterrupt, RunConfigurationError):
+        raise
+    except Exception as error:  # noqa: BLE001 - a peer that does not work here is reported, not fatal
+        result = failed_result(name, lr, _first_line(error))
+        result["traceback"] = "".join(traceback.format_exception(error))[-4000:]
+        return result
+
+
+def compare_to_baseline(results: list[dict[str, Any]], baseline: str = "adamw") -> None:
+    """Add ``*_ratio_to_<baseline>`` and the relative held-out difference to each finished result, in place."""
+    base = next((r for r in results if r["name"] == baseline and not r.get("failed")), None)
+    if base is None:
+        return
+    for result in results:
+        if result.get("failed"):
+            continue
+        for key in ("state_bytes", "iteration_ms", "step_ms", "peak_memory_bytes"):
+            if result.get(key) is not None and base.get(key):
+                result[f"{key.removesuffix('_bytes').removesuffix('_ms')}_ratio_to_{baseline}"] = (
+                    result[key] / base[key]
+                )
+        if result.get("heldout_loss") is not None and base.get("heldout_loss"):
+            result[f"heldout_loss_minus_{baseline}"] = result["heldout_loss"] - base["heldout_loss"]
+            result[f"heldout_loss_rel_to_{baseline}"] = result["heldout_loss"] / base["heldout_loss"] - 1
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The global RNG states a training run may draw from (CPU, and CUDA when used)."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def atomic_save(payload: dict[str, Any], path: Path) -> None:
+    """``torch.save`` through a temporary file and a rename: a killed run never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
