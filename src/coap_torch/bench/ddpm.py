@@ -76,7 +76,15 @@ from .llama import FINAL_LOSS_WINDOW, FINAL_LR_FRACTION, LR_SWEEP_FACTORS, lr_la
 from .optimizers import OPTIMIZERS, LowRankSettings, build_optimizer
 from .probes import Eq2Probe, refresh_time
 from .report import _number, format_bytes, markdown_table
-from .runner import RunConfigurationError, atomic_save, compare_to_baseline, rng_state, run_guarded, set_rng_state
+from .runner import (
+    atomic_save,
+    checkpoint_workarounds,
+    compare_to_baseline,
+    load_checkpoint,
+    rng_state,
+    run_guarded,
+    set_rng_state,
+)
 from .timing import timed_step
 
 __all__ = [
@@ -590,20 +598,9 @@ def _train_one(name: str, lr: float, config: DdpmConfig, data: ImageData, heldou
     step_s: list[float] = []
     heldout_curve: list[dict[str, float]] = []
     start_step = 0
-    workarounds = []
-    if spec.state_classes and checkpoint is not None:
-        workarounds.append(
-            f"checkpoints allowlist {', '.join(c.rpartition('.')[2] for c in spec.state_classes)} (an object "
-            "the optimizer keeps in its state) for torch.load(weights_only=True)"
-        )
-    if checkpoint is not None and checkpoint.is_file():
-        with torch.serialization.safe_globals(spec.safe_globals()):
-            saved = torch.load(checkpoint, map_location=device, weights_only=True)
-        if saved.get("format") != _CHECKPOINT_FORMAT or saved.get("fingerprint") != fingerprint:
-            raise RunConfigurationError(
-                f"checkpoint {str(checkpoint)!r} was saved by a different run configuration; "
-                "remove it or use another --checkpoint-dir"
-            )
+    workarounds = checkpoint_workarounds(spec, checkpoint)
+    saved = load_checkpoint(checkpoint, spec, fingerprint, _CHECKPOINT_FORMAT, device)
+    if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         lr_schedule.load_state_dict(saved["scheduler"])

@@ -50,7 +50,15 @@ from .llama_model import PRESETS, RECIPES, LlamaPreset, projected_parameter_grou
 from .optimizers import OPTIMIZERS, LowRankSettings, build_optimizer
 from .probes import Eq2Probe, refresh_time
 from .report import _number, format_bytes, markdown_table
-from .runner import RunConfigurationError, atomic_save, compare_to_baseline, rng_state, run_guarded, set_rng_state
+from .runner import (
+    atomic_save,
+    checkpoint_workarounds,
+    compare_to_baseline,
+    load_checkpoint,
+    rng_state,
+    run_guarded,
+    set_rng_state,
+)
 from .timing import timed_step
 
 __all__ = [
@@ -302,20 +310,9 @@ def train_one(name: str, lr: float, config: LlamaConfig, data: Any, windows: Ten
     iteration_s: list[float] = []
     step_s: list[float] = []
     start_step = 0
-    workarounds = []
-    if spec.state_classes and checkpoint is not None:
-        workarounds.append(
-            f"checkpoints allowlist {', '.join(c.rpartition('.')[2] for c in spec.state_classes)} (an object "
-            "the optimizer keeps in its state) for torch.load(weights_only=True)"
-        )
-    if checkpoint is not None and checkpoint.is_file():
-        with torch.serialization.safe_globals(spec.safe_globals()):
-            saved = torch.load(checkpoint, map_location=device, weights_only=True)
-        if saved.get("format") != _CHECKPOINT_FORMAT or saved.get("fingerprint") != fingerprint:
-            raise RunConfigurationError(
-                f"checkpoint {str(checkpoint)!r} was saved by a different run configuration; "
-                "remove it or use another --checkpoint-dir"
-            )
+    workarounds = checkpoint_workarounds(spec, checkpoint)
+    saved = load_checkpoint(checkpoint, spec, fingerprint, _CHECKPOINT_FORMAT, device)
+    if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -426,6 +423,25 @@ def _best(runs: list[dict[str, Any]], sweep: bool) -> dict[str, Any]:
     return best
 
 
+def run_settings(config: LlamaConfig, data: Any, windows: Tensor) -> dict[str, Any]:
+    """The ``config`` part of a run's result: the options plus what they resolved to."""
+    preset = LLAMA_PRESETS[config.preset]
+    settings = dataclasses.asdict(config)
+    settings.update(
+        optimizers=list(config.optimizers),
+        low_rank=dataclasses.asdict(config.settings()),
+        lrs={name: config.lr_for(name) for name in config.optimizers},
+        preset_shape={k: v for k, v in dataclasses.asdict(preset).items() if k != "notes"},
+        parameters=preset.num_parameters(data.vocab_size),
+        heldout_windows=int(windows.size(0)),
+        tokens_per_step=config.batch_size * config.seq_len,
+        lr_sweep_factors=list(LR_SWEEP_FACTORS) if config.lr_sweep else None,
+        final_lr_fraction=FINAL_LR_FRACTION,
+        torch_threads=torch.get_num_threads(),
+    )
+    return settings
+
+
 def run_llama(config: LlamaConfig) -> dict[str, Any]:
     """Train once per optimizer of ``config`` and return ``{"config", "data", "versions", "hardware", "argv", "results"}``.
 
@@ -460,20 +476,7 @@ def run_llama(config: LlamaConfig) -> dict[str, Any]:
         results.append(_best(runs, config.lr_sweep))
     compare_to_baseline(results)
 
-    preset = LLAMA_PRESETS[config.preset]
-    settings = dataclasses.asdict(config)
-    settings["optimizers"] = list(config.optimizers)
-    settings.update(
-        low_rank=dataclasses.asdict(config.settings()),
-        lrs={name: config.lr_for(name) for name in config.optimizers},
-        preset_shape={k: v for k, v in dataclasses.asdict(preset).items() if k != "notes"},
-        parameters=preset.num_parameters(data.vocab_size),
-        heldout_windows=int(windows.size(0)),
-        tokens_per_step=config.batch_size * config.seq_len,
-        lr_sweep_factors=list(LR_SWEEP_FACTORS) if config.lr_sweep else None,
-        final_lr_fraction=FINAL_LR_FRACTION,
-        torch_threads=torch.get_num_threads(),
-    )
+    settings = run_settings(config, data, windows)
     return {"config": settings, "data": data.describe(), "versions": versions(),
             "hardware": hardware(config.device), "argv": list(config.argv), "results": results}
 

@@ -57,7 +57,6 @@ from .environment import hardware, peak_memory, versions
 from .llama import (
     _BATCH_STREAM,
     FINAL_LOSS_WINDOW,
-    FINAL_LR_FRACTION,
     LLAMA_PRESETS,
     LR_SWEEP_FACTORS,
     LlamaConfig,
@@ -66,6 +65,7 @@ from .llama import (
     evaluate_heldout,
     format_llama_table,
     lr_lambda,
+    run_settings,
 )
 from .llama_model import build_llama, projected_parameter_groups
 from .optimizers import OPTIMIZERS, build_optimizer
@@ -422,26 +422,14 @@ def run_llama_distributed(config: LlamaConfig) -> dict[str, Any] | None:
 
 
 def _settings(config: LlamaConfig, data: Any, windows: Tensor, world_size: int, backend: str) -> dict[str, Any]:
-    preset = LLAMA_PRESETS[config.preset]
-    settings = dataclasses.asdict(config)
-    settings.update(
-        optimizers=list(config.optimizers),
-        low_rank=dataclasses.asdict(config.settings()),
-        lrs={name: config.lr_for(name) for name in config.optimizers},
-        preset_shape={k: v for k, v in dataclasses.asdict(preset).items() if k != "notes"},
-        parameters=preset.num_parameters(data.vocab_size),
-        heldout_windows=int(windows.size(0)),
-        tokens_per_step=config.batch_size * config.seq_len,
-        lr_sweep_factors=list(LR_SWEEP_FACTORS) if config.lr_sweep else None,
-        final_lr_fraction=FINAL_LR_FRACTION,
-        torch_threads=torch.get_num_threads(),
-        world_size=world_size,
-        backend=backend,
-        engine=config.distributed,
-        batch_per_rank=config.batch_size // world_size,
-        engine_bytes_method=ENGINE_BYTES_METHOD,
-    )
-    return settings
+    return {
+        **run_settings(config, data, windows),
+        "world_size": world_size,
+        "backend": backend,
+        "engine": config.distributed,
+        "batch_per_rank": config.batch_size // world_size,
+        "engine_bytes_method": ENGINE_BYTES_METHOD,
+    }
 
 
 # ------------------------------------------------------------------------------------------ report

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["RunConfigurationError", "atomic_save", "compare_to_baseline", "failed_result", "rng_state", "run_guarded", "set_rng_state"]
+__all__ = ["RunConfigurationError", "atomic_save", "checkpoint_workarounds", "compare_to_baseline", "failed_result", "load_checkpoint", "rng_state", "run_guarded", "set_rng_state"]
 
 
 class RunConfigurationError(ValueError):
@@ -105,3 +105,31 @@ def atomic_save(payload: dict[str, Any], path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def checkpoint_workarounds(spec: Any, checkpoint: Path | None) -> list[str]:
+    """What checkpointing an optimizer of ``spec`` needs beyond plain tensors, for the run's output."""
+    if not spec.state_classes or checkpoint is None:
+        return []
+    names = ", ".join(c.rpartition(".")[2] for c in spec.state_classes)
+    note = f"checkpoints allowlist {names} (an object the optimizer keeps in its state) for torch.load(weights_only=True)"
+    return [note]
+
+
+def load_checkpoint(checkpoint: Path | None, spec: Any, fingerprint: dict[str, Any], checkpoint_format: int,
+                    device: torch.device) -> dict[str, Any] | None:
+    """The checkpoint a run saved (``None`` if there is none yet), loaded with ``weights_only=True``.
+
+    The classes ``spec`` keeps in its optimizer state are allowlisted; a checkpoint of another
+    format or configuration raises :class:`RunConfigurationError`.
+    """
+    if checkpoint is None or not checkpoint.is_file():
+        return None
+    with torch.serialization.safe_globals(spec.safe_globals()):
+        saved = torch.load(checkpoint, map_location=device, weights_only=True)
+    if saved.get("format") != checkpoint_format or saved.get("fingerprint") != fingerprint:
+        raise RunConfigurationError(
+            f"checkpoint {str(checkpoint)!r} was saved by a different run configuration; "
+            "remove it or use another --checkpoint-dir"
+        )
+    return saved
