@@ -138,7 +138,9 @@ def test_a_checkpoint_of_another_configuration_is_refused(tmp_path, capsys):
         main(["ddpm", *_SMALL, "--steps", "2", "--optimizers", "adamw", "--lr", "0.5", "--in-process",
               "--checkpoint-dir", str(tmp_path / "c")])
     assert exit_info.value.code == 2
-    assert "different run configuration" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # What differs, and only that (the first run trained at the preset's lr).
+    assert f"different run configuration (lr {DDPM_PRESETS['micro'].lr!r} there, 0.5 here)" in err, err
 
 
 def test_lr_sweep_keeps_the_best_heldout_loss(tmp_path):
@@ -149,6 +151,35 @@ def test_lr_sweep_keeps_the_best_heldout_loss(tmp_path):
     assert result["heldout_loss"] == min(s["heldout_loss"] for s in sweep)
     assert result["lr"] == next(s["lr"] for s in sweep if s["heldout_loss"] == result["heldout_loss"])
     assert all(math.isfinite(s["classifier_frechet_distance"]) for s in sweep)
+
+
+def test_seeds_average_runs_that_equal_single_seed_runs(tmp_path):
+    common = ("--steps", "3", "--optimizers", "adamw,coap_adamw", "--samples", "4", "--sample-steps", "2")
+    run = _run(tmp_path, *common, "--seed", "3", "--seeds", "2", name="both.json")
+    alone = _run(tmp_path, *common, "--seed", "4", name="alone.json")
+    for result, single in zip(run["results"], alone["results"]):
+        assert result["seeds"] == [3, 4]
+        # The second seed's run is exactly the run started with --seed 4.
+        assert result["heldout_loss_per_seed"][1] == single["heldout_loss"]
+        assert result["heldout_loss"] == pytest.approx(sum(result["heldout_loss_per_seed"]) / 2, rel=1e-12)
+        assert result["heldout_loss_std"] > 0
+        # The sample-quality classifier is trained once per invocation (from --seed): every seed's
+        # samples are scored by the same one, so only the per-seed values of one run compare.
+        assert len(result["classifier_frechet_distance_per_seed"]) == 2
+        assert all(math.isfinite(value) for value in result["classifier_frechet_distance_per_seed"])
+    adamw, coap = run["results"]
+    paired = [a / b - 1 for a, b in zip(coap["heldout_loss_per_seed"], adamw["heldout_loss_per_seed"])]
+    assert coap["heldout_loss_rel_to_adamw_per_seed"] == pytest.approx(paired)
+    assert run["config"]["seeds"] == 2
+    assert "seeds 3-4" in format_ddpm_table(run)
+
+
+def test_seeds_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        main(["ddpm", "--seeds", "0"])
+    assert "--seeds" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="seeds must be at least 1, got 0"):
+        DdpmConfig(seeds=0).resolved()
 
 
 def test_image_folder_with_class_subfolders(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 
-from coap_torch.bench.cli import main  # noqa: E402
+from coap_torch.bench.cli import main
 
 
 def _run(tmp_path, *extra: str, name: str = "r.json") -> dict:

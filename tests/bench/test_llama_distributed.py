@@ -1,4 +1,4 @@
-"""``coap-bench llama --distributed`` under torchrun (2 CPU ranks, gloo), and ``--per-layer``."""
+"""``coap-bench llama --distributed`` under torchrun (2 CPU ranks, gloo), its checkpoints, and ``--per-layer``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -38,10 +39,11 @@ def _cache_env(cache, monkeypatch):
     monkeypatch.setenv("COAP_TORCH_CACHE", cache)
 
 
-def _torchrun(folder, cache: str, *args: str) -> dict:
-    """``coap-bench llama`` on 2 ranks; the JSON rank 0 wrote. Killed with its workers after TIMEOUT s."""
+def _launch(folder, cache: str, *args: str, nproc: int = 2) -> tuple[int, str, object]:
+    """``coap-bench llama`` on ``nproc`` ranks: exit status, output and the JSON path. Killed with its workers
+    after TIMEOUT s."""
     path = folder / f"run{len(list(folder.glob('*.json')))}.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                "-m", "coap_torch.bench.cli", "llama", *_SMALL, "--json", str(path), *args]
     env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
     env.update(COAP_TORCH_CACHE=cache, OMP_NUM_THREADS="1")
@@ -53,7 +55,13 @@ def _torchrun(folder, cache: str, *args: str) -> dict:
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
         proc.communicate()
         pytest.fail(f"torchrun did not finish in {TIMEOUT} s")
-    assert proc.returncode == 0, "\n".join(line for line in out.splitlines() if "Warning" not in line)[-6000:]
+    return proc.returncode, out, path
+
+
+def _torchrun(folder, cache: str, *args: str) -> dict:
+    """``coap-bench llama`` on 2 ranks; the JSON rank 0 wrote."""
+    returncode, out, path = _launch(folder, cache, *args)
+    assert returncode == 0, "\n".join(line for line in out.splitlines() if "Warning" not in line)[-6000:]
     assert "per rank:" in out and "engine/step" in out, out[-4000:]
     return json.loads(path.read_text())
 
@@ -62,10 +70,20 @@ def _results(run: dict) -> dict:
     return {r["name"]: r for r in run["results"]}
 
 
+#: Checkpoints every 2 steps: a run stopped after 3 steps resumes from step 2.
+_CHECKPOINTS = ["--checkpoint-every", "2"]
+
+
 @pytest.fixture(scope="module")
-def fsdp2_run(tmp_path_factory, cache):
-    return _torchrun(tmp_path_factory.mktemp("fsdp2"), cache, "--distributed", "fsdp2",
-                     "--optimizers", "adamw,coap_adamw")
+def fsdp2_folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("fsdp2")
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(fsdp2_folder, cache):
+    # Checkpointed as it goes: the uninterrupted run the resume tests compare with.
+    return _torchrun(fsdp2_folder, cache, "--distributed", "fsdp2", "--optimizers", "adamw,coap_adamw",
+                     *_CHECKPOINTS, "--checkpoint-dir", str(fsdp2_folder / "checkpoints"))
 
 
 def test_fsdp2_shards_the_state_and_coap_steady_steps_are_silent(fsdp2_run):
@@ -139,7 +157,6 @@ def test_distributed_without_torchrun_says_how_to_launch(monkeypatch, capsys):
     [
         ({"distributed": "ddp", "per_layer": True}, "--per-layer cannot be combined with --distributed ddp"),
         ({"distributed": "fsdp2", "batch_size": 7}, "must be a multiple of the world size 2"),
-        ({"distributed": "fsdp2", "checkpoint_dir": "ckpt"}, "--checkpoint-dir is not supported"),
     ],
 )
 def test_distributed_options_are_checked_before_any_process_group(monkeypatch, options, message):
@@ -150,6 +167,78 @@ def test_distributed_options_are_checked_before_any_process_group(monkeypatch, o
     monkeypatch.setenv("MASTER_PORT", "1")
     with pytest.raises(ValueError, match=message):
         run_llama_distributed(LlamaConfig(preset="micro", steps=2, optimizers=("coap_adamw",), **options))
+
+
+def _final_checkpoint(folder, name: str) -> dict:
+    """The model and optimizer state of the checkpoint ``latest.json`` names, read in this process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    latest = json.loads((folder / name / "latest.json").read_text())
+    assert latest["step"] == STEPS and latest["world_size"] == 2
+    assert sorted(p.name for p in (folder / name).glob("step-*")) == [latest["directory"]]  # older ones removed
+    dcp_to_torch_save(folder / name / latest["directory"], folder / f"{name}.pt")
+    return torch.load(folder / f"{name}.pt", weights_only=False)
+
+
+def _assert_identical(a, b, where: str = "") -> None:
+    if isinstance(a, dict):
+        assert sorted(a) == sorted(b), where
+        for key in a:
+            _assert_identical(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("engine", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp2"])
+def test_interrupted_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path, cache, engine, request):
+    options = ["--distributed", engine, "--optimizers", "adamw,coap_adamw", *_CHECKPOINTS]
+    if engine == "fsdp2":
+        whole = request.getfixturevalue("fsdp2_run")
+        whole_folder = request.getfixturevalue("fsdp2_folder") / "checkpoints"
+    else:
+        whole_folder = tmp_path / "whole"
+        whole = _torchrun(tmp_path, cache, *options, "--checkpoint-dir", str(whole_folder))
+    folder = tmp_path / "interrupted"
+    part = _torchrun(tmp_path, cache, *options, "--checkpoint-dir", str(folder), "--stop-after", "3")
+    for result in part["results"]:
+        assert (result["steps_done"], result["completed"], result["resumed_from_step"]) == (3, False, None)
+        latest = json.loads((folder / result["name"] / "latest.json").read_text())
+        assert (latest["step"], latest["directory"]) == (2, "step-00000002")
+        # What a save killed half-way leaves: files of step 4 that latest.json does not name.
+        (folder / result["name"] / "step-00000004").mkdir()
+        (folder / result["name"] / "step-00000004" / ".metadata").write_bytes(b"half written")
+    resumed = _torchrun(tmp_path, cache, *options, "--checkpoint-dir", str(folder))
+
+    # Bitwise: the same collectives in the same order on the same shards (gloo, CPU), RNG and batch
+    # stream restored, the optimizer state loaded exactly (and its communication log restored).
+    for a, b in zip(whole["results"], resumed["results"], strict=True):
+        assert not a["failed"] and not b["failed"], (a.get("error"), b.get("error"))
+        assert b["resumed_from_step"] == 2 and b["completed"]
+        for key in ("loss_curve", "heldout_loss", "final_loss", "p_step_rel_changes"):
+            assert a[key] == b[key], (a["name"], key)
+        for ra, rb in zip(a["ranks"], b["ranks"], strict=True):
+            for key in ("state_bytes", "optimizer_comm_calls", "optimizer_comm_bytes", "optimizer_comm_bytes_by_step",
+                        "engine_bytes_per_step", "engine_collectives"):
+                assert ra[key] == rb[key], (a["name"], ra["rank"], key)
+        # The final weights and optimizer state, as saved at the last step.
+        _assert_identical(_final_checkpoint(whole_folder, a["name"]), _final_checkpoint(folder, a["name"]),
+                          a["name"])
+
+
+def test_a_checkpoint_of_other_settings_is_refused(tmp_path, cache, fsdp2_folder, fsdp2_run):
+    folder = fsdp2_folder / "checkpoints"
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    returncode, out, _ = _launch(tmp_path, cache, "--distributed", "ddp", "--optimizers", "adamw,coap_adamw",
+                                 "--lr", "0.5", *_CHECKPOINTS, "--checkpoint-dir", str(folder))
+    assert returncode != 0
+    errors = [line for line in out.splitlines() if "coap-bench: error:" in line]
+    assert len(errors) == 2, out[-4000:]  # every rank says why, and stops
+    assert "was saved by a different run configuration" in errors[0], errors[0]
+    assert "lr 0.001 there, 0.5 here; " in errors[0] and "engine 'fsdp2' there, 'ddp' here" in errors[0], errors[0]
+    assert "remove it or use another --checkpoint-dir" in errors[0]
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before  # nothing written
 
 
 def _tiny_config(**options) -> LlamaConfig:

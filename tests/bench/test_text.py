@@ -12,9 +12,9 @@ import torch
 
 pytest.importorskip("tokenizers")
 
-from coap_torch.bench import text  # noqa: E402
-from coap_torch.bench._deps import MissingExtraError  # noqa: E402
-from coap_torch.bench.text import (  # noqa: E402
+from coap_torch.bench import text
+from coap_torch.bench._deps import MissingExtraError
+from coap_torch.bench.text import (
     Corpus,
     Document,
     TokenBatches,

@@ -28,6 +28,24 @@ class ShardNet(nn.Module):
         return self.head(x).sum(-1)
 
 
+class StackNet(nn.Module):
+    """``depth`` square (64, 64) layers: as many sharded projected matrices, and as many sharded biases."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x.sum(-1)
+
+
+def make_stack_net(depth: int, dtype: torch.dtype = torch.float32) -> StackNet:
+    torch.manual_seed(0)
+    return StackNet(depth).to(dtype)
+
+
 def make_shard_net(dtype: torch.dtype = DTYPE) -> ShardNet:
     torch.manual_seed(0)
     return ShardNet().to(dtype)

@@ -136,7 +136,7 @@ def test_round_trip_error_is_within_half_the_largest_gap(kind, signed):
     x = _data(kind, (67, 301), seed=1)
     if not signed:
         x = x.abs()
-    codes, absmax, y = _round_trip(x, signed=signed)
+    _codes, absmax, y = _round_trip(x, signed=signed)
     ratio = _assert_within_bound(x, absmax, y, signed)
     assert 0.5 < ratio <= 1 + 1e-5  # the bound is reached, not loose
     blocks = torch.nn.functional.pad(x.reshape(-1), (0, absmax.numel() * DEFAULT_BLOCK_SIZE - x.numel()))
@@ -194,7 +194,7 @@ def test_block_size_one_is_exact(signed):
     x = _data("log-uniform", (5, 7), seed=4)
     if not signed:
         x = x.abs()
-    codes, absmax, y = _round_trip(x, signed=signed, block_size=1)
+    _codes, absmax, y = _round_trip(x, signed=signed, block_size=1)
     assert absmax.shape == (35,)
     assert torch.equal(y, x)
 
@@ -235,7 +235,7 @@ def test_shapes_sizes_and_output_dtypes(shape, signed):
 @pytest.mark.parametrize("block_size", [64, 100, 2048])
 def test_other_block_sizes(block_size):
     x = _data("cauchy", (33, 129), seed=7)
-    codes, absmax, y = _round_trip(x, signed=True, block_size=block_size)
+    _codes, absmax, y = _round_trip(x, signed=True, block_size=block_size)
     assert absmax.shape == (math.ceil(x.numel() / block_size),)
     _assert_within_bound(x, absmax, y, True, block_size)
 
@@ -341,7 +341,7 @@ def test_cuda_matches_cpu(signed):
     x = _data("log-uniform", (123, 457), seed=14)
     if not signed:
         x = x.abs()
-    codes, absmax, y = _round_trip(x, signed=signed)
+    codes, absmax, _y = _round_trip(x, signed=signed)
     cuda_codes, cuda_absmax, cuda_y = _round_trip(x.cuda(), signed=signed)
     assert cuda_codes.device.type == "cuda" and cuda_absmax.device.type == "cuda"
     assert dynamic_code_map(signed, device="cuda").device.type == "cuda"
@@ -358,10 +358,10 @@ def test_close_to_bitsandbytes():
     try:
         q, state = F.quantize_blockwise(x.to(device), blocksize=DEFAULT_BLOCK_SIZE)
         reference = F.dequantize_blockwise(q, state).float().cpu()
-    except Exception as err:  # e.g. no kernels for this device in the installed build
+    except Exception as err:  # noqa: BLE001 - e.g. no kernels for this device in the installed build
         pytest.skip(f"bitsandbytes cannot quantize on {device}: {err}")
     bnb_half_gap = F.create_dynamic_map(signed=True).float().diff().max().item() / 2
-    codes, absmax, y = _round_trip(x, signed=True)
+    _codes, absmax, y = _round_trip(x, signed=True)
     a = _per_element_absmax(absmax, x.numel()).view(x.shape)
     # Both are within their map's half gap of x, hence within the sum of each other.
     assert torch.all((y - reference).abs() <= a * (_half_max_gap(True) + bnb_half_gap) * (1 + 1e-4))

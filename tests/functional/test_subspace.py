@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -215,7 +217,7 @@ def test_low_cost_svd_warm_start_converges_by_subspace_iteration():
     for _ in range(6):
         errors.append((_projector(P) - _projector(Vr)).norm().item())
         P = low_cost_svd(G, r, P)
-    assert all(b < a for a, b in zip(errors, errors[1:]))
+    assert all(b < a for a, b in itertools.pairwise(errors))
     assert errors[-1] < 0.1 * errors[0]
 
 

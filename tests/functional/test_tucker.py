@@ -14,6 +14,7 @@ from coap_torch.functional import (
     mode_matrices,
     mode_product,
     orthonormalize,
+    tucker2_add_restored_,
     tucker2_project,
     tucker2_restore,
     unfold,
@@ -161,6 +162,17 @@ def test_project_matches_einsum_definition():
     torch.testing.assert_close(
         tucker2_project(G, P_O, P_I), torch.einsum("oikl,or,is->rskl", G, P_O, P_I), rtol=1e-12, atol=1e-12
     )
+
+
+@pytest.mark.parametrize("shape,ranks", CASES)
+def test_add_restored_accumulates_in_place(shape, ranks):
+    target = _kernel(shape, 27)
+    before, pointer = target.clone(), target.data_ptr()
+    core = _kernel((*ranks, *shape[2:]), 28)
+    P_O, P_I = _factors(shape, ranks, 29, orthonormal=False)
+    out = tucker2_add_restored_(target, core, P_O, P_I, beta=0.9, alpha=-0.5)
+    assert out is target and target.data_ptr() == pointer
+    torch.testing.assert_close(target, 0.9 * before - 0.5 * tucker2_restore(core, P_O, P_I), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("shape,ranks", CASES)

@@ -13,7 +13,7 @@ PAIRS = {
     "adamw": (CoapAdamW, CoapAdamW8bit, {"lr": 3e-3}),
     "adafactor": (CoapAdafactor, CoapAdafactor8bit, {"beta1": 0.9}),
 }
-COMMON = dict(rank_ratio_matrix=2, rank_ratio_cnn=2, update_interval=3, reproject_factor=2, min_conv_numel=0)
+COMMON = {"rank_ratio_matrix": 2, "rank_ratio_cnn": 2, "update_interval": 3, "reproject_factor": 2, "min_conv_numel": 0}
 
 
 def _dequantized(state, key, signed, block_size=256):
@@ -40,17 +40,23 @@ def test_state_layout(name):
     assert head["exp_avg_codes"].shape == (10, 48)
 
 
+@pytest.mark.parametrize("refreshes", [False, True], ids=["fixed-basis", "refreshes"])
 @pytest.mark.parametrize("name", PAIRS)
-def test_dequantized_state_tracks_the_32bit_optimizer(name):
+def test_dequantized_state_tracks_the_32bit_optimizer(name, refreshes):
     # Both runs see the same gradients (computed on the 32-bit model) so only the storage differs.
+    # Without refreshes both keep the P of the first SVD (same gradient, same sketch), so the
+    # moments differ by quantization alone. Refreshes (Eq. 2 steps at 3, 9; SVDs at 6, 12) read the
+    # first moment, so the two bases drift apart where the gradient's singular values are close:
+    # there the moments are compared in direction, and the weights absolutely.
     full, eight_bit, kwargs = PAIRS[name]
+    options = {**COMMON, **kwargs} if refreshes else {**COMMON, **kwargs, "update_interval": 100}
     model = make_net()
     params32 = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
     params8 = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
-    opt32 = full(params32, **COMMON, **kwargs)
-    opt8 = eight_bit(params8, min_8bit_size=256, **COMMON, **kwargs)
+    opt32 = full(params32, **options)
+    opt8 = eight_bit(params8, min_8bit_size=256, **options)
     names = [n for n, _ in model.named_parameters()]
-    for step in range(13):  # Eq. 2 steps at 3, 9; SVD refreshes at 6, 12
+    for step in range(13):
         with torch.no_grad():
             for p, q in zip(model.parameters(), params32):
                 p.copy_(q)
@@ -61,21 +67,28 @@ def test_dequantized_state_tracks_the_32bit_optimizer(name):
         opt8.step()
     from coap_torch.optim import layout_of
 
+    compared = 0
     for name_, a, b in zip(names, params32, params8):
         s32, s8 = opt32.state[a], opt8.state[b]
         layout = layout_of(a, opt32.param_groups[0])
         if "exp_avg_codes" in s8:
+            compared += 1
             m32, m8 = s32["exp_avg"], _dequantized(s8, "exp_avg", signed=True)
-            if layout.projected:  # compare the full-space moments: bases may differ slightly
+            if not refreshes:
+                for key in layout.factor_keys:
+                    torch.testing.assert_close(s8[key], s32[key], atol=0, rtol=0)
+                # Within the code map's resolution, plus the drift of 13 re-quantized steps.
+                assert (m8 - m32).abs().max() <= 0.05 * m32.abs().max(), name_
+            if layout.projected:  # compare the full-space moments
                 m32 = layout.restore(m32, [s32[k] for k in layout.factor_keys])
                 m8 = layout.restore(m8, [s8[k] for k in layout.factor_keys])
-            # Within the code map's resolution, plus the drift of 13 re-quantized steps.
-            assert (m8 - m32).abs().max() <= 0.05 * m32.abs().max(), name_
-            assert torch.nn.functional.cosine_similarity(m8.flatten(), m32.flatten(), dim=0) > 0.99, name_
-        for key in layout.factor_keys:  # the same subspace
+            cosine = torch.nn.functional.cosine_similarity(m8.flatten(), m32.flatten(), dim=0)
+            assert cosine > (0.99 if refreshes else 0.999), name_
+        for key in layout.factor_keys:  # nearly the same subspace: mean squared cosine of the principal angles
             P32, P8 = s32[key], s8[key]
-            torch.testing.assert_close(P8 @ P8.T, P32 @ P32.T, atol=0.05, rtol=0)
+            assert (P8.mT @ P32).square().sum() / P32.shape[-1] > 0.9, (name_, key)
         assert torch.allclose(a, b, atol=5e-3), name_
+    assert compared >= 3
 
 
 def test_second_moment_uses_the_unsigned_map():

@@ -89,7 +89,7 @@ def test_projected_matrix_matches_reference_loop(transpose):
     m, n, rank, T_u, lam = 30, 20, 5, 3, 2  # 24 steps cross 4 Eq.2 steps and 4 SVD refreshes
     W0 = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     grads = [g @ torch.diag(torch.linspace(3, 0.1, n, dtype=torch.float64)) for g in _grads((m, n), 24, torch.float64)]
-    kwargs = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, wd=0.1, rank=rank, T_u=T_u, lam=lam, eta=0.1, generator_seed=3)
+    kwargs = {"lr": 1e-2, "betas": (0.9, 0.99), "eps": 1e-8, "wd": 0.1, "rank": rank, "T_u": T_u, "lam": lam, "eta": 0.1, "generator_seed": 3}
     W_ref, P_ref = _reference_matrix_run(W0, grads, **kwargs)
 
     w = torch.nn.Parameter(W0.T.clone() if transpose else W0.clone())

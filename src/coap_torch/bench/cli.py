@@ -178,6 +178,9 @@ def _add_llama_parser(commands: argparse._SubParsersAction) -> None:
     llama.add_argument("--stop-after", type=_positive_int, help=argparse.SUPPRESS)
     llama.add_argument("--seed", type=_non_negative_int, default=0,
                        help="seed of the initial weights and batch order (default 0)")
+    llama.add_argument("--seeds", type=_positive_int, default=1,
+                       help="train each optimizer (and lr) with seeds SEED, SEED+1, ... and report the mean "
+                            "held-out loss, with the spread (default 1; single-process runs only)")
     llama.add_argument("--device", default="cpu", help="torch device to train on (default cpu)")
     llama.add_argument("--in-process", action="store_true",
                        help="run every optimizer in this process (default on CPU: a fresh process each, so that "
@@ -185,7 +188,9 @@ def _add_llama_parser(commands: argparse._SubParsersAction) -> None:
     llama.add_argument("--json", metavar="PATH", help="write the configuration and all results to this JSON file")
     llama.add_argument("--plots", metavar="DIR", help="write PNG plots to this folder (needs matplotlib)")
     llama.add_argument("--checkpoint-dir", metavar="DIR",
-                       help="save each run to DIR/<optimizer>.pt and continue from there when started again")
+                       help="save each run to DIR/<optimizer>.pt (-lr<LR> in a sweep, -seed<S> with --seeds; "
+                            "with --distributed a torch.distributed.checkpoint folder DIR/<optimizer>/) and "
+                            "continue from there when started again")
     llama.add_argument("--checkpoint-every", type=_positive_int, default=100,
                        help="steps between checkpoints (default 100)")
     llama.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -230,6 +235,7 @@ def _llama(args: argparse.Namespace, argv: list[str]) -> int:
         max_documents=args.max_documents,
         max_heldout_windows=args.max_heldout_windows,
         seed=args.seed,
+        seeds=args.seeds,
         device=args.device,
         isolate=False if args.in_process else None,
         checkpoint_dir=args.checkpoint_dir,
@@ -241,6 +247,9 @@ def _llama(args: argparse.Namespace, argv: list[str]) -> int:
         per_layer=args.per_layer,
     )
     if config.distributed or config.per_layer:
+        if config.seeds > 1:
+            raise ValueError(f"--seeds {config.seeds} is for single-process runs; run --distributed / --per-layer "
+                             "once per --seed instead")
         from .llama_distributed import run_llama_command
 
         return run_llama_command(config, args, _run_and_report)

@@ -5,7 +5,7 @@ with the DDPM objective (Ho et al., 2020): for a clean image ``x0``, a timestep 
 ``eps``, the UNet predicts ``eps`` from ``DDPMScheduler.add_noise(x0, eps, t)`` under a mean squared
 error. Every optimizer gets the same initial weights, the same images, noise and timesteps in the
 same order (:class:`ImageBatches`, seeded from ``seed``) and the same learning-rate schedule
-(linear warm-up, then cosine decay to 10% of the peak, :func:`~coap_torch.bench.llama.lr_lambda`).
+(linear warm-up, then cosine decay to 10% of the peak, :func:`~coap_torch.bench.training.lr_lambda`).
 
 Each run is scored on:
 
@@ -27,8 +27,10 @@ linear / attention / 1x1 weights, dense for the rest; GaLore and APOLLO project 
   (supplementary Table 2), ``T_u`` 16 and lambda 10 (Table 1, its diffusion rows), update scale 1,
   no weight decay; GaLore's ``update_proj_gap`` is its default 200. The lr is the preset's, the
   same for every optimizer: DDPM's CIFAR-10 lr 2e-4 (Ho et al., 2020, appendix B) for ``cifar10``;
-  the CPU presets train a few hundred steps instead of 800K, at 2e-3 (``small``; the best lr of
-  both AdamW and COAP in a 0.5x / 1x / 2x sweep around 1e-3) and 1e-3 (``micro``).
+  the CPU presets train a few hundred steps instead of 800K, at 6e-3 (``small``) and 1e-3
+  (``micro``). ``small``'s lr is the middle of AdamW's stable range: over seeds 0-2, AdamW's mean
+  held-out loss is 0.0318 at 6e-3 and 0.0313 at 8e-3, and it diverged at 1.1e-2 and 1.6e-2 (seed 0), so a
+  ``--lr-sweep`` (3e-3, 6e-3, 1.2e-2) brackets its best lr instead of ending at it.
 * ``drop-in``: the library defaults (rank ratio 2, ``T_u`` 32, lambda 5) at the same lr.
 
 As in ``coap-bench llama``, each run has a process of its own on the CPU (a crash is a failed
@@ -51,8 +53,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
-import statistics
 import sys
 import textwrap
 import time
@@ -66,26 +66,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..utils import optimizer_state_nbytes
 from ..utils.memory import state_nbytes_by_kind
 from ._deps import require
-from .environment import current_rss_bytes, hardware, peak_memory, versions
+from .environment import hardware, versions
 from .frechet import CLASSIFIER_STEPS, FrechetScorer, frechet_scorer
 from .images import ImageData, load_image_data
-from .llama import FINAL_LOSS_WINDOW, FINAL_LR_FRACTION, LR_SWEEP_FACTORS, lr_lambda
 from .optimizers import OPTIMIZERS, LowRankSettings, build_optimizer
-from .probes import Eq2Probe, refresh_time
-from .report import _number, format_bytes, markdown_table
-from .runner import (
-    atomic_save,
-    checkpoint_workarounds,
-    compare_to_baseline,
-    load_checkpoint,
-    rng_state,
-    run_guarded,
-    set_rng_state,
+from .report import _number, markdown_table
+from .runner import checkpoint_workarounds
+from .training import (
+    FINAL_LOSS_WINDOW,
+    FINAL_LR_FRACTION,
+    LR_SWEEP_FACTORS,
+    FileCheckpoint,
+    TrainingLoop,
+    measurement_columns,
+    plot_heldout_vs_state,
+    result_remarks,
+    result_row,
+    run_fingerprint,
+    run_optimizers,
+    run_stem,
+    seed_label,
+    start_measuring,
 )
-from .timing import timed_step
 
 __all__ = [
     "DDPM_PRESETS",
@@ -173,7 +177,7 @@ DDPM_PRESETS: dict[str, DdpmPreset] = {
         {"block_out_channels": (24, 32, 64), "layers_per_block": 1, "norm_num_groups": 8,
          "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
          "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")},
-        lr=2e-3, batch_size=32, steps=500, samples=256, sample_steps=50, heldout_repeats=4,
+        lr=6e-3, batch_size=32, steps=500, samples=256, sample_steps=50, heldout_repeats=4,
         notes="the default: 16x16 grayscale, 742K parameters, a few minutes per optimizer on 2 CPU cores",
     ),
     "cifar10": DdpmPreset(
@@ -247,6 +251,7 @@ class DdpmConfig:
     classifier_steps: int = CLASSIFIER_STEPS
     fid: bool = False
     seed: int = 0
+    seeds: int = 1
     device: str = "cpu"
     threads: int | None = None
     isolate: bool | None = None
@@ -276,6 +281,8 @@ class DdpmConfig:
         steps = self.steps if self.steps is not None else preset.steps
         if steps < 1:
             raise ValueError(f"steps must be positive, got {steps}")
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be at least 1, got {self.seeds}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be positive, got {self.threads}")
         sampler = self.sampler or preset.sampler
@@ -533,18 +540,7 @@ def projection_summary(optimizer: torch.optim.Optimizer, family: str) -> dict[st
 
 def _fingerprint(name: str, lr: float, config: DdpmConfig, data: ImageData) -> dict[str, Any]:
     """What must match for a checkpoint to be continued."""
-    return {
-        "optimizer": name,
-        "lr": lr,
-        "preset": config.preset,
-        "steps": config.steps,
-        "batch_size": config.batch_size,
-        "recipe": config.recipe,
-        "settings": dataclasses.asdict(config.settings()),
-        "warmup_steps": config.warmup_steps,
-        "seed": config.seed,
-        "train_sha256": data.describe()["train_sha256"],
-    }
+    return run_fingerprint(name, lr, config, train_sha256=data.describe()["train_sha256"])
 
 
 @contextlib.contextmanager
@@ -561,16 +557,35 @@ def _threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _stem(name: str, lr: float, sweep: bool) -> str:
-    return name if not sweep else f"{name}-lr{lr:g}"
-
-
 def train_one(name: str, lr: float, config: DdpmConfig, data: ImageData, heldout: HeldoutSet,
               scorer: FrechetScorer, fid_reference: tuple[Tensor, Tensor] | None,
               checkpoint: Path | None) -> dict[str, Any]:
     """Train a fresh UNet (or continue ``checkpoint``) with optimizer ``name`` at peak ``lr``, then score it."""
     with _threads(config.threads):
         return _train_one(name, lr, config, data, heldout, scorer, fid_reference, checkpoint)
+
+
+class _DdpmLoop(TrainingLoop):
+    """The training loop of one DDPM run, with held-out evaluations before and during training
+    (every ``eval_every`` steps), logged in ``heldout_curve`` and kept in checkpoints."""
+
+    def __init__(self, *args: Any, noise: Any, heldout: HeldoutSet, config: DdpmConfig, **kwargs: Any) -> None:
+        super().__init__(*args, config=config, logs={"heldout_curve": []}, **kwargs)
+        self.noise, self.heldout = noise, heldout
+        self.eval_every, self.eval_batch_size = config.eval_every, config.eval_batch_size
+
+    def evaluate(self, step: int) -> float:
+        loss = evaluate_heldout(self.model, self.noise, self.heldout, self.eval_batch_size)
+        self.logs["heldout_curve"].append({"step": step, "loss": loss})
+        return loss
+
+    def before_steps(self) -> None:
+        if self.eval_every and self.start_step == 0:
+            self.evaluate(0)
+
+    def after_step(self, step: int) -> None:
+        if self.eval_every and step % self.eval_every == 0 and step != self.steps:
+            self.evaluate(step)
 
 
 def _train_one(name: str, lr: float, config: DdpmConfig, data: ImageData, heldout: HeldoutSet,
@@ -580,93 +595,25 @@ def _train_one(name: str, lr: float, config: DdpmConfig, data: ImageData, heldou
     spec = OPTIMIZERS[name]
     settings = config.settings()
     device = torch.device(config.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    baseline_rss = current_rss_bytes()
-    preset = DDPM_PRESETS[config.preset]
-    model = build_unet(preset, seed=config.seed, device=device)
+    baseline_rss = start_measuring(device)
+    model = build_unet(DDPM_PRESETS[config.preset], seed=config.seed, device=device)
     model.train()
     scheduler_ = noise_scheduler()
     optimizer = build_optimizer(name, list(model.parameters()), [], lr, settings)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.steps, config.warmup_steps))
     batches = ImageBatches(data.train, config.batch_size, scheduler_.config.num_train_timesteps,
                            seed=config.seed + _BATCH_STREAM)
-    probe = Eq2Probe(optimizer, {param: pname for pname, param in model.named_parameters()})
-    fingerprint = _fingerprint(name, lr, config, data)
-    losses: list[float] = []
-    iteration_s: list[float] = []
-    step_s: list[float] = []
-    heldout_curve: list[dict[str, float]] = []
-    start_step = 0
-    workarounds = checkpoint_workarounds(spec, checkpoint)
-    saved = load_checkpoint(checkpoint, spec, fingerprint, _CHECKPOINT_FORMAT, device)
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        lr_schedule.load_state_dict(saved["scheduler"])
-        batches.load_state_dict(saved["batches"])
-        set_rng_state(saved["rng"], device)
-        start_step = int(saved["step"])
-        losses, iteration_s, step_s = list(saved["losses"]), list(saved["iteration_s"]), list(saved["step_s"])
-        heldout_curve = list(saved["heldout_curve"])
-        probe.changes = list(saved["eq2_changes"])
-
-    def save(step: int) -> None:
-        atomic_save(
-            {
-                "format": _CHECKPOINT_FORMAT,
-                "fingerprint": fingerprint,
-                "step": step,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": lr_schedule.state_dict(),
-                "batches": batches.state_dict(),
-                "rng": rng_state(device),
-                "losses": losses,
-                "iteration_s": iteration_s,
-                "step_s": step_s,
-                "heldout_curve": heldout_curve,
-                "eq2_changes": probe.changes,
-            },
-            checkpoint,
-        )
-
-    def evaluate(step: int) -> float:
-        loss = evaluate_heldout(model, scheduler_, heldout, config.eval_batch_size)
-        heldout_curve.append({"step": step, "loss": loss})
-        return loss
-
-    end_step = config.steps if config.stop_after is None else min(config.steps, start_step + config.stop_after)
     label = name if not config.lr_sweep else f"{name} lr={lr:g}"
-    started = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught, tqdm(
-        total=config.steps, initial=start_step, desc=label, file=sys.stderr, disable=not config.progress, unit="step"
-    ) as bar:
+    loop = _DdpmLoop(model, optimizer, batches, lambda batch: _denoising_loss(model, scheduler_, *batch),
+                     noise=scheduler_, heldout=heldout, config=config, device=device, label=label,
+                     next_batch=lambda: tuple(t.to(device) for t in batches.next()))
+    workarounds = checkpoint_workarounds(spec, checkpoint)
+    if checkpoint is not None:
+        loop.resume(FileCheckpoint(checkpoint, spec, _fingerprint(name, lr, config, data), _CHECKPOINT_FORMAT))
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        if config.eval_every and start_step == 0:
-            evaluate(0)
-        for step in range(start_step + 1, end_step + 1):
-            x0, noise, timesteps = (t.to(device) for t in batches.next())
-            probe.before_step()
-            loss, iteration, step_time = timed_step(
-                lambda x0=x0, noise=noise, t=timesteps: _denoising_loss(model, scheduler_, x0, noise, t),
-                optimizer, device,
-            )
-            probe.after_step(step)
-            lr_schedule.step()
-            iteration_s.append(iteration)
-            step_s.append(step_time)
-            losses.append(loss.item())
-            if config.eval_every and step % config.eval_every == 0 and step != config.steps:
-                evaluate(step)
-            if checkpoint is not None and (step % config.checkpoint_every == 0 or step == config.steps):
-                save(step)
-            bar.update(1)
-            if step % 10 == 0 or step == end_step:
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    wall = time.perf_counter() - started
-    peak, peak_kind = peak_memory(device)
-    heldout_loss = evaluate(len(losses))
+        loop.run()
+    heldout_curve = loop.logs["heldout_curve"]
+    heldout_loss = loop.evaluate(len(loop.losses))
     if not config.eval_every:
         heldout_curve.clear()
 
@@ -689,79 +636,36 @@ def _train_one(name: str, lr: float, config: DdpmConfig, data: ImageData, heldou
     grid = None
     if config.plots:
         grid = save_sample_grid(samples[:GRID_SAMPLES],
-                                Path(config.plots) / f"ddpm_samples_{_stem(name, lr, config.lr_sweep)}.png")
+                                Path(config.plots) / f"ddpm_samples_{run_stem(name, lr, config.lr_sweep)}.png")
 
-    iteration_ms = statistics.median(iteration_s) * 1e3 if iteration_s else None
-    nonfinite = next((i for i, value in enumerate(losses, start=1) if not math.isfinite(value)), None)
-    tail = losses[-FINAL_LOSS_WINDOW:]
     messages = list(dict.fromkeys(f"{w.category.__name__}: {str(w.message).strip()}" for w in caught))
-    return {
-        "name": name,
-        "optimizer": spec.description,
-        "family": spec.family,
-        "lr": lr,
-        "failed": False,
-        "state_bytes": optimizer_state_nbytes(optimizer),
-        "state_bytes_by_kind": state_nbytes_by_kind(optimizer),
-        "projected": projection_summary(optimizer, spec.family),
-        "peak_memory_bytes": peak,
-        "peak_memory_kind": peak_kind,
-        "rss_before_model_bytes": baseline_rss if device.type == "cpu" else None,
-        "iteration_ms": iteration_ms,
-        "step_ms": statistics.median(step_s) * 1e3 if step_s else None,
-        "images_per_s": config.batch_size / (iteration_ms / 1e3) if iteration_ms else None,
-        "refresh": refresh_time(step_s, lambda i: spec.refreshes_at(i, settings)),
-        "p_step_rel_change": probe.median(),
-        "p_step_rel_changes": probe.changes,
-        "final_loss": sum(tail) / len(tail) if tail else None,
-        "last_batch_loss": losses[-1] if losses else None,
-        "heldout_loss": heldout_loss,
-        "heldout_curve": heldout_curve,
-        "classifier_frechet_distance": frechet,
-        "fid": fid,
-        "samples": config.samples,
-        "sampling_seconds": sampling_seconds,
-        "sample_grid": str(grid) if grid is not None else None,
-        "first_nonfinite_step": nonfinite,
-        "steps_done": len(losses),
-        "completed": len(losses) == config.steps,
-        "resumed_from_step": start_step or None,
-        "workarounds": workarounds,
-        "warnings": messages[:5],
-        "wall_seconds": wall,
-        "process_id": os.getpid(),
-        "loss_curve": losses,
-    }
+    return result_row(
+        name, spec, lr,
+        **loop.measurements(spec, settings, items_per_step=config.batch_size, throughput="images_per_s"),
+        state_bytes_by_kind=state_nbytes_by_kind(optimizer),
+        projected=projection_summary(optimizer, spec.family),
+        rss_before_model_bytes=baseline_rss if device.type == "cpu" else None,
+        heldout_loss=heldout_loss,
+        heldout_curve=heldout_curve,
+        classifier_frechet_distance=frechet,
+        fid=fid,
+        samples=config.samples,
+        sampling_seconds=sampling_seconds,
+        sample_grid=str(grid) if grid is not None else None,
+        workarounds=workarounds,
+        warnings=messages[:5],
+    )
 
 
 #: Measurements listed for every lr of a sweep.
 _SWEEP_KEYS = ("lr", "heldout_loss", "final_loss", "classifier_frechet_distance", "first_nonfinite_step", "error")
 
 
-def _best_run(runs: list[dict[str, Any]], sweep: bool) -> dict[str, Any]:
-    """The run with the lowest finite held-out loss (llama's rule; a failed result if none finished).
-
-    With ``sweep``, every lr's measurements are listed in ``lr_sweep``, and ``lr_at_sweep_edge``
-    flags a best lr at the smallest or largest swept value (the optimum may lie outside the sweep).
-    """
-    finished = [r for r in runs if not r.get("failed") and math.isfinite(r["heldout_loss"])]
-    if finished:
-        best = dict(min(finished, key=lambda r: r["heldout_loss"]))
-    else:
-        failed = [r for r in runs if r.get("failed")]
-        best = dict(failed[0]) if failed else dict(runs[0])
-    if sweep:
-        best["lr_sweep"] = [{key: r.get(key) for key in _SWEEP_KEYS} for r in runs]
-        lrs = [r["lr"] for r in runs]
-        best["lr_at_sweep_edge"] = not best.get("failed") and best["lr"] in (min(lrs), max(lrs))
-    return best
-
-
 def run_ddpm(config: DdpmConfig) -> dict[str, Any]:
     """Train once per optimizer of ``config``; return ``{"config", "data", "versions", "hardware", "argv", "results"}``.
 
     With ``lr_sweep``, each optimizer runs at its lr times
-    :data:`~coap_torch.bench.llama.LR_SWEEP_FACTORS` and the run with the lowest held-out loss is
+    :data:`~coap_torch.bench.training.LR_SWEEP_FACTORS` and the run with the lowest held-out loss is
     kept (all of them are listed in its ``lr_sweep``). A run that raises (or whose process dies)
     is a result with ``failed: True`` and its ``error``. Ratios to AdamW are added when ``adamw`` ran.
     """
@@ -791,22 +695,8 @@ def _run_ddpm(config: DdpmConfig) -> dict[str, Any]:
         real_features = inception_fid_features(data.train, inception_features(config.device)[1])
         fid_reference = gaussian_statistics(real_features)
         fid_info = {"backend": backend, "reference": f"{len(data.train)} training images (as in the paper)"}
-    folder = Path(config.checkpoint_dir).expanduser() if config.checkpoint_dir else None
 
-    results = []
-    for name in config.optimizers:
-        base_lr = config.lr_for(name)
-        lrs = [base_lr * f for f in LR_SWEEP_FACTORS] if config.lr_sweep else [base_lr]
-        runs = []
-        for lr in lrs:
-            checkpoint = folder / f"{_stem(name, lr, config.lr_sweep)}.pt" if folder is not None else None
-            result = run_guarded(train_one, (name, lr, config, data, heldout, scorer, fid_reference, checkpoint),
-                                 name=name, lr=lr, isolate=config.isolate)
-            if result.get("failed") and OPTIMIZERS[name].package:
-                result["package"] = OPTIMIZERS[name].package
-            runs.append(result)
-        results.append(_best_run(runs, config.lr_sweep))
-    compare_to_baseline(results)
+    results = run_optimizers(config, train_one, (config, data, heldout, scorer, fid_reference), _SWEEP_KEYS)
     base = next((r for r in results if r["name"] == "adamw" and not r.get("failed")), None)
     for result in results:
         if base is not None and not result.get("failed") and base.get("classifier_frechet_distance"):
@@ -857,31 +747,11 @@ _HEADER = ["optimizer", "lr", "state", "vs AdamW", "peak mem", "iter ms", "vs Ad
            "img/s", "final loss", "held-out loss", "vs AdamW", "clf-FD"]
 
 
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:+.2f}%"
-
-
 def _columns(result: dict[str, Any], with_fid: bool) -> list[str]:
     width = len(_HEADER) + with_fid
     if result.get("failed"):
         return [result["name"], f"{result['lr']:g}", "failed", *["-"] * (width - 3)]
-    refresh = result.get("refresh")
-    row = [
-        result["name"],
-        f"{result['lr']:g}",
-        format_bytes(result["state_bytes"]),
-        _number(result.get("state_ratio_to_adamw"), ".3f"),
-        format_bytes(result["peak_memory_bytes"]),
-        _number(result["iteration_ms"], ".1f"),
-        _number(result.get("iteration_ratio_to_adamw"), ".3f"),
-        _number(result["step_ms"], ".1f"),
-        _number(refresh["mean_ms"] if refresh else None, ".1f"),
-        _number(result["images_per_s"], ".0f"),
-        _number(result["final_loss"], ".4f"),
-        _number(result["heldout_loss"], ".4f"),
-        _percent(result.get("heldout_loss_rel_to_adamw")),
-        _number(result["classifier_frechet_distance"], ".3f"),
-    ]
+    row = [*measurement_columns(result, "images_per_s"), _number(result["classifier_frechet_distance"], ".3f")]
     return [*row, _number(result.get("fid"), ".2f")] if with_fid else row
 
 
@@ -920,7 +790,7 @@ def format_ddpm_table(run: dict[str, Any], *, notes: bool = True) -> str:
         f"parameters, {unet['sample_size']}x{unet['sample_size']}x{unet['in_channels']}; {data['name']}: "
         f"{data['train_images']:,} train / {data['heldout_images']:,} held-out images; {config['steps']} steps, "
         f"batch {config['batch_size']}, warm-up {config['warmup_steps']}, cosine to {config['final_lr_fraction']:g} "
-        f"x lr, seed {config['seed']}, {config['device']} ({config['torch_threads']} threads)"
+        f"x lr, {seed_label(config)}, {config['device']} ({config['torch_threads']} threads)"
     )
     frechet = config["frechet"]
     sampling = (
@@ -936,33 +806,10 @@ def format_ddpm_table(run: dict[str, Any], *, notes: bool = True) -> str:
     text = [*textwrap.wrap(title, width=120), *textwrap.wrap(_recipe_line(config), width=120),
             *textwrap.wrap(sampling, width=120), ""]
     text += markdown_table(header, [_columns(r, with_fid) for r in results])
-    remarks = []
-    for result in results:
-        name = result["name"]
-        if result.get("failed"):
-            hint = f" (pip install {result['package']})" if "not installed" in result["error"] else ""
-            remarks.append(f"failed: {name}: {result['error']}{hint}")
-            continue
-        if result.get("first_nonfinite_step") is not None:
-            remarks.append(f"warning: {name}: the training loss became non-finite at step "
-                           f"{result['first_nonfinite_step']}")
-        if not result.get("completed", True):
-            remarks.append(f"note: {name}: stopped after {result['steps_done']} of {config['steps']} steps")
-        if result.get("lr_at_sweep_edge"):
-            remarks.append(f"note: {name}: the best lr {result['lr']:g} is at the edge of the sweep")
-        line = _projection_line(result)
-        if line:
-            remarks.append(line)
-        if result.get("p_step_rel_change") is not None:
-            remarks.append(f"{name}: median |dP|/|P| of an Eq. 2 step: {result['p_step_rel_change']:.3g} "
-                           f"({len(result['p_step_rel_changes'])} projection updates)")
-        if result.get("refresh"):
-            refresh = result["refresh"]
-            remarks.append(f"{name}: {refresh['count']} projection refresh{'es' if refresh['count'] > 1 else ''}, "
-                           f"{refresh['total_ms']:.0f} ms in all, "
-                           f"{100 * refresh['share']:.1f}% of optimizer-step time")
-        remarks += [f"workaround: {name}: {w}" for w in result.get("workarounds", [])]
-        remarks += [f"warning: {name}: {textwrap.shorten(w, 200)}" for w in result.get("warnings", [])]
+    remarks = [line for result in results
+               for line in result_remarks(result, config["steps"], more=[_projection_line(result)],
+                                          sweep_edge=lambda r: f"note: {r['name']}: the best lr {r['lr']:g} is at "
+                                                             "the edge of the sweep")]
     if remarks:
         text += ["", *remarks]
     if notes:
@@ -994,22 +841,13 @@ def write_ddpm_plots(run: dict[str, Any], directory: str | Path) -> list[Path] |
         plt,
         {**run, "results": finished},
         directory / "ddpm_loss.png",
-        title=f"ddpm {run['config']['preset']}, seed {run['config']['seed']}",
+        title=f"ddpm {run['config']['preset']}, {seed_label(run['config'])}",
         label=lambda result: f"{result['name']} lr={result['lr']:g}",
         log_scale=True,
         ylabel="training loss (batch MSE of the predicted noise)",
     )]
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for result in finished:
-        ax.scatter([result["state_bytes"] / 2**20], [result["heldout_loss"]], label=result["name"])
-    ax.set_xlabel("optimizer state (MiB)")
-    ax.set_ylabel("held-out denoising loss")
-    ax.set_title("held-out loss vs optimizer state")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(directory / "ddpm_heldout_vs_state.png", dpi=120)
-    plt.close(fig)
-    paths.append(directory / "ddpm_heldout_vs_state.png")
+    paths.append(plot_heldout_vs_state(plt, finished, directory / "ddpm_heldout_vs_state.png",
+                                       "held-out denoising loss"))
 
     grids = [r for r in finished if r.get("sample_grid") and Path(r["sample_grid"]).is_file()]
     if grids:
@@ -1071,7 +909,7 @@ def add_ddpm_parser(commands: Any) -> None:
     ddpm.add_argument("--weight-decay", type=_float_at_least(0.0), default=0.0,
                       help="weight decay of every optimizer (default 0, as DDPM's Adam)")
     ddpm.add_argument("--lr", type=_float_at_least(0.0, strict=True),
-                      help="peak learning rate of every optimizer (default: small 2e-3, cifar10 2e-4 as in DDPM)")
+                      help="peak learning rate of every optimizer (default: small 6e-3, cifar10 2e-4 as in DDPM)")
     ddpm.add_argument("--lr-sweep", action="store_true",
                       help="run each optimizer at its lr x 0.5, 1, 2 and keep the lowest held-out loss")
     ddpm.add_argument("--warmup-steps", type=_non_negative_int, help="linear warm-up steps (default steps / 10)")
@@ -1094,6 +932,9 @@ def add_ddpm_parser(commands: Any) -> None:
     ddpm.add_argument("--stop-after", type=_positive_int, help=argparse.SUPPRESS)
     ddpm.add_argument("--seed", type=_non_negative_int, default=0,
                       help="seed of the initial weights, batches, noise and samples (default 0)")
+    ddpm.add_argument("--seeds", type=_positive_int, default=1,
+                      help="train each optimizer (and lr) with seeds SEED, SEED+1, ... and report the mean "
+                           "held-out loss and sample quality, with the spread (default 1)")
     ddpm.add_argument("--device", default="cpu", help="torch device to train on (default cpu)")
     ddpm.add_argument("--threads", type=_positive_int,
                       help="torch threads of each run (default: torch's; 1 gives steadier times on a busy machine)")
@@ -1104,7 +945,8 @@ def add_ddpm_parser(commands: Any) -> None:
     ddpm.add_argument("--plots", metavar="DIR",
                       help="write loss plots and a PNG grid of samples per optimizer to this folder (needs matplotlib)")
     ddpm.add_argument("--checkpoint-dir", metavar="DIR",
-                      help="save each run to DIR/<optimizer>.pt and continue from there when started again")
+                      help="save each run to DIR/<optimizer>.pt (-lr<LR> in a sweep, -seed<S> with --seeds) and "
+                           "continue from there when started again")
     ddpm.add_argument("--checkpoint-every", type=_positive_int, default=100,
                       help="steps between checkpoints (default 100)")
     ddpm.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -1145,6 +987,7 @@ def run_ddpm_command(args: Any, argv: list[str]) -> int:
         classifier_steps=args.classifier_steps,
         fid=args.fid,
         seed=args.seed,
+        seeds=args.seeds,
         device=args.device,
         threads=args.threads,
         isolate=False if args.in_process else None,

@@ -29,11 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import statistics
-import sys
 import textwrap
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,23 +39,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..optim import LowRankOptimizer, enable_per_layer_updates
-from ..utils import optimizer_state_nbytes
-from ._deps import require
-from .environment import current_rss_bytes, hardware, peak_memory, versions
+from .environment import hardware, versions
 from .llama_model import PRESETS, RECIPES, LlamaPreset, projected_parameter_groups
 from .optimizers import OPTIMIZERS, LowRankSettings, build_optimizer
-from .probes import Eq2Probe, refresh_time
-from .report import _number, format_bytes, markdown_table
-from .runner import (
-    atomic_save,
-    checkpoint_workarounds,
-    compare_to_baseline,
-    load_checkpoint,
-    rng_state,
-    run_guarded,
-    set_rng_state,
+from .report import _number, markdown_table
+from .runner import checkpoint_workarounds
+from .training import (
+    FINAL_LOSS_WINDOW,
+    FINAL_LR_FRACTION,
+    LR_SWEEP_FACTORS,
+    FileCheckpoint,
+    TrainingLoop,
+    best_of_sweep,
+    lr_lambda,
+    measurement_columns,
+    plot_heldout_vs_state,
+    result_remarks,
+    result_row,
+    run_fingerprint,
+    run_optimizers,
+    seed_label,
+    start_measuring,
 )
-from .timing import timed_step
 
 __all__ = [
     "DEFAULT_LLAMA_OPTIMIZERS",
@@ -102,12 +103,8 @@ PAPER_PROJ_GAP = 200
 #: The drop-in recipe: the library defaults and one lr for everyone.
 DROP_IN_LR = 1e-3
 DROP_IN_RANK_RATIO = 2.0
-#: ``--lr-sweep`` runs each optimizer at its peak learning rate times these factors.
-LR_SWEEP_FACTORS = (0.5, 1.0, 2.0)
-#: The cosine decay ends at this share of the peak learning rate.
-FINAL_LR_FRACTION = 0.1
-#: Number of last batch losses averaged into ``final_loss``.
-FINAL_LOSS_WINDOW = 10
+#: Measurements listed for every lr of a sweep.
+_SWEEP_KEYS = ("lr", "heldout_loss", "final_loss", "first_nonfinite_step", "error")
 #: Offset between the seed of the initial weights and the seed of the batch order.
 _BATCH_STREAM = 2**32
 _CHECKPOINT_FORMAT = 2
@@ -145,6 +142,7 @@ class LlamaConfig:
     max_documents: int | None = None
     max_heldout_windows: int | None = None
     seed: int = 0
+    seeds: int = 1
     device: str = "cpu"
     isolate: bool | None = None
     checkpoint_dir: str | None = None
@@ -170,6 +168,8 @@ class LlamaConfig:
             raise ValueError("no optimizer to run")
         if self.steps < 1:
             raise ValueError(f"steps must be positive, got {self.steps}")
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be at least 1, got {self.seeds}")
         if self.rank_ratio is not None and self.rank_ratio < 1:
             raise ValueError(f"rank_ratio must be >= 1, got {self.rank_ratio}")
         if self.c4 and self.data_dir:
@@ -233,18 +233,6 @@ def recipe_settings(recipe: str, preset: str, *, rank_ratio: float | None = None
                                correlation_normalize=correlation_normalize, weight_decay=weight_decay, seed=seed)
 
 
-def lr_lambda(steps: int, warmup_steps: int, final_fraction: float = FINAL_LR_FRACTION):
-    """Multiplier of the peak lr after ``step`` scheduler steps: linear warm-up, then cosine to ``final_fraction``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
-        return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
 def _loss(model: nn.Module, batch: Tensor, reduction: str = "mean") -> Tensor:
     logits = model(input_ids=batch[:, :-1]).logits
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), batch[:, 1:].reshape(-1), reduction=reduction)
@@ -267,19 +255,7 @@ def evaluate_heldout(model: nn.Module, windows: Tensor, batch_size: int) -> floa
 
 def _fingerprint(name: str, lr: float, config: LlamaConfig, data: Any) -> dict[str, Any]:
     """What must match for a checkpoint to be continued."""
-    return {
-        "optimizer": name,
-        "lr": lr,
-        "preset": config.preset,
-        "steps": config.steps,
-        "batch_size": config.batch_size,
-        "seq_len": config.seq_len,
-        "recipe": config.recipe,
-        "settings": dataclasses.asdict(config.settings()),
-        "warmup_steps": config.warmup_steps,
-        "seed": config.seed,
-        "train_sha256": data.train_sha256,
-    }
+    return run_fingerprint(name, lr, config, seq_len=config.seq_len, train_sha256=data.train_sha256)
 
 
 def train_one(name: str, lr: float, config: LlamaConfig, data: Any, windows: Tensor,
@@ -288,139 +264,41 @@ def train_one(name: str, lr: float, config: LlamaConfig, data: Any, windows: Ten
     from .llama_model import build_llama
     from .text import TokenBatches
 
-    tqdm = require("tqdm").tqdm
     spec = OPTIMIZERS[name]
     settings = config.settings()
     device = torch.device(config.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    baseline_rss = current_rss_bytes()
+    baseline_rss = start_measuring(device)
     model = build_llama(LLAMA_PRESETS[config.preset], data.vocab_size, seed=config.seed, device=device)
     model.train()
     split = projected_parameter_groups(model, config.recipe)
     optimizer = build_optimizer(name, [p for _, p in split.projected], [p for _, p in split.dense], lr, settings)
-    if config.per_layer and isinstance(optimizer, LowRankOptimizer):
+    per_layer = config.per_layer and isinstance(optimizer, LowRankOptimizer)
+    if per_layer:
         enable_per_layer_updates(optimizer)  # step() then finds nothing left to do
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.steps, config.warmup_steps))
     batches = TokenBatches(data.train, config.batch_size, config.seq_len, seed=config.seed + _BATCH_STREAM,
                            device=device)
-    probe = Eq2Probe(optimizer, {param: pname for pname, param in model.named_parameters()})
-    fingerprint = _fingerprint(name, lr, config, data)
-    losses: list[float] = []
-    iteration_s: list[float] = []
-    step_s: list[float] = []
-    start_step = 0
+    loop = TrainingLoop(model, optimizer, batches, lambda batch: _loss(model, batch), config=config, device=device,
+                        label=name if not config.lr_sweep else f"{name} lr={lr:g}")
     workarounds = checkpoint_workarounds(spec, checkpoint)
-    saved = load_checkpoint(checkpoint, spec, fingerprint, _CHECKPOINT_FORMAT, device)
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        batches.load_state_dict(saved["batches"])
-        set_rng_state(saved["rng"], device)
-        start_step = int(saved["step"])
-        losses, iteration_s, step_s = list(saved["losses"]), list(saved["iteration_s"]), list(saved["step_s"])
-        probe.changes = list(saved["eq2_changes"])
-
-    def save(step: int) -> None:
-        atomic_save(
-            {
-                "format": _CHECKPOINT_FORMAT,
-                "fingerprint": fingerprint,
-                "step": step,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "batches": batches.state_dict(),
-                "rng": rng_state(device),
-                "losses": losses,
-                "iteration_s": iteration_s,
-                "step_s": step_s,
-                "eq2_changes": probe.changes,
-            },
-            checkpoint,
-        )
-
-    end_step = config.steps
-    if config.stop_after is not None:
-        end_step = min(end_step, start_step + config.stop_after)
-    label = name if not config.lr_sweep else f"{name} lr={lr:g}"
-    started = time.perf_counter()
-    with tqdm(total=config.steps, initial=start_step, desc=label, file=sys.stderr, disable=not config.progress,
-              unit="step") as bar:
-        for step in range(start_step + 1, end_step + 1):
-            batch = batches.next()
-            probe.before_step()
-            loss, iteration, step_time = timed_step(lambda batch=batch: _loss(model, batch), optimizer, device)
-            probe.after_step(step)
-            scheduler.step()
-            iteration_s.append(iteration)
-            step_s.append(step_time)
-            losses.append(loss.item())
-            if checkpoint is not None and (step % config.checkpoint_every == 0 or step == config.steps):
-                save(step)
-            bar.update(1)
-            if step % 10 == 0 or step == end_step:
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    wall = time.perf_counter() - started
-    peak, peak_kind = peak_memory(device)
+    if checkpoint is not None:
+        loop.resume(FileCheckpoint(checkpoint, spec, _fingerprint(name, lr, config, data), _CHECKPOINT_FORMAT))
+    loop.run()
 
     heldout_loss = evaluate_heldout(model, windows, config.batch_size)
-    iteration_ms = statistics.median(iteration_s) * 1e3 if iteration_s else None
-    nonfinite = next((i for i, value in enumerate(losses, start=1) if not math.isfinite(value)), None)
-    tail = losses[-FINAL_LOSS_WINDOW:]
-    return {
-        "name": name,
-        "optimizer": spec.description,
-        "family": spec.family,
-        "lr": lr,
-        "failed": False,
-        "per_layer": config.per_layer and isinstance(optimizer, LowRankOptimizer),
-        "state_bytes": optimizer_state_nbytes(optimizer),
-        "peak_memory_bytes": peak,
-        "peak_memory_kind": peak_kind,
-        "rss_before_model_bytes": baseline_rss if device.type == "cpu" else None,
-        "iteration_ms": iteration_ms,
-        "step_ms": statistics.median(step_s) * 1e3 if step_s else None,
-        "tokens_per_s": config.batch_size * config.seq_len / (iteration_ms / 1e3) if iteration_ms else None,
-        "refresh": refresh_time(step_s, lambda i: spec.refreshes_at(i, settings)),
-        "p_step_rel_change": probe.median(),
-        "p_step_rel_changes": probe.changes,
-        "final_loss": sum(tail) / len(tail) if tail else None,
-        "last_batch_loss": losses[-1] if losses else None,
-        "heldout_loss": heldout_loss,
-        "heldout_perplexity": math.exp(heldout_loss) if heldout_loss < 700 else float("inf"),
-        "first_nonfinite_step": nonfinite,
-        "steps_done": len(losses),
-        "completed": len(losses) == config.steps,
-        "resumed_from_step": start_step or None,
-        "workarounds": workarounds,
-        "wall_seconds": wall,
-        "process_id": os.getpid(),
-        "loss_curve": losses,
-    }
+    return result_row(
+        name, spec, lr, per_layer=per_layer,
+        **loop.measurements(spec, settings, items_per_step=config.batch_size * config.seq_len,
+                            throughput="tokens_per_s"),
+        rss_before_model_bytes=baseline_rss if device.type == "cpu" else None,
+        heldout_loss=heldout_loss,
+        heldout_perplexity=math.exp(heldout_loss) if heldout_loss < 700 else float("inf"),
+        workarounds=workarounds,
+    )
 
 
 def _best(runs: list[dict[str, Any]], sweep: bool) -> dict[str, Any]:
-    """The run with the lowest finite held-out loss (a failed result if none finished), with the sweep listed.
-
-    ``lr_at_sweep_edge`` flags a best lr at the smallest or largest swept value: the optimum may lie
-    outside the sweep, and the comparison is then only as fair as the sweep is wide.
-    """
-    finished = [r for r in runs if not r.get("failed") and math.isfinite(r["heldout_loss"])]
-    if finished:
-        best = dict(min(finished, key=lambda r: r["heldout_loss"]))
-    else:
-        failed = [r for r in runs if r.get("failed")]
-        best = dict(failed[0]) if failed else dict(runs[0])
-    if sweep:
-        best["lr_sweep"] = [
-            {key: r.get(key) for key in ("lr", "heldout_loss", "final_loss", "first_nonfinite_step", "error")}
-            for r in runs
-        ]
-        lrs = [r["lr"] for r in runs]
-        best["lr_at_sweep_edge"] = not best.get("failed") and best["lr"] in (min(lrs), max(lrs))
-    return best
+    """The run with the lowest finite held-out loss (a failed result if none finished), with the sweep listed."""
+    return best_of_sweep(runs, sweep, _SWEEP_KEYS)
 
 
 def run_settings(config: LlamaConfig, data: Any, windows: Tensor) -> dict[str, Any]:
@@ -458,23 +336,7 @@ def run_llama(config: LlamaConfig) -> dict[str, Any]:
     windows = heldout_windows(data, config.seq_len, config.max_heldout_windows)
     if config.batch_size * (config.seq_len + 1) > data.train.numel():
         raise ValueError(f"{data.train.numel()} training tokens are too few for batch {config.batch_size}")
-    folder = Path(config.checkpoint_dir).expanduser() if config.checkpoint_dir else None
-
-    results = []
-    for name in config.optimizers:
-        base_lr = config.lr_for(name)
-        lrs = [base_lr * f for f in LR_SWEEP_FACTORS] if config.lr_sweep else [base_lr]
-        runs = []
-        for lr in lrs:
-            stem = name if not config.lr_sweep else f"{name}-lr{lr:g}"
-            checkpoint = folder / f"{stem}.pt" if folder is not None else None
-            result = run_guarded(train_one, (name, lr, config, data, windows, checkpoint), name=name, lr=lr,
-                                 isolate=config.isolate)
-            if result.get("failed") and OPTIMIZERS[name].package:
-                result["package"] = OPTIMIZERS[name].package
-            runs.append(result)
-        results.append(_best(runs, config.lr_sweep))
-    compare_to_baseline(results)
+    results = run_optimizers(config, train_one, (config, data, windows), _SWEEP_KEYS)
 
     settings = run_settings(config, data, windows)
     return {"config": settings, "data": data.describe(), "versions": versions(),
@@ -494,30 +356,10 @@ _HEADER = ["optimizer", "lr", "state", "vs AdamW", "peak mem", "iter ms", "vs Ad
            "tok/s", "final loss", "held-out loss", "vs AdamW", "ppl"]
 
 
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:+.2f}%"
-
-
 def _columns(result: dict[str, Any]) -> list[str]:
     if result.get("failed"):
         return [result["name"], f"{result['lr']:g}", "failed", *["-"] * (len(_HEADER) - 3)]
-    refresh = result.get("refresh")
-    return [
-        result["name"],
-        f"{result['lr']:g}",
-        format_bytes(result["state_bytes"]),
-        _number(result.get("state_ratio_to_adamw"), ".3f"),
-        format_bytes(result["peak_memory_bytes"]),
-        _number(result["iteration_ms"], ".1f"),
-        _number(result.get("iteration_ratio_to_adamw"), ".3f"),
-        _number(result["step_ms"], ".1f"),
-        _number(refresh["mean_ms"] if refresh else None, ".1f"),
-        _number(result["tokens_per_s"], ".0f"),
-        _number(result["final_loss"], ".4f"),
-        _number(result["heldout_loss"], ".4f"),
-        _percent(result.get("heldout_loss_rel_to_adamw")),
-        _number(result["heldout_perplexity"], ".2f"),
-    ]
+    return [*measurement_columns(result, "tokens_per_s"), _number(result["heldout_perplexity"], ".2f")]
 
 
 def _recipe_line(config: dict[str, Any]) -> str:
@@ -533,6 +375,12 @@ def _recipe_line(config: dict[str, Any]) -> str:
     )
 
 
+def _sweep_edge_remark(result: dict[str, Any]) -> str:
+    swept = ", ".join(f"{s['lr']:g}: {_number(s['heldout_loss'], '.4f')}" for s in result["lr_sweep"])
+    return (f"note: {result['name']}: its best lr is at the edge of the sweep ({swept}); the optimum may lie "
+            "outside it (try --lr)")
+
+
 def format_llama_table(run: dict[str, Any], *, notes: bool = True) -> str:
     """The run as a Markdown table, one row per optimizer, with the setup above and the notes below."""
     config, data = run["config"], run["data"]
@@ -540,37 +388,14 @@ def format_llama_table(run: dict[str, Any], *, notes: bool = True) -> str:
         f"llama {config['preset']}: {config['parameters']:,} parameters, vocab {data['vocab_size']} "
         f"({data['corpus']['name']}: {data['train_tokens']:,} train / {data['heldout_tokens']:,} held-out tokens); "
         f"{config['steps']} steps, batch {config['batch_size']} x {config['seq_len']} tokens, warm-up "
-        f"{config['warmup_steps']}, cosine to {config['final_lr_fraction']:g} x lr, seed {config['seed']}, "
+        f"{config['warmup_steps']}, cosine to {config['final_lr_fraction']:g} x lr, {seed_label(config)}, "
         f"{config['device']} ({config['torch_threads']} threads)"
     )
     results = run["results"]
     text = [*textwrap.wrap(title, width=120), *textwrap.wrap(_recipe_line(config), width=120), ""]
     text += markdown_table(_HEADER, [_columns(r) for r in results])
-    remarks = []
-    for result in results:
-        name = result["name"]
-        if result.get("failed"):
-            hint = f" (pip install {result['package']})" if "not installed" in result["error"] else ""
-            remarks.append(f"failed: {name}: {result['error']}{hint}")
-            continue
-        if result.get("first_nonfinite_step") is not None:
-            remarks.append(f"warning: {name}: the training loss became non-finite at step "
-                           f"{result['first_nonfinite_step']}")
-        if not result.get("completed", True):
-            remarks.append(f"note: {name}: stopped after {result['steps_done']} of {config['steps']} steps")
-        if result.get("lr_at_sweep_edge"):
-            swept = ", ".join(f"{s['lr']:g}: {_number(s['heldout_loss'], '.4f')}" for s in result["lr_sweep"])
-            remarks.append(f"note: {name}: its best lr is at the edge of the sweep ({swept}); the optimum may lie "
-                           "outside it (try --lr)")
-        if result.get("p_step_rel_change") is not None:
-            remarks.append(f"{name}: median |dP|/|P| of an Eq. 2 step: {result['p_step_rel_change']:.3g} "
-                           f"({len(result['p_step_rel_changes'])} projection updates)")
-        if result.get("refresh"):
-            refresh = result["refresh"]
-            remarks.append(f"{name}: {refresh['count']} projection refresh{'es' if refresh['count'] > 1 else ''}, "
-                           f"{refresh['total_ms']:.0f} ms in all, "
-                           f"{100 * refresh['share']:.1f}% of optimizer-step time")
-        remarks += [f"workaround: {name}: {w}" for w in result.get("workarounds", [])]
+    remarks = [line for result in results
+               for line in result_remarks(result, config["steps"], sweep_edge=_sweep_edge_remark)]
     if config["recipe"] == "paper" and len({lr for lr in config["lrs"].values()}) > 1:
         remarks.append("note: as in the papers' scripts, low-rank optimizers also train the dense parameters "
                        "(embeddings, lm_head, norms) at their own, larger lr: the held-out difference to the dense "
@@ -597,19 +422,9 @@ def write_llama_plots(run: dict[str, Any], directory: str | Path) -> list[Path] 
         plt,
         {**run, "results": finished},
         directory / "llama_loss.png",
-        title=f"llama {run['config']['preset']}, seed {run['config']['seed']}",
+        title=f"llama {run['config']['preset']}, {seed_label(run['config'])}",
         label=lambda result: f"{result['name']} lr={result['lr']:g}",
     )
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for result in finished:
-        ax.scatter([result["state_bytes"] / 2**20], [result["heldout_loss"]], label=result["name"])
-    ax.set_xlabel("optimizer state (MiB)")
-    ax.set_ylabel("held-out loss")
-    ax.set_title("held-out loss vs optimizer state")
-    ax.legend()
-    fig.tight_layout()
-    scatter_path = directory / "llama_heldout_vs_state.png"
-    fig.savefig(scatter_path, dpi=120)
-    plt.close(fig)
+    scatter_path = plot_heldout_vs_state(plt, finished, directory / "llama_heldout_vs_state.png", "held-out loss")
     return [loss_path, scatter_path]

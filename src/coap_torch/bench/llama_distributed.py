@@ -23,6 +23,14 @@ all-gather, the input of a reduce-scatter, the buffer of an all-reduce), as
 actually sends is a fraction of that: ``(W - 1) / W`` for all-gather and reduce-scatter, twice
 that for a ring all-reduce.
 
+With ``--checkpoint-dir DIR``, each run saves everything every ``--checkpoint-every`` steps to
+``DIR/<optimizer>/`` with ``torch.distributed.checkpoint`` (:class:`DistributedCheckpoint`: the
+model and optimizer state dicts, each rank its shards under FSDP2, plus every rank's RNG, batch
+stream, scheduler and logs; ``latest.json``, written by rank 0 last, names the complete
+checkpoint) and continues from there when the job is started again with the same options and
+number of ranks, ending with the numbers of a job that never stopped. ``DIR`` must be a folder
+every rank sees (one machine, or a shared file system).
+
 ``--per-layer`` updates each parameter during backward (:func:`~coap_torch.optim.enable_per_layer_updates`)
 in single-process and FSDP2 runs, and :func:`measure_per_layer_saving` measures what it saves: the
 peak of allocated tensor bytes of a few training steps with and without it.
@@ -31,16 +39,18 @@ peak of allocated tensor bytes of a few training steps with and without it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
+import json
 import math
 import os
-import statistics
-import sys
+import shutil
 import textwrap
-import time
 import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,29 +60,31 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..optim import LowRankOptimizer, enable_per_layer_updates
-from ..utils import optimizer_state_nbytes
 from ..utils.allocations import PeakAllocations
-from ._deps import require
-from .environment import hardware, peak_memory, versions
+from .environment import hardware, versions
 from .llama import (
     _BATCH_STREAM,
-    FINAL_LOSS_WINDOW,
     LLAMA_PRESETS,
-    LR_SWEEP_FACTORS,
     LlamaConfig,
     _best,
     _loss,
     evaluate_heldout,
     format_llama_table,
-    lr_lambda,
     run_settings,
 )
+from .llama import _fingerprint as llama_fingerprint
 from .llama_model import build_llama, projected_parameter_groups
 from .optimizers import OPTIMIZERS, build_optimizer
-from .probes import Eq2Probe, refresh_time
 from .report import format_bytes, markdown_table
-from .runner import compare_to_baseline, failed_result
-from .timing import timed_step
+from .runner import (
+    RunConfigurationError,
+    atomic_save,
+    atomic_write_text,
+    check_fingerprint,
+    compare_to_baseline,
+    failed_result,
+)
+from .training import TrainingLoop, result_row, run_stem, start_measuring, sweep_lrs
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
@@ -80,6 +92,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ENGINES",
     "CollectiveBytes",
+    "DistributedCheckpoint",
     "EngineCollectives",
     "format_distributed_table",
     "measure_per_layer_saving",
@@ -96,6 +109,8 @@ ENGINE_BYTES_METHOD = (
 )
 #: Steps of :func:`measure_per_layer_saving` after its warm-up step.
 PER_LAYER_STEPS = 2
+#: Format of the checkpoints of distributed runs (``latest.json`` and the folders it points to).
+_CHECKPOINT_FORMAT = 1
 
 
 # ------------------------------------------------------------------------------------- collectives
@@ -199,8 +214,6 @@ def _check(config: LlamaConfig, world_size: int) -> None:
             "--per-layer cannot be combined with --distributed ddp: DDP averages gradients after the per-layer "
             "hooks run, so each rank would update with its own gradient; use --distributed fsdp2"
         )
-    if config.checkpoint_dir:
-        raise ValueError("--checkpoint-dir is not supported with --distributed")
     if config.batch_size % world_size:
         raise ValueError(f"--batch-size {config.batch_size} must be a multiple of the world size {world_size}")
 
@@ -252,103 +265,181 @@ def _heldout_on_rank0(model: nn.Module, engine: str, config: LlamaConfig, vocab_
 # ---------------------------------------------------------------------------------------- training
 
 
+class DistributedCheckpoint:
+    """A run's checkpoints under ``folder`` (one folder per optimizer and lr), with ``torch.distributed.checkpoint``.
+
+    Every ``checkpoint_every`` steps, all ranks write ``step-NNNNNNNN/``: the model and optimizer
+    state dicts (``get_state_dict``, then ``dcp.save``: each rank its shards, under FSDP2) and
+    ``rank-R.pt``, what :meth:`~coap_torch.bench.training.TrainingLoop.state_dict` holds on rank
+    ``R`` (scheduler, batch stream, RNG, loss and time logs, communication counts). After a
+    barrier, rank 0 points ``latest.json`` at the folder (written through a rename) and removes
+    the older ones: a save that never finished is never loaded. ``latest.json`` also holds the
+    run's fingerprint (its options, world size and engine); a checkpoint of another configuration
+    raises :class:`~coap_torch.bench.runner.RunConfigurationError` on every rank.
+    """
+
+    MARKER = "latest.json"
+
+    def __init__(self, folder: Path, fingerprint: dict[str, Any]) -> None:
+        self.folder = folder
+        # JSON holds lists where the fingerprint has tuples: compare what the marker reads back.
+        self.fingerprint = json.loads(json.dumps(fingerprint))
+
+    def _latest(self) -> dict[str, Any] | None:
+        """The marker, read on rank 0 and broadcast (so every rank takes the same decision)."""
+        marker = [None]
+        if dist.get_rank() == 0 and (self.folder / self.MARKER).is_file():
+            marker[0] = json.loads((self.folder / self.MARKER).read_text())
+        dist.broadcast_object_list(marker, src=0)
+        return marker[0]
+
+    def load(self, loop: TrainingLoop) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        latest = self._latest()
+        if latest is None:
+            return
+        check_fingerprint(self.folder, latest.get("format"), latest.get("fingerprint"), _CHECKPOINT_FORMAT,
+                          self.fingerprint)
+        directory = self.folder / latest["directory"]
+        # On an optimizer without state yet, get_state_dict creates it (a step on zero gradients, at lr 0).
+        model_state, optimizer_state = get_state_dict(loop.model, loop.optimizer)
+        dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+        set_state_dict(loop.model, loop.optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+        loop.load_state_dict(torch.load(directory / f"rank-{dist.get_rank()}.pt", map_location=loop.device,
+                                        weights_only=True))
+
+    def save(self, loop: TrainingLoop, step: int) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        rank = dist.get_rank()
+        directory = self.folder / f"step-{step:08d}"
+        if rank == 0 and directory.exists():  # left by a save that was interrupted
+            shutil.rmtree(directory)
+        dist.barrier()
+        model_state, optimizer_state = get_state_dict(loop.model, loop.optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+        atomic_save(loop.state_dict(step), directory / f"rank-{rank}.pt")
+        dist.barrier()  # every rank's files are complete
+        if rank != 0:
+            return
+        marker = {"format": _CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "step": step,
+                  "directory": directory.name, "world_size": dist.get_world_size()}
+        atomic_write_text(json.dumps(marker, indent=1), self.folder / self.MARKER)
+        for old in self.folder.glob("step-*"):
+            if old.name != directory.name:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+class _DistributedLoop(TrainingLoop):
+    """The training loop on one rank: this rank's share of each global batch, the global batch's mean
+    loss, the optimizer's collectives per step and the engine's on the last step."""
+
+    def __init__(self, *args: Any, world_size: int, **kwargs: Any) -> None:
+        super().__init__(*args, logs={"optimizer_bytes": []}, **kwargs)
+        self.world_size = world_size
+        self.comm = getattr(self.optimizer, "communication", None)
+        self.engine: EngineCollectives | None = None
+        self.engine_figures: dict[str, Any] | None = None  # the engine's bytes and ops, kept in checkpoints
+        self._mark = 0
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        state = super().state_dict(step)
+        state["communication"] = {"calls": self.comm.calls, "bytes": self.comm.bytes} if self.comm else None
+        state["engine"] = self.engine_figures
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self.comm is not None:  # not what the state's creation on loading logged
+            self.comm.calls, self.comm.bytes = state["communication"]["calls"], state["communication"]["bytes"]
+        self.engine_figures = state["engine"]
+
+    def before_steps(self) -> None:
+        self._mark = self.comm.bytes if self.comm is not None else 0
+
+    def step_context(self, step: int) -> AbstractContextManager[Any]:
+        if step != self.steps:  # the engine moves the same bytes every step: count one
+            return contextlib.nullcontext()
+        self.engine = EngineCollectives(self.optimizer)
+        return self.engine
+
+    def loss_value(self, loss: Tensor) -> float:
+        # The mean of equal shares' mean losses is the global batch's mean loss.
+        global_loss = loss.detach().reshape(1).clone()
+        dist.all_reduce(global_loss)
+        return global_loss.item() / self.world_size
+
+    def after_step(self, step: int) -> None:
+        total = self.comm.bytes if self.comm is not None else 0
+        self.logs["optimizer_bytes"].append(total - self._mark)
+        self._mark = total
+        if step == self.steps:
+            self.engine_figures = {"bytes": self.engine.bytes, "ops": self.engine.counted.ops}
+
+
+def _fingerprint(name: str, lr: float, config: LlamaConfig, data: Any, world_size: int) -> dict[str, Any]:
+    """What must match for a distributed checkpoint to be continued: the one-process run's, and the layout."""
+    return {**llama_fingerprint(name, lr, config, data), "engine": config.distributed, "world_size": world_size,
+            "per_layer": config.per_layer}
+
+
 def train_distributed(name: str, lr: float, config: LlamaConfig, data: Any, windows: Tensor,
-                      device: torch.device) -> dict[str, Any]:
-    """One optimizer's run on this rank; the held-out figures are filled in on rank 0 only."""
+                      device: torch.device, checkpoint: Path | None = None) -> dict[str, Any]:
+    """One optimizer's run on this rank (continuing ``checkpoint``, a folder, when it holds one); the
+    held-out figures are filled in on rank 0 only."""
     from .text import TokenBatches
 
-    tqdm = require("tqdm").tqdm
     rank, world_size = dist.get_rank(), dist.get_world_size()
     spec = OPTIMIZERS[name]
     settings = config.settings()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    start_measuring(device)
     model = build_llama(LLAMA_PRESETS[config.preset], data.vocab_size, seed=config.seed, device=device)
     model.train()
     model = _wrap(model, config.distributed, device)
     split = projected_parameter_groups(model, config.recipe)
     optimizer = build_optimizer(name, [p for _, p in split.projected], [p for _, p in split.dense], lr, settings)
-    per_layer = config.per_layer and isinstance(optimizer, LowRankOptimizer)
-    updates = enable_per_layer_updates(optimizer) if per_layer else None
-    comm = getattr(optimizer, "communication", None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.steps, config.warmup_steps))
     batches = TokenBatches(data.train, config.batch_size, config.seq_len, seed=config.seed + _BATCH_STREAM)
     share = config.batch_size // world_size
-    probe = Eq2Probe(optimizer, {param: pname for pname, param in model.named_parameters()})
-
-    losses: list[float] = []
-    iteration_s: list[float] = []
-    step_s: list[float] = []
-    optimizer_bytes: list[int] = []
-    engine: EngineCollectives | None = None
-    started = time.perf_counter()
-    with tqdm(total=config.steps, desc=name, file=sys.stderr, disable=not config.progress or rank != 0,
-              unit="step") as bar:
-        for step in range(1, config.steps + 1):
-            batch = batches.next()[rank * share : (rank + 1) * share].to(device)
-            before = comm.bytes if comm is not None else 0
-            probe.before_step()
-            if step == config.steps:  # the engine moves the same bytes every step: count one
-                with EngineCollectives(optimizer) as engine:
-                    loss, iteration, step_time = timed_step(lambda b=batch: _loss(model, b), optimizer, device)
-            else:
-                loss, iteration, step_time = timed_step(lambda b=batch: _loss(model, b), optimizer, device)
-            probe.after_step(step)
-            scheduler.step()
-            optimizer_bytes.append(comm.bytes - before if comm is not None else 0)
-            # The mean of equal shares' mean losses is the global batch's mean loss.
-            global_loss = loss.detach().reshape(1).clone()
-            dist.all_reduce(global_loss)
-            losses.append(global_loss.item() / world_size)
-            iteration_s.append(iteration)
-            step_s.append(step_time)
-            bar.update(1)
-    wall = time.perf_counter() - started
+    loop = _DistributedLoop(model, optimizer, batches, lambda batch: _loss(model, batch), config=config,
+                            device=device, label=name if not config.lr_sweep else f"{name} lr={lr:g}",
+                            next_batch=lambda: batches.next()[rank * share : (rank + 1) * share].to(device),
+                            show_progress=rank == 0, world_size=world_size)
+    # Loaded before per-layer updates are enabled: loading may step the optimizer once to create its state.
+    loop.resume(DistributedCheckpoint(checkpoint, _fingerprint(name, lr, config, data, world_size))
+                if checkpoint is not None else None)
+    per_layer = config.per_layer and isinstance(optimizer, LowRankOptimizer)
+    updates = enable_per_layer_updates(optimizer) if per_layer else None
+    loop.run()
     if updates is not None:
         updates.remove()
-    peak, peak_kind = peak_memory(device)
     heldout = _heldout_on_rank0(model, config.distributed, config, data.vocab_size, windows, device)
 
-    steady = [b for i, b in enumerate(optimizer_bytes, start=1) if not spec.refreshes_at(i, settings)]
-    iteration_ms = statistics.median(iteration_s) * 1e3
-    tail = losses[-FINAL_LOSS_WINDOW:]
-    return {
-        "name": name,
-        "optimizer": spec.description,
-        "family": spec.family,
-        "lr": lr,
-        "failed": False,
-        "per_layer": per_layer,
-        "state_bytes": optimizer_state_nbytes(optimizer),
-        "peak_memory_bytes": peak,
-        "peak_memory_kind": peak_kind + " (since the rank's process started)" if device.type == "cpu" else peak_kind,
-        "iteration_ms": iteration_ms,
-        "step_ms": statistics.median(step_s) * 1e3,
-        "tokens_per_s": config.batch_size * config.seq_len / (iteration_ms / 1e3),
-        "refresh": refresh_time(step_s, lambda i: spec.refreshes_at(i, settings)),
-        "p_step_rel_change": probe.median(),
-        "p_step_rel_changes": probe.changes,
-        "final_loss": sum(tail) / len(tail),
-        "last_batch_loss": losses[-1],
-        "heldout_loss": heldout,
-        "heldout_perplexity": None if heldout is None else math.exp(heldout) if heldout < 700 else float("inf"),
-        "first_nonfinite_step": next((i for i, v in enumerate(losses, start=1) if not math.isfinite(v)), None),
-        "steps_done": len(losses),
-        "completed": True,
-        "workarounds": [],
-        "wall_seconds": wall,
-        "process_id": os.getpid(),
-        "loss_curve": losses,
+    comm, engine = loop.comm, loop.engine_figures
+    by_step = loop.logs["optimizer_bytes"]
+    steady = [b for i, b in enumerate(by_step, start=1) if not spec.refreshes_at(i, settings)]
+    result = result_row(
+        name, spec, lr, per_layer=per_layer,
+        **loop.measurements(spec, settings, items_per_step=config.batch_size * config.seq_len,
+                            throughput="tokens_per_s"),
+        heldout_loss=heldout,
+        heldout_perplexity=None if heldout is None else math.exp(heldout) if heldout < 700 else float("inf"),
+        workarounds=[],
         # Per-rank communication figures; rank 0 moves them into "ranks".
-        "optimizer_comm_calls": comm.calls if comm is not None else None,
-        "optimizer_comm_bytes": comm.bytes if comm is not None else None,
-        "optimizer_comm_bytes_per_step": comm.bytes / len(losses) if comm is not None else None,
-        "optimizer_comm_steady_step_bytes": max(steady) if comm is not None and steady else None,
-        "optimizer_comm_bytes_by_step": optimizer_bytes if comm is not None else None,
-        "engine_bytes_per_step": engine.bytes if engine is not None else 0,
+        optimizer_comm_calls=comm.calls if comm is not None else None,
+        optimizer_comm_bytes=comm.bytes if comm is not None else None,
+        optimizer_comm_bytes_per_step=comm.bytes / len(by_step) if comm is not None and by_step else None,
+        optimizer_comm_steady_step_bytes=max(steady) if comm is not None and steady else None,
+        optimizer_comm_bytes_by_step=by_step if comm is not None else None,
+        engine_bytes_per_step=engine["bytes"] if engine is not None else 0,
         # The counted collectives by op (with per-layer updates, the optimizer's all-reduces in backward too).
-        "engine_collectives": engine.counted.ops if engine is not None else {},
-    }
+        engine_collectives=engine["ops"] if engine is not None else {},
+    )
+    if device.type == "cpu":
+        result["peak_memory_kind"] += " (since the rank's process started)"
+    return result
 
 
 #: Figures that differ per rank: kept per rank in ``ranks``, rank 0's at the top level of a result.
@@ -370,8 +461,11 @@ def _merge_ranks(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
 def _guarded(name: str, lr: float, *args: Any) -> dict[str, Any]:
     # An optimizer that fails the same way on every rank (a peer that rejects DTensors) becomes a
     # failed row; a failure on one rank only leaves the others in a collective, and torchrun ends them.
+    # A checkpoint of another configuration is refused on every rank: the user's error, raised.
     try:
         return train_distributed(name, lr, *args)
+    except RunConfigurationError:
+        raise
     except (ValueError, RuntimeError, TypeError, NotImplementedError) as error:
         lines = str(error).strip().splitlines()
         return failed_result(name, lr, f"{type(error).__name__}: {lines[0] if lines else ''}")
@@ -398,12 +492,13 @@ def run_llama_distributed(config: LlamaConfig) -> dict[str, Any] | None:
         dist.barrier()
         data = load() if data is None else data
         windows = heldout_windows(data, config.seq_len, config.max_heldout_windows)
+        folder = Path(config.checkpoint_dir).expanduser() if config.checkpoint_dir else None
         results = []
         for name in config.optimizers:
-            base_lr = config.lr_for(name)
             runs = []
-            for lr in [base_lr * f for f in LR_SWEEP_FACTORS] if config.lr_sweep else [base_lr]:
-                mine = _guarded(name, lr, config, data, windows, device)
+            for lr in sweep_lrs(config, name):
+                checkpoint = folder / run_stem(name, lr, config.lr_sweep) if folder is not None else None
+                mine = _guarded(name, lr, config, data, windows, device, checkpoint)
                 gathered: list[Any] | None = [None] * world_size if rank == 0 else None
                 dist.gather_object(mine, gathered, dst=0)
                 if rank == 0:

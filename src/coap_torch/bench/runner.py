@@ -12,8 +12,6 @@ from __future__ import annotations
 import concurrent.futures
 import concurrent.futures.process
 import multiprocessing
-import os
-import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,7 +19,21 @@ from typing import Any
 
 import torch
 
-__all__ = ["RunConfigurationError", "atomic_save", "checkpoint_workarounds", "compare_to_baseline", "failed_result", "load_checkpoint", "rng_state", "run_guarded", "set_rng_state"]
+from .text import _atomic_write
+
+__all__ = [
+    "RunConfigurationError",
+    "atomic_save",
+    "atomic_write_text",
+    "check_fingerprint",
+    "checkpoint_workarounds",
+    "compare_to_baseline",
+    "failed_result",
+    "load_checkpoint",
+    "rng_state",
+    "run_guarded",
+    "set_rng_state",
+]
 
 
 class RunConfigurationError(ValueError):
@@ -78,6 +90,10 @@ def compare_to_baseline(results: list[dict[str, Any]], baseline: str = "adamw") 
         if result.get("heldout_loss") is not None and base.get("heldout_loss"):
             result[f"heldout_loss_minus_{baseline}"] = result["heldout_loss"] - base["heldout_loss"]
             result[f"heldout_loss_rel_to_{baseline}"] = result["heldout_loss"] / base["heldout_loss"] - 1
+        ours, theirs = result.get("heldout_loss_per_seed"), base.get("heldout_loss_per_seed")
+        if ours and theirs and result.get("seeds") == base.get("seeds"):
+            # Seed by seed: the same initial weights and batches, so most of the noise cancels.
+            result[f"heldout_loss_rel_to_{baseline}_per_seed"] = [a / b - 1 for a, b in zip(ours, theirs)]
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -96,15 +112,12 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 def atomic_save(payload: dict[str, Any], path: Path) -> None:
     """``torch.save`` through a temporary file and a rename: a killed run never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename, as :func:`atomic_save`."""
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def checkpoint_workarounds(spec: Any, checkpoint: Path | None) -> list[str]:
@@ -116,20 +129,36 @@ def checkpoint_workarounds(spec: Any, checkpoint: Path | None) -> list[str]:
     return [note]
 
 
+def _differences(saved: Any, expected: Any, prefix: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(expected, dict):
+        return [line for key in dict.fromkeys([*expected, *saved])
+                for line in _differences(saved.get(key), expected.get(key), f"{prefix}{key}.")]
+    return [] if saved == expected else [f"{prefix.rstrip('.') or 'fingerprint'} {saved!r} there, {expected!r} here"]
+
+
+def check_fingerprint(checkpoint: Path, saved_format: Any, saved_fingerprint: Any, checkpoint_format: int,
+                      fingerprint: dict[str, Any]) -> None:
+    """Raise :class:`RunConfigurationError` unless a checkpoint's format and fingerprint are this run's."""
+    if saved_format == checkpoint_format and saved_fingerprint == fingerprint:
+        return
+    what = (_differences(saved_fingerprint, fingerprint) if saved_format == checkpoint_format
+            else [f"checkpoint format {saved_format!r} there, {checkpoint_format!r} here"])
+    raise RunConfigurationError(
+        f"checkpoint {str(checkpoint)!r} was saved by a different run configuration ({'; '.join(what)}); "
+        "remove it or use another --checkpoint-dir"
+    )
+
+
 def load_checkpoint(checkpoint: Path | None, spec: Any, fingerprint: dict[str, Any], checkpoint_format: int,
                     device: torch.device) -> dict[str, Any] | None:
     """The checkpoint a run saved (``None`` if there is none yet), loaded with ``weights_only=True``.
 
     The classes ``spec`` keeps in its optimizer state are allowlisted; a checkpoint of another
-    format or configuration raises :class:`RunConfigurationError`.
+    format or configuration raises :class:`RunConfigurationError` (:func:`check_fingerprint`).
     """
     if checkpoint is None or not checkpoint.is_file():
         return None
     with torch.serialization.safe_globals(spec.safe_globals()):
         saved = torch.load(checkpoint, map_location=device, weights_only=True)
-    if saved.get("format") != checkpoint_format or saved.get("fingerprint") != fingerprint:
-        raise RunConfigurationError(
-            f"checkpoint {str(checkpoint)!r} was saved by a different run configuration; "
-            "remove it or use another --checkpoint-dir"
-        )
+    check_fingerprint(checkpoint, saved.get("format"), saved.get("fingerprint"), checkpoint_format, fingerprint)
     return saved

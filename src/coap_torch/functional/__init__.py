@@ -6,7 +6,14 @@ orthonormal columns, the projected gradient ``G P`` and the low-rank first momen
 """
 
 from .correlation import DEFAULT_CORRELATION_LR, coap_objective, coap_objective_grad, correlation_aware_step
-from .moments import adafactor_direction_, adafactor_lr, adam_direction_, rotate_first_moment, rotate_second_moment
+from .moments import (
+    adafactor_direction_,
+    adafactor_lr,
+    adam_direction_,
+    adamw_update_foreach_,
+    rotate_first_moment,
+    rotate_second_moment,
+)
 from .quantization import (
     DEFAULT_BLOCK_SIZE,
     dequantize_blockwise,
@@ -15,30 +22,40 @@ from .quantization import (
     quantize_blockwise_,
 )
 from .subspace import DEFAULT_SKETCH_SEED, gaussian_sketch, low_cost_svd, orthonormalize
-from .tucker import conv_ranks, mode_matrices, mode_product, tucker2_project, tucker2_restore, unfold
+from .tucker import (
+    conv_ranks,
+    mode_matrices,
+    mode_product,
+    tucker2_add_restored_,
+    tucker2_project,
+    tucker2_restore,
+    unfold,
+)
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
-    "dequantize_blockwise",
-    "dynamic_code_map",
-    "quantize_blockwise",
-    "quantize_blockwise_",
     "DEFAULT_CORRELATION_LR",
     "DEFAULT_SKETCH_SEED",
     "adafactor_direction_",
     "adafactor_lr",
     "adam_direction_",
+    "adamw_update_foreach_",
     "coap_objective",
     "coap_objective_grad",
     "conv_ranks",
     "correlation_aware_step",
+    "dequantize_blockwise",
+    "dynamic_code_map",
     "gaussian_sketch",
     "low_cost_svd",
     "mode_matrices",
     "mode_product",
     "orthonormalize",
+    "quantize_blockwise",
+    "quantize_blockwise_",
     "rotate_first_moment",
     "rotate_second_moment",
+    "tucker2_add_restored_",
     "tucker2_project",
     "tucker2_restore",
     "unfold",

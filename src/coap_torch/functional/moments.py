@@ -11,7 +11,14 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["adafactor_direction_", "adafactor_lr", "adam_direction_", "rotate_first_moment", "rotate_second_moment"]
+__all__ = [
+    "adafactor_direction_",
+    "adafactor_lr",
+    "adam_direction_",
+    "adamw_update_foreach_",
+    "rotate_first_moment",
+    "rotate_second_moment",
+]
 
 
 def adam_direction_(
@@ -47,6 +54,51 @@ def adam_direction_(
     bias_correction2_sqrt = math.sqrt(1 - beta2**step)
     denom = (second.sqrt() / bias_correction2_sqrt).add_(eps)
     return (exp_avg / denom).div_(bias_correction1)
+
+
+def adamw_update_foreach_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    *,
+    step: int,
+    lr: float,
+    weight_decay: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    max_exp_avg_sqs: list[Tensor] | None = None,
+) -> None:
+    """One AdamW step of many dense tensors at once, in place: :func:`adam_direction_` and the
+    decoupled decay, as ``torch._foreach_*`` calls.
+
+    Element for element the same operations in the same order as :func:`adam_direction_`
+    followed by ``p.mul_(1 - lr * weight_decay).add_(d, alpha=-lr)``, so the results are bitwise
+    those of the per-tensor path; the gain is a handful of calls for all tensors instead of a
+    dozen per tensor, which is what many small tensors (biases, norms) cost. All tensors share
+    ``step``.
+    """
+    if not params:
+        return
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    second = exp_avg_sqs
+    if max_exp_avg_sqs is not None:
+        torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
+        second = max_exp_avg_sqs
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+    denoms = torch._foreach_sqrt(second)
+    torch._foreach_div_(denoms, bias_correction2_sqrt)
+    torch._foreach_add_(denoms, eps)
+    directions = torch._foreach_div(exp_avgs, denoms)
+    torch._foreach_div_(directions, bias_correction1)
+    decay = 1 - lr * weight_decay
+    if decay != 1.0:
+        torch._foreach_mul_(params, decay)
+    torch._foreach_add_(params, directions, alpha=-lr)
 
 
 def adafactor_lr(

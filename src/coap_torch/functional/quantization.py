@@ -124,7 +124,7 @@ def _encoder_tables(signed: bool, device: torch.device) -> tuple[Tensor, Tensor]
     key = (bool(signed), device)
     tables = _ENCODERS.get(key)
     if tables is None:
-        code, midpoints = _tables(signed, torch.device("cpu"))
+        _, midpoints = _tables(signed, torch.device("cpu"))
         patterns = torch.arange(1 << 16, dtype=torch.int32)
         patterns = torch.where(patterns >= 1 << 15, patterns - (1 << 16), patterns).to(torch.int16)
         values = patterns.view(torch.float16).float().nan_to_num(0.0, 1.0, -1.0).clamp(-1.0, 1.0)

@@ -7,8 +7,10 @@ Concrete optimizers are thin: they say which moments they keep and how a moment 
 from __future__ import annotations
 
 import itertools
+import os
+import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
 from typing import Any, ClassVar
 
@@ -22,13 +24,18 @@ from ..functional.tucker import unfold
 from . import _placement as placement
 from . import _validation as check
 from ._layout import PROJECTION_SIDES, Layout, route
-from ._sharded import CommunicationLog, ShardComm, sharded_correlation_step, sharded_low_cost_svd
+from ._sharded import CommunicationLog, ShardComm, Task, run_coalesced, sharded_correlation_step, sharded_low_cost_svd
 
 __all__ = ["COAP_DEFAULTS", "LowRankOptimizer", "group_defaults"]
 
 #: Kernels with fewer entries stay dense: below 4096 values the state saved is under 32 KB,
 #: while each refresh still runs a QR and an SVD per mode. A per-group option.
 DEFAULT_MIN_CONV_NUMEL = 4096
+
+#: Dense tensors up to this size are stepped together (``torch._foreach_*``): for biases and
+#: norms the per-tensor Python cost is most of a step's time. Larger ones go one by one, so that
+#: the bulk update's temporaries (two per tensor, alive at once) stay small.
+BULK_MAX_NUMEL = 2**16
 
 #: The COAP settings, each a per-group option (``{"params": ..., "rank": 64}`` overrides one).
 COAP_DEFAULTS: dict[str, Any] = {
@@ -90,6 +97,57 @@ def _compute_dtype(param: Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of a warning issued by the caller of this function that points at the
+    first frame outside this package's optimizers and torch (the user's ``step()`` or backward)."""
+    skip = tuple(os.path.join(os.path.dirname(os.path.abspath(path)), "") for path in (__file__, torch.__file__))
+    frame, level = sys._getframe(2), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+class _Moments(dict):
+    """A parameter's state as its step works on it, each entry unpacked (8-bit moments decoded)
+    at its first use and only then.
+
+    Under FSDP2 a step waits at its collectives while the other parameters reach theirs (see
+    :func:`~coap_torch.optim._sharded.run_coalesced`); a moment read only after them (Adafactor's
+    first moment, full-size for a dense parameter) is then not held decoded meanwhile. Used for
+    dense row shards only: elsewhere the moments are low-rank or nothing waits, and unpacking
+    everything at once costs less. :meth:`items` lists the entries unpacked so far: those are
+    what :meth:`LowRankOptimizer._pack` stores back; the others stay as they were stored.
+    """
+
+    def __init__(self, stored: dict[str, Any], unpack: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        super().__init__()
+        self._unpack = unpack
+        self._packed: dict[str, dict[str, Any]] = {}
+        for key, value in stored.items():
+            self._packed.setdefault(placement.moment_name(key), {})[key] = value
+
+    def __missing__(self, key: str) -> Any:
+        packed = self._packed.pop(key, None)
+        if packed is None:
+            raise KeyError(key)
+        for name, value in self._unpack(packed).items():
+            dict.__setitem__(self, name, value)
+        return dict.__getitem__(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, key) or key in self._packed
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._packed.pop(key, None)
+        dict.__setitem__(self, key, value)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+
 class LowRankOptimizer(Optimizer):
     """Base class of the COAP optimizers. Subclasses define the moment rule:
 
@@ -101,6 +159,10 @@ class LowRankOptimizer(Optimizer):
     * :meth:`_moment_step`: update the moments from a gradient and return
       ``(direction, decay, alpha)``; the parameter becomes ``p * decay + alpha * restore(direction)``
       (``alpha`` is multiplied by the group's ``scale`` for projected parameters).
+
+    A parameter's step is a generator (:meth:`_param_step`) that yields where it needs sums over
+    the ranks of a row-sharded parameter (FSDP2); :meth:`step` runs the steps of all parameters
+    together so that those all-reduces are coalesced (see :func:`~coap_torch.optim._sharded.run_coalesced`).
     """
 
     moment_rotations: ClassVar[dict[str, str]] = {}
@@ -175,20 +237,35 @@ class LowRankOptimizer(Optimizer):
 
     def _moment_step(
         self, state: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, param: Tensor, comm: ShardComm | None = None
-    ) -> tuple[Tensor, float, float]:
-        """``comm`` is given for a row shard (FSDP2): sums over the whole parameter go through it."""
+    ) -> Task[tuple[Tensor, float | Tensor | Callable[[Tensor], Any], float]]:
+        """A generator that returns ``(direction, decay, alpha)``.
+
+        ``comm`` is given for a row shard (FSDP2): sums over the whole parameter come from
+        ``sums = yield from comm.all_reduce(...)``. ``param`` is the weight, to read only: in the
+        compute dtype (``grad.dtype``) without ``comm``, in its own dtype with it (the compute-dtype
+        copy is made after the collectives, so none is held while the step waits; use
+        ``param.to(grad.dtype)``). ``decay`` is a factor, or a function that changes the weight
+        (in the compute dtype) in place before the update.
+        """
         raise NotImplementedError
 
     def _unpack(
         self, state: dict[str, Any], group: dict[str, Any], shard: placement.RowShard | None = None, dtype: torch.dtype = torch.float32
     ) -> dict[str, Any]:
-        """The state as the moment rule works on it (moments of the compute ``dtype``); identity here."""
+        """The state as the moment rule works on it (moments of the compute ``dtype``); identity here.
+
+        For a dense row shard (FSDP2) it is called on each state entry separately (a moment's
+        stored tensors together: for ``exp_avg``, ``exp_avg_codes`` and ``exp_avg_absmax``), at
+        its first use in a step; on the whole state otherwise.
+        """
         return state
 
     def _pack(
         self, work: dict[str, Any], state: dict[str, Any], group: dict[str, Any], shard: placement.RowShard | None = None
     ) -> None:
-        """Store what :meth:`_unpack` returned after the step (nothing to do for float32 state)."""
+        """Store what :meth:`_unpack` returned back into ``state`` after the step."""
+        if work is not state:
+            state.update(work.items())
 
     def _refresh_moment(self, state: dict[str, Any], layout: Layout, grad: Tensor, factors: list[Tensor]) -> Tensor:
         """The low-rank first moment ``M`` that the Eq. 2 step correlates with."""
@@ -207,13 +284,89 @@ class LowRankOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_engine()
+        self._step_params(self._with_gradients())
+        return loss
+
+    def _with_gradients(self) -> Iterator[tuple[Tensor, dict[str, Any], int]]:
         index = itertools.count()
         for group in self.param_groups:
             for param in group["params"]:
                 param_index = next(index)
                 if param.grad is not None:
-                    self._step_param(param, group, param_index)
-        return loss
+                    yield param, group, param_index
+
+    def _step_params(self, params: Iterable[tuple[Tensor, dict[str, Any], int]]) -> None:
+        """Step each ``(param, group, index)`` in order, their collectives coalesced.
+
+        Under FSDP2 the steps wait at their all-reduces for one another, so that each round of
+        sums is one all-reduce for all parameters (see :func:`~coap_torch.optim._sharded.run_coalesced`);
+        a step with no collective runs start to finish before the next one starts, as in one process.
+        Plain dense tensors that the subclass can update in bulk (:meth:`_bulk_dense_step`) are
+        stepped together first; parameters are independent, so the order changes no result.
+        """
+        bulk: dict[tuple[Any, ...], tuple[dict[str, Any], list[Tensor]]] = {}
+        rest = []
+        for param, group, index in params:
+            key = self._bulk_key(param, group)
+            if key is None:
+                rest.append((param, group, index))
+            else:
+                bulk.setdefault((id(group), *key), (group, []))[1].append(param)
+        for group, members in bulk.values():
+            self._bulk_dense_step(members, group)
+        run_coalesced((self._param_step(*item) for item in rest), self.communication)
+
+    #: Whether :meth:`_bulk_dense_step` is implemented (subclasses that set it implement it).
+    _bulk_dense: ClassVar[bool] = False
+
+    def _bulk_key(self, param: Tensor, group: dict[str, Any]) -> tuple[Any, ...] | None:
+        """The bulk bucket of a plain dense tensor, or ``None`` for the per-parameter path.
+
+        Bulk is for what needs none of the per-parameter machinery: a small (at most
+        :data:`BULK_MAX_NUMEL` entries), local (not DTensor), dense, float32/float64 parameter with a dense gradient of its dtype, routed dense, whose state
+        is empty or holds only the moments and step counter. Everything else (projections,
+        shards, 8-bit or bf16 storage, ``maximize``, tensor lr, state of another layout, errors
+        to raise) takes :meth:`_param_step`. Buckets share step count, device and dtype.
+        """
+        if not self._bulk_dense or group.get("maximize", False) or isinstance(group["lr"], Tensor):
+            return None
+        grad = param.grad
+        if (
+            param.numel() > BULK_MAX_NUMEL
+            or grad.is_sparse
+            or grad.dtype != param.dtype
+            or param.dtype not in (torch.float32, torch.float64)
+            or placement.is_dtensor(param)
+            or placement.engine_managed(param)  # refused on the per-parameter path
+            or (param.dim() > 1 and layout_of(param, group).kind != "dense")  # vectors are always dense
+        ):
+            return None
+        state = self.state.get(param)
+        if not state:
+            return (0, param.device, param.dtype)
+        if any(key in state for key in ("proj", "proj_out", "proj_in")) or not self._bulk_state_ok(state, group):
+            return None
+        return (int(state["step"].item()), param.device, param.dtype)
+
+    def _bulk_state_ok(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
+        """Whether an existing dense ``state`` is in the plain form :meth:`_bulk_dense_step` expects."""
+        return False
+
+    def _bulk_dense_step(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        """Step plain dense ``params`` of ``group`` that share a step count, all at once (see :meth:`_bulk_key`)."""
+        raise NotImplementedError
+
+    def _bulk_states(self, params: list[Tensor], group: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
+        """The states of a bulk bucket (created as :meth:`_init_state` would) and their new step count."""
+        states = []
+        for param in params:
+            state = self.state[param]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state.update(self._init_moments(tuple(param.shape), group, param))
+            states.append(state)
+        torch._foreach_add_([state["step"] for state in states], 1.0)
+        return states, int(states[0]["step"].item())
 
     def _check_engine(self) -> None:
         # Once, at the first step: wrappers (DeepSpeed ZeRO) replace the parameters after the
@@ -223,7 +376,7 @@ class LowRankOptimizer(Optimizer):
             placement.refuse_flattening_engine(self._had_matrices, params)
             self._engine_checked = True
 
-    def _step_param(self, param: Tensor, group: dict[str, Any], index: int) -> None:
+    def _param_step(self, param: Tensor, group: dict[str, Any], index: int) -> Task[None]:
         grad = param.grad
         if grad.is_sparse:
             raise check.SparseGradientError(
@@ -235,7 +388,7 @@ class LowRankOptimizer(Optimizer):
         comm = None
         if shard is not None:
             layout = self._shard_layout(layout, shard, index)
-            comm = ShardComm(shard.group, self.communication, rows=shard.global_shape[0])
+            comm = ShardComm(shard.group, rows=shard.global_shape[0])
         stored_state = self.state[param]
         state = stored_state if shard is None else {k: placement.local(v) for k, v in stored_state.items()}
         dtype = _compute_dtype(param)
@@ -244,23 +397,37 @@ class LowRankOptimizer(Optimizer):
             grad = -grad
         canonical = layout.canonical(grad)
         if not state:
-            self._init_state(state, layout, canonical, group, index, comm)
+            yield from self._init_state(state, layout, canonical, group, index, comm)
         else:
             self._check_layout(state, layout, index)
-        stored, state = state, self._unpack(state, group, shard, dtype)
+        stored = state
+        if comm is not None and not layout.projected:
+            # The moment rule of a dense row shard may wait at collectives (Adafactor's): its
+            # full-size moments are unpacked at first use, not held decoded while it waits.
+            state = _Moments(stored, lambda entries: self._unpack(entries, group, shard, dtype))
+        else:
+            state = self._unpack(stored, group, shard, dtype)
         state["step"] += 1
         step = int(state["step"].item())  # a CPU tensor: no device sync
 
         factors = [state[key] for key in layout.factor_keys]
         if layout.projected and step > 1 and step % group["update_interval"] == 0:
-            factors = self._refresh(state, layout, canonical, group, step, comm)
-        target = param if param.dtype == dtype else param.to(dtype)
+            factors = yield from self._refresh(state, layout, canonical, group, step, comm)
+        # The weight in the compute dtype (a copy for bf16 / fp16 weights); for a row shard it is
+        # made after the moment rule's collectives, so that no such copy waits through them.
+        target = None if comm is not None else param if param.dtype == dtype else param.to(dtype)
+        rule_grad = layout.project(canonical, factors) if layout.projected else grad
+        direction, decay, alpha = yield from self._moment_step(
+            state, rule_grad, group, step, param if target is None else target, comm
+        )
+        if target is None:
+            target = param if param.dtype == dtype else param.to(dtype)
+        if callable(decay):
+            decay(target)
+            decay = 1.0
         if layout.projected:
-            projected = layout.project(canonical, factors)
-            direction, decay, alpha = self._moment_step(state, projected, group, step, target, comm)
             layout.add_restored_(target, direction, factors, beta=decay, alpha=alpha * group["scale"])
         else:
-            direction, decay, alpha = self._moment_step(state, grad, group, step, target, comm)
             if isinstance(decay, Tensor) or decay != 1.0:
                 target.mul_(decay)
             target.add_(direction, alpha=alpha)
@@ -269,6 +436,10 @@ class LowRankOptimizer(Optimizer):
             param.copy_(target)
         if shard is not None:
             self._store_sharded(stored_state, stored, shard)
+
+    def _step_param(self, param: Tensor, group: dict[str, Any], index: int) -> None:
+        """Step one parameter now (per-layer updates), each of its collectives on its own."""
+        self._step_params([(param, group, index)])
 
     def _shard_layout(self, layout: Layout, shard: placement.RowShard, index: int) -> Layout:
         """The layout of this rank's rows; refuses what cannot be projected without per-step collectives."""
@@ -302,14 +473,14 @@ class LowRankOptimizer(Optimizer):
 
     def _init_state(
         self, state: dict[str, Any], layout: Layout, grad: Tensor, group: dict[str, Any], index: int, comm: ShardComm | None = None
-    ) -> None:
+    ) -> Task[None]:
         state["step"] = torch.tensor(0.0)
         generator = torch.Generator().manual_seed(_sketch_seed(group["seed"], index))
         if layout.kind == "matrix" and comm is not None:
             n, rank = grad.shape[-1], layout.ranks[0]
             sketch = gaussian_sketch((n, rank), generator=generator, dtype=grad.dtype, device=grad.device)
             global_shape = (comm.rows, n)
-            state["proj"], singular = sharded_low_cost_svd(grad, rank, sketch, comm, global_shape)
+            state["proj"], singular = yield from sharded_low_cost_svd(grad, rank, sketch, comm, global_shape)
             self._warn_if_rank_deficient(torch.empty(global_shape, device="meta"), singular, layout, index)
         elif layout.kind == "matrix":
             proj, singular = low_cost_svd_with_values(grad, layout.ranks[0], generator=generator)
@@ -343,12 +514,12 @@ class LowRankOptimizer(Optimizer):
                 "unique. The undetermined directions are filled deterministically from the seeded "
                 "sketch; use batches larger than the rank (or a smaller rank) for a data-driven subspace.",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=_caller_stacklevel(),
             )
 
     def _refresh(
         self, state: dict[str, Any], layout: Layout, grad: Tensor, group: dict[str, Any], step: int, comm: ShardComm | None = None
-    ) -> list[Tensor]:
+    ) -> Task[list[Tensor]]:
         """Update P (or P_O, P_I) and move the moments to the new basis."""
         old = [state[key] for key in layout.factor_keys]
         reproject = step % (group["update_interval"] * group["reproject_factor"]) == 0
@@ -358,18 +529,20 @@ class LowRankOptimizer(Optimizer):
             if comm is not None:
                 global_shape = (comm.rows, matrix.shape[-1])
                 if reproject:
-                    new.append(sharded_low_cost_svd(matrix, rank, P, comm, global_shape)[0])
+                    new.append((yield from sharded_low_cost_svd(matrix, rank, P, comm, global_shape))[0])
                 else:
                     new.append(
-                        sharded_correlation_step(
-                            P,
-                            matrix,
-                            moment,
-                            comm,
-                            global_shape,
-                            group["correlation_lr"],
-                            normalize=group["correlation_normalize"],
-                            max_norm=group["correlation_max_norm"],
+                        (
+                            yield from sharded_correlation_step(
+                                P,
+                                matrix,
+                                moment,
+                                comm,
+                                global_shape,
+                                group["correlation_lr"],
+                                normalize=group["correlation_normalize"],
+                                max_norm=group["correlation_max_norm"],
+                            )
                         )
                     )
             elif reproject:

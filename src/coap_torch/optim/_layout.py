@@ -23,7 +23,7 @@ from typing import Any, Literal
 from torch import Tensor
 
 from ..functional.moments import rotate_first_moment, rotate_second_moment
-from ..functional.tucker import conv_ranks, mode_matrices, tucker2_project, tucker2_restore
+from ..functional.tucker import conv_ranks, mode_matrices, tucker2_add_restored_, tucker2_project, tucker2_restore
 
 #: The rank ratio used when neither ``rank`` nor the matching ``rank_ratio_*`` is set.
 DEFAULT_RANK_RATIO = 2.0
@@ -104,8 +104,9 @@ class Layout:
     def add_restored_(self, target: Tensor, x: Tensor, factors: list[Tensor], *, beta: float | Tensor, alpha: float) -> None:
         """``target <- beta * target + alpha * restore(x)`` in place (param-shaped ``target``).
 
-        For matrices this is a single GEMM with accumulation (``addmm_`` / ``baddbmm_``), so the
-        restored (m, n) update is never materialised and the decay costs no extra pass.
+        For matrices this is a single GEMM with accumulation (``addmm_`` / ``baddbmm_``), and for
+        Tucker-2 kernels the last of its two products is, so the restored full-size update is
+        never materialised and the decay costs no extra pass.
         """
         if isinstance(beta, Tensor):  # a step size that depends on the weight (Adafactor)
             target.mul_(beta)
@@ -118,6 +119,9 @@ class Layout:
                 view.addmm_(a, b, beta=beta, alpha=alpha)
             else:
                 view.baddbmm_(a, b, beta=beta, alpha=alpha)
+            return
+        if self.kind == "tucker" and target.is_contiguous():
+            tucker2_add_restored_(target, x, *factors, beta=beta, alpha=alpha)
             return
         if beta != 1.0:
             target.mul_(beta)
@@ -167,6 +171,21 @@ def cnn_ratio(group: dict[str, Any]) -> float:
     return DEFAULT_RANK_RATIO if ratio is None else float(ratio)
 
 
+def tucker_saves_memory(shape: tuple[int, ...], ranks: tuple[int, int]) -> bool:
+    """Whether ``P_O``, ``P_I`` and one (r_O, r_I, *k) core take fewer entries than the kernel.
+
+    A kernel with one narrow channel side, such as a patch-embedding conv (1152, 4, 2, 2), keeps
+    a factor ``P_O`` (O, r_O) far larger than the kernel itself. The test is for one moment:
+    a kernel is projected only when that alone pays for the factors, so a projection that would
+    save little memory (and lose gradient information and time) is not made.
+    """
+    out_channels, in_channels = shape[:2]
+    kernel = math.prod(shape[2:])
+    r_out, r_in = ranks
+    factors = out_channels * r_out + in_channels * r_in
+    return factors + r_out * r_in * kernel < out_channels * in_channels * kernel
+
+
 def route(shape: tuple[int, ...], group: dict[str, Any]) -> Layout:
     """The :class:`Layout` of a parameter of ``shape`` in ``group`` (pure: shape + group only).
 
@@ -188,6 +207,8 @@ def route(shape: tuple[int, ...], group: dict[str, Any]) -> Layout:
             return Layout("dense", shape)
         r_out, r_in = conv_ranks(shape, cnn_ratio(group))
         if r_out >= shape[0] and r_in >= shape[1]:
+            return Layout("dense", shape)
+        if not tucker_saves_memory(shape, (r_out, r_in)):
             return Layout("dense", shape)
         return Layout("tucker", shape, (r_out, r_in))
     # 2-D matrices and 3-D stacks of matrices (B, m, n), each with its own P.

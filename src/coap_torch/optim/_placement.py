@@ -26,9 +26,14 @@ SUPPORTED = "use DistributedDataParallel, or FSDP2 (fully_shard) on a 1-D device
 REPLICATED_STATE = frozenset({"step", "proj", "proj_out", "proj_in", "exp_avg_sq_col"})
 
 
+def moment_name(key: str) -> str:
+    """The state entry that stored ``key`` belongs to: ``exp_avg`` for ``exp_avg_codes`` and ``exp_avg_absmax``."""
+    return key.removesuffix("_codes").removesuffix("_absmax")
+
+
 def replicated(key: str) -> bool:
     """Whether state ``key`` (``exp_avg_sq_col_codes`` counts as ``exp_avg_sq_col``) is replicated."""
-    return key.removesuffix("_codes").removesuffix("_absmax") in REPLICATED_STATE
+    return moment_name(key) in REPLICATED_STATE
 
 
 @dataclass(frozen=True)
@@ -45,13 +50,19 @@ class RowShard:
         return self.mesh.get_group()
 
 
+_DTENSOR: list[type] = []  # DTensor, once imported
+
+
 def _dtensor_type() -> type | None:
+    if _DTENSOR:
+        return _DTENSOR[0]
     if "torch.distributed.tensor" not in sys.modules and "torch.distributed._tensor" not in sys.modules:
         return None  # nobody made a DTensor: skip the import on the hot path
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch built without distributed
         return None
+    _DTENSOR.append(DTensor)
     return DTensor
 
 
@@ -81,6 +92,16 @@ def describe_shape(shape: tuple[int, ...], index: int) -> str:
 
 def describe(param: Tensor, index: int) -> str:
     return describe_shape(tuple(param.shape), index)
+
+
+def engine_managed(param: Tensor) -> bool:
+    """Whether a flattening engine (FSDP1, DeepSpeed ZeRO) manages ``param``: :func:`refuse_flattened` refuses it."""
+    return (
+        getattr(param, "_is_flat_param", False)
+        or getattr(param, "_fsdp_flattened", False)
+        or hasattr(param, "ds_id")
+        or hasattr(param, "ds_tensor")
+    )
 
 
 def refuse_flattened(param: Tensor, index: int) -> None:

@@ -55,6 +55,7 @@ class Int8MomentsMixin:
     """Stores the moments of the optimizer it is mixed into block-wise quantized to 8 bits."""
 
     moment_rotations: dict[str, str]
+    _bulk_dense = False  # 8-bit moments are decoded and encoded per tensor
 
     def __init__(
         self, params: Any, *args: Any, block_size: int = DEFAULT_BLOCK_SIZE, min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE, **kwargs: Any

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -14,7 +15,7 @@ from ..functional.moments import adafactor_direction_, adafactor_lr
 from . import _validation as check
 from ._base import DEFAULT_MIN_CONV_NUMEL, LowRankOptimizer, group_defaults
 from ._layout import Layout
-from ._sharded import ShardComm, sharded_adafactor_direction_
+from ._sharded import ShardComm, Task, sharded_adafactor_direction_
 from ._storage import Int8MomentsMixin
 
 __all__ = ["CoapAdafactor", "CoapAdafactor8bit"]
@@ -159,7 +160,7 @@ class CoapAdafactor(LowRankOptimizer):
 
     def _moment_step(
         self, state: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, param: Tensor, comm: ShardComm | None = None
-    ) -> tuple[Tensor, float, float]:
+    ) -> Task[tuple[Tensor, float | Callable[[Tensor], Tensor], float]]:
         eps1, eps2 = group["eps"]
         moments = {key: state.get(key) for key in ("exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")}
         rule = {"step": step, "decay_rate": group["decay_rate"], "eps1": eps1, "clip_threshold": group["clip_threshold"]}
@@ -174,8 +175,9 @@ class CoapAdafactor(LowRankOptimizer):
                     "factors its last two axes, not the sharded one; use DistributedDataParallel (or CoapAdamW)"
                 )
             numel = math.prod(param.shape[1:]) * comm.rows
-            update, param_sq = sharded_adafactor_direction_(
-                grad, **rule, **moments, comm=comm, numel=numel, param_sq=param.square().sum()
+            param_sq = param.to(grad.dtype).square().sum()
+            update, param_sq = yield from sharded_adafactor_direction_(
+                grad, **rule, **moments, comm=comm, numel=numel, param_sq=param_sq
             )
             param_rms = param_sq.sqrt() / numel**0.5 if group["scale_parameter"] else 0.0
         lr = adafactor_lr(
@@ -190,10 +192,12 @@ class CoapAdafactor(LowRankOptimizer):
         update = update.mul_(lr)
         if group["beta1"] is not None:
             update = state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
+        decay: float | Callable[[Tensor], Tensor] = 1.0
         if group["weight_decay"] != 0:
             # transformers' order and rounding: W <- W - (wd * rho) W, before the update.
-            param.sub_(param * (group["weight_decay"] * lr))
-        return update, 1.0, -1.0
+            factor = group["weight_decay"] * lr
+            decay = lambda weight: weight.sub_(weight * factor)
+        return update, decay, -1.0
 
     def _refresh_moment(self, state: dict[str, Any], layout: Layout, grad: Tensor, factors: list[Tensor]) -> Tensor:
         if "exp_avg" in state:

@@ -9,9 +9,10 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from ..functional.correlation import DEFAULT_CORRELATION_LR
-from ..functional.moments import adam_direction_
+from ..functional.moments import adam_direction_, adamw_update_foreach_
 from . import _validation as check
 from ._base import DEFAULT_MIN_CONV_NUMEL, LowRankOptimizer, group_defaults
+from ._sharded import Task
 from ._storage import Int8MomentsMixin
 
 __all__ = ["CoapAdamW", "CoapAdamW8bit"]
@@ -151,10 +152,34 @@ class CoapAdamW(LowRankOptimizer):
         keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
         return {key: torch.zeros(shape, dtype=like.dtype, device=like.device) for key in keys}
 
+    _bulk_dense = True
+
+    def _bulk_state_ok(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
+        keys = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if group["amsgrad"] else set())
+        return state.keys() == keys and all(state[key].dtype == state["exp_avg"].dtype for key in keys - {"step"})
+
+    def _bulk_dense_step(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        states, step = self._bulk_states(params, group)
+        beta1, beta2 = group["betas"]
+        adamw_update_foreach_(
+            params,
+            [param.grad for param in params],
+            [state["exp_avg"] for state in states],
+            [state["exp_avg_sq"] for state in states],
+            step=step,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            max_exp_avg_sqs=[state["max_exp_avg_sq"] for state in states] if group["amsgrad"] else None,
+        )
+
     def _moment_step(
         self, state: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, param: Tensor, comm: Any = None
-    ) -> tuple[Tensor, float, float]:
-        # Element-wise: a row shard needs no collective (comm unused).
+    ) -> Task[tuple[Tensor, float, float]]:
+        # Element-wise: a row shard needs no collective (comm unused), so nothing is yielded.
+        yield from ()
         beta1, beta2 = group["betas"]
         direction = adam_direction_(
             state["exp_avg"],

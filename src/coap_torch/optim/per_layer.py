@@ -85,7 +85,7 @@ class PerLayerUpdates:
         group, index = self._locate(param)
         _refuse_unreduced_gradients(param, index)
         self.optimizer._check_engine()
-        self.optimizer._step_param(param, group, index)
+        self.optimizer._step_param(param, group, index)  # alone: its collectives are not coalesced with others
         param.grad = None
 
 
