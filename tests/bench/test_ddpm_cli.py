@@ -225,6 +225,7 @@ def test_defaults_and_presets():
     config = DdpmConfig().resolved()
     assert config.isolate and (config.steps, config.batch_size, config.samples) == (500, 32, 256)
     assert config.sampler == "ddim" and config.warmup_steps == 50
+    assert config.lr_for("adamw") == config.lr_for("coap_adamw") == 6e-3 and config.seeds == 1
     assert DdpmConfig(device="cuda").resolved().isolate is False
     cifar = DdpmConfig(preset="cifar10").resolved()
     assert cifar.lr_for("coap_adamw") == cifar.lr_for("adamw") == 2e-4 and cifar.batch_size == 128

@@ -46,6 +46,8 @@ __all__ = [
     "CommunicationLog",
     "ShardComm",
     "Task",
+    "correlation_step_payload_bytes",
+    "low_cost_svd_payload_bytes",
     "run_coalesced",
     "sharded_adafactor_direction_",
     "sharded_correlation_step",
@@ -163,6 +165,18 @@ def _all_reduce_coalesced(requests: list[AllReduce], log: CommunicationLog) -> l
         for (i, j), part, tensor in zip(members, flat.split([t.numel() for t in tensors]), tensors):
             results[i][j] = part.view_as(tensor)
     return results
+
+
+def low_cost_svd_payload_bytes(n: int, rank: int, element_size: int) -> int:
+    """All-reduce payload (bytes per rank) of :func:`sharded_low_cost_svd` on an (M, n) row-sharded
+    matrix: the float64 (r, r) Gram matrix, then the (r, n) product ``Q^T G`` in the gradient's dtype."""
+    return 8 * rank * rank + element_size * rank * n
+
+
+def correlation_step_payload_bytes(n: int, rank: int, element_size: int) -> int:
+    """All-reduce payload (bytes per rank) of :func:`sharded_correlation_step`: two (r, r) sums and
+    two scalars, then one (n, r) sum, all in ``P``'s dtype."""
+    return element_size * (2 * rank * rank + 2) + element_size * n * rank
 
 
 def sharded_low_cost_svd(
