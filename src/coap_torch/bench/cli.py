@@ -7,12 +7,16 @@ is ``coap-bench digits --steps 100``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
+from typing import TypeVar
 
 from ._deps import MissingExtraError
 from .optimizers import DEFAULT_OPTIMIZERS, OPTIMIZERS, parse_optimizer_names
+
+T = TypeVar("T")
 
 __all__ = ["build_parser", "main"]
 
@@ -204,48 +208,9 @@ def _add_llama_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _llama(args: argparse.Namespace, argv: list[str]) -> int:
-    import torch
-
     from .llama import LlamaConfig, format_llama_table, run_llama, write_llama_plots
 
-    try:
-        torch.device(args.device)
-    except RuntimeError as error:
-        raise ValueError(f"invalid --device {args.device!r}: {error}") from None
-    config = LlamaConfig(
-        preset=args.preset,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        optimizers=tuple(args.optimizers),
-        recipe=args.recipe,
-        rank_ratio=args.rank_ratio,
-        update_interval=args.update_interval,
-        reproject_factor=args.reproject_factor,
-        scale=args.scale,
-        proj_gap=args.proj_gap,
-        correlation_normalize=args.correlation_normalize,
-        weight_decay=args.weight_decay,
-        lr=args.lr,
-        lr_sweep=args.lr_sweep,
-        warmup_steps=args.warmup_steps,
-        data_dir=args.data_dir,
-        c4=args.c4,
-        vocab_size=args.vocab_size,
-        max_documents=args.max_documents,
-        max_heldout_windows=args.max_heldout_windows,
-        seed=args.seed,
-        seeds=args.seeds,
-        device=args.device,
-        isolate=False if args.in_process else None,
-        checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every=args.checkpoint_every,
-        stop_after=args.stop_after,
-        progress=not args.no_progress,
-        argv=["coap-bench", *argv],
-        distributed=args.distributed,
-        per_layer=args.per_layer,
-    )
+    config = config_from_args(LlamaConfig, args, argv)
     if config.distributed or config.per_layer:
         if config.seeds > 1:
             raise ValueError(f"--seeds {config.seeds} is for single-process runs; run --distributed / --per-layer "
@@ -254,6 +219,22 @@ def _llama(args: argparse.Namespace, argv: list[str]) -> int:
 
         return run_llama_command(config, args, _run_and_report)
     return _run_and_report(lambda: run_llama(config), args, format_llama_table, write_llama_plots)
+
+
+def config_from_args(config_class: type[T], args: argparse.Namespace, argv: list[str]) -> T:
+    """A job's config dataclass from its parsed flags: each field from the flag of the same name,
+    ``isolate`` from ``--in-process``, ``progress`` from ``--no-progress``, and the command line."""
+    import torch
+
+    try:
+        torch.device(args.device)
+    except RuntimeError as error:
+        raise ValueError(f"invalid --device {args.device!r}: {error}") from None
+    flags = vars(args)
+    given = {field.name: flags[field.name] for field in dataclasses.fields(config_class) if field.name in flags}
+    given["optimizers"] = tuple(args.optimizers)
+    return config_class(**given, isolate=False if args.in_process else None, progress=not args.no_progress,
+                        argv=["coap-bench", *argv])
 
 
 def _run_and_report(run_job, args: argparse.Namespace, format_table, write_plots) -> int:

@@ -954,48 +954,7 @@ def add_ddpm_parser(commands: Any) -> None:
 
 def run_ddpm_command(args: Any, argv: list[str]) -> int:
     """``coap-bench ddpm``: run, print the table, write the JSON and plots asked for; returns the exit status."""
-    from .cli import _run_and_report
+    from .cli import _run_and_report, config_from_args
 
-    try:
-        torch.device(args.device)
-    except RuntimeError as error:
-        raise ValueError(f"invalid --device {args.device!r}: {error}") from None
-    config = DdpmConfig(
-        preset=args.preset,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        optimizers=tuple(args.optimizers),
-        recipe=args.recipe,
-        rank_ratio=args.rank_ratio,
-        update_interval=args.update_interval,
-        reproject_factor=args.reproject_factor,
-        scale=args.scale,
-        proj_gap=args.proj_gap,
-        correlation_normalize=args.correlation_normalize,
-        weight_decay=args.weight_decay,
-        lr=args.lr,
-        lr_sweep=args.lr_sweep,
-        warmup_steps=args.warmup_steps,
-        image_dir=args.image_dir,
-        cifar10=args.cifar10,
-        max_images=args.max_images,
-        samples=args.samples,
-        sampler=args.sampler,
-        sample_steps=args.sample_steps,
-        heldout_repeats=args.heldout_repeats,
-        eval_every=args.eval_every,
-        classifier_steps=args.classifier_steps,
-        fid=args.fid,
-        seed=args.seed,
-        seeds=args.seeds,
-        device=args.device,
-        threads=args.threads,
-        isolate=False if args.in_process else None,
-        checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every=args.checkpoint_every,
-        stop_after=args.stop_after,
-        plots=args.plots,
-        progress=not args.no_progress,
-        argv=["coap-bench", *argv],
-    )
+    config = config_from_args(DdpmConfig, args, argv)
     return _run_and_report(lambda: run_ddpm(config), args, format_ddpm_table, write_ddpm_plots)
