@@ -6,6 +6,7 @@ blocking the suite; a worker's exception fails it with that worker's traceback.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import tempfile
@@ -33,7 +34,11 @@ def _entry(fn: Callable[..., Any], rank: int, world_size: int, port: int, folder
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         torch.save(result, Path(folder, f"rank{rank}.pt"))
+        del result
         dist.barrier()
+        # Whatever fn built (DDP reducers, DTensors) goes before the process group does: tearing
+        # gloo down under a live DDP can abort the process at exit.
+        gc.collect()
         dist.destroy_process_group()
     except BaseException:
         Path(folder, f"rank{rank}.err").write_text(traceback.format_exc())

@@ -96,7 +96,11 @@ def test_ddp_equals_single_process_on_the_whole_batch(ddp_runs, name, accumulati
     atol = 3e-4 if "8bit" in name else 2e-5
     for p, q in zip(ddp["params"], reference["params"]):
         torch.testing.assert_close(p, q, rtol=0, atol=atol)
+    # A flipped 8-bit code changes a moment by up to 0.7% of its block's maximum, and the next
+    # refresh turns that into a small rotation of P: measured up to 6e-3 on one machine, 2e-3 on
+    # another, for P entries of about 0.3. The weights above are the tight check.
+    proj_atol = 2e-2 if "8bit" in name else 10 * atol
     for a, b in zip(ddp["state"], reference["state"]):
         for key in ("proj", "proj_out", "proj_in"):
             if key in a:
-                torch.testing.assert_close(a[key], b[key], rtol=0, atol=10 * atol)
+                torch.testing.assert_close(a[key], b[key], rtol=0, atol=proj_atol)

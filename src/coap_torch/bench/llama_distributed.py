@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import itertools
 import json
 import math
@@ -513,6 +514,7 @@ def run_llama_distributed(config: LlamaConfig) -> dict[str, Any] | None:
                 "versions": versions(), "hardware": hardware(device), "argv": list(config.argv), "results": results}
     finally:
         if started:
+            gc.collect()  # the runs' models and optimizers go before the process group (gloo can abort otherwise)
             dist.destroy_process_group()
 
 
