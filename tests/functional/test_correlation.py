@@ -222,7 +222,25 @@ def test_step_is_gradient_descent(batch, m, n, r):
     P, G, M = _inputs(batch, m, n, r, seed=13)
     grad, _ = coap_objective_grad(P, G, M)
     for lr in (0.1, 0.5, 3.0):
-        torch.testing.assert_close(correlation_aware_step(P, G, M, lr), P - lr * grad, rtol=0, atol=0)
+        torch.testing.assert_close(correlation_aware_step(P, G, M, lr, max_norm=None), P - lr * grad, rtol=0, atol=0)
+
+
+def test_default_step_reorthonormalizes_only_a_step_that_moved_p_from_orthonormal():
+    P, G, M = _inputs((3,), 20, 12, 4, seed=13)
+    grad, _ = coap_objective_grad(P, G, M)
+    assert (torch.linalg.vector_norm(grad, dim=(-2, -1)) < 1).all()  # the clip is not what acts here
+    eye = torch.eye(4, dtype=F64)
+    for lr in (1e-3, 3.0):
+        raw = P - lr * grad
+        defect = (raw.mT @ raw - eye).abs().amax(dim=(-2, -1))
+        out = correlation_aware_step(P, G, M, lr)
+        for b in range(3):
+            if defect[b] > 1e-3:
+                torch.testing.assert_close(out[b], orthonormalize(raw[b]), rtol=1e-12, atol=1e-14)
+            else:
+                assert torch.equal(out[b], raw[b])
+    assert ((P - 1e-3 * grad).mT @ (P - 1e-3 * grad) - eye).abs().max() < 1e-3  # small: left as printed
+    assert ((P - 3.0 * grad).mT @ (P - 3.0 * grad) - eye).abs().max() > 1e-3  # large: retracted
 
 
 def test_default_lr_is_point_one():
@@ -232,7 +250,7 @@ def test_default_lr_is_point_one():
 
 def test_zero_lr_is_identity():
     P, G, M = _inputs((2,), 20, 12, 4, seed=15, orthonormal=False)
-    assert torch.equal(correlation_aware_step(P, G, M, 0.0), P)
+    assert torch.equal(correlation_aware_step(P, G, M, 0.0, max_norm=None), P)
     # With normalize, lr = 0 only re-orthonormalizes (identity on orthonormal input).
     Q = orthonormalize(P)
     torch.testing.assert_close(correlation_aware_step(Q, G, M, 0.0, normalize=True), Q, rtol=0, atol=1e-13)
@@ -246,38 +264,62 @@ def test_does_not_modify_inputs():
         assert torch.equal(t, c)
 
 
-def test_max_norm_clips_step_frobenius_norm():
+def _clipped_reference(P, grad, lr, bound):
+    """The clipped step written out: P - lr * bound * grad / ||grad||, then orthonormalized."""
+    norm = torch.linalg.vector_norm(grad, dim=(-2, -1), keepdim=True)
+    return orthonormalize(P - lr * bound * grad / norm)
+
+
+def test_max_norm_clips_the_gradient_and_reorthonormalizes():
     P, G, M = _inputs((3,), 20, 12, 4, seed=17)
     grad, _ = coap_objective_grad(P, G, M)
     lr = 10.0
-    full_norms = torch.linalg.vector_norm(lr * grad, dim=(-2, -1))
-    max_norm = 0.5 * full_norms.min().item()
-    step = P - correlation_aware_step(P, G, M, lr, max_norm=max_norm)
-    norms = torch.linalg.vector_norm(step, dim=(-2, -1))
-    torch.testing.assert_close(norms, torch.full_like(norms, max_norm), rtol=1e-10, atol=0)
-    # The direction is unchanged: the step is a positive multiple of the gradient.
+    max_norm = 0.5 * torch.linalg.vector_norm(grad, dim=(-2, -1)).min().item()
+    out = correlation_aware_step(P, G, M, lr, max_norm=max_norm)
+    torch.testing.assert_close(out, _clipped_reference(P, grad, lr, max_norm), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(out.mT @ out, torch.eye(4, dtype=F64).expand(3, 4, 4), rtol=0, atol=1e-13)
+    # The clipped step (before the retraction) has norm lr * max_norm, in the gradient's direction.
     for b in range(3):
-        cos = (step[b] * grad[b]).sum() / (step[b].norm() * grad[b].norm())
-        torch.testing.assert_close(cos, torch.tensor(1.0, dtype=F64), rtol=1e-12, atol=0)
+        step = P[b] - lr * max_norm * grad[b] / grad[b].norm()
+        assert (step - P[b]).norm().item() == pytest.approx(lr * max_norm, rel=1e-12)
 
 
-def test_max_norm_is_per_matrix_and_inactive_when_large():
+def test_max_norm_is_per_matrix_and_bitwise_inactive_below_the_bound():
     P, G, M = _inputs((3,), 20, 12, 4, seed=18)
-    lr = 1.0
+    lr = 1e-3  # a small step: P stays orthonormal to 1e-3, so no retraction where not clipped
     grad, _ = coap_objective_grad(P, G, M)
-    norms = torch.linalg.vector_norm(lr * grad, dim=(-2, -1))
-    # Large bound: no effect at all.
+    norms = torch.linalg.vector_norm(grad, dim=(-2, -1))
+    # Above every gradient's norm: exactly the paper's step, bit for bit.
     big = 2 * norms.max().item()
-    torch.testing.assert_close(correlation_aware_step(P, G, M, lr, max_norm=big), P - lr * grad, rtol=0, atol=0)
+    assert torch.equal(correlation_aware_step(P, G, M, lr, max_norm=big), P - lr * grad)
+    assert torch.equal(correlation_aware_step(P, G, M, lr, max_norm=None), P - lr * grad)
     # A bound between the smallest and the largest norm clips only the matrices above it.
     order = norms.argsort()
     bound = 0.5 * (norms[order[0]] + norms[order[1]]).item()
-    step = P - correlation_aware_step(P, G, M, lr, max_norm=bound)
-    step_norms = torch.linalg.vector_norm(step, dim=(-2, -1))
-    torch.testing.assert_close(step[order[0]], lr * grad[order[0]], rtol=1e-12, atol=1e-15)
+    out = correlation_aware_step(P, G, M, lr, max_norm=bound)
+    assert torch.equal(out[order[0]], P[order[0]] - lr * grad[order[0]])
     for b in order[1:]:
-        torch.testing.assert_close(step_norms[b], torch.tensor(bound, dtype=F64), rtol=1e-10, atol=0)
-    assert (step_norms <= bound * (1 + 1e-10)).all()
+        torch.testing.assert_close(out[b], _clipped_reference(P[b], grad[b], lr, bound), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("scale", [1e2, 1e4, 1e8])
+def test_default_step_is_safe_on_huge_gradients(scale):
+    # A sum-reduced loss: the objective grows like |G|^2, the unclipped step moves P by far more
+    # than its own size; the default clip keeps P orthonormal and moves it by at most lr.
+    P, G, M = _inputs((), 40, 24, 6, seed=25)
+    out = correlation_aware_step(P, G * scale, M)
+    raw = correlation_aware_step(P, G * scale, M, max_norm=None)
+    assert (raw - P).norm() > 10
+    torch.testing.assert_close(out.mT @ out, torch.eye(6, dtype=F64), rtol=0, atol=1e-12)
+    assert (out - P).norm() <= 0.1 * (1 + 1e-6) + 1e-2  # lr * max_norm, plus the retraction's second-order move
+
+
+def test_default_step_at_realistic_scale_is_the_papers():
+    # Mean-reduced gradients of RMS ~1e-3: far below the bound, so bitwise the printed step.
+    P, G, M = _inputs((), 40, 24, 6, seed=26)
+    G = G * 1e-3
+    grad, _ = coap_objective_grad(P, G, M)
+    assert torch.equal(correlation_aware_step(P, G, M), P - 0.1 * grad)
 
 
 def test_max_norm_with_zero_gradient_is_finite():

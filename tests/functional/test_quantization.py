@@ -377,3 +377,34 @@ def test_trusted_non_negative_path_matches_the_checked_one(numel):
     absmax = torch.empty(-(-numel // 256))
     quantize_blockwise_(codes, absmax, x, signed=False, check_sign=False)
     assert torch.equal(codes, checked[0]) and torch.equal(absmax, checked[1])
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_an_infinite_entry_leaves_its_block_finite_and_the_others_exact(signed):
+    # A finite gradient of 1e25 squares to inf in float32 (as in torch's AdamW). Its block must
+    # not decode to NaN (0 * inf): the infinite entry reads back as the largest float32 of its
+    # sign, the rest of its block as 0, and every other block is unaffected.
+    x = torch.randn(1024, generator=torch.Generator().manual_seed(0))
+    x = x if signed else x.abs()
+    clean = dequantize_blockwise(*quantize_blockwise(x, signed=signed), signed=signed)
+    x[5] = float("inf")
+    if signed:
+        x[700] = -float("inf")
+    codes, absmax = quantize_blockwise(x, signed=signed)
+    out = dequantize_blockwise(codes, absmax, signed=signed)
+    assert torch.isfinite(out).all()
+    big = torch.finfo(torch.float32).max
+    assert out[5] == big and (out[:256] != 0).sum() == 1
+    if signed:
+        assert out[700] == -big and (out[512:768] != 0).sum() == 1  # the sign is kept (no wrap-around)
+        assert torch.equal(out[256:512], clean[256:512]) and torch.equal(out[768:], clean[768:])
+    else:
+        assert torch.equal(out[256:], clean[256:])
+    assert torch.isinf(out[5].square())  # a second moment stored as its root squares back to inf
+
+
+def test_a_nan_entry_makes_only_its_block_nan():
+    x = torch.randn(1024, generator=torch.Generator().manual_seed(1))
+    x[300] = float("nan")
+    out = dequantize_blockwise(*quantize_blockwise(x, signed=True), signed=True)
+    assert torch.isnan(out[256:512]).all() and torch.isfinite(out[:256]).all() and torch.isfinite(out[512:]).all()

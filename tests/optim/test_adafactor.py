@@ -129,9 +129,11 @@ def test_projected_state_shapes_and_memory():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"lr": 1e-3}, r"Cannot combine manual lr=0\.001 and relative_step=True"),
+        ({"lr": 1e-3, "relative_step": True}, r"Cannot combine manual lr=0\.001 and relative_step=True"),
         ({"relative_step": False}, r"lr=None requires relative_step=True"),
         ({"lr": 1e-3, "relative_step": False, "warmup_init": True}, r"warmup_init=True requires relative_step=True"),
+        ({"lr": 1e-3, "warmup_init": True}, r"warmup_init=True requires relative_step=True"),
+        ({"relative_step": 1}, r"relative_step: 1"),
         ({"lr": -1e-3, "relative_step": False}, r"lr: -0\.001"),
         ({"decay_rate": 0.5}, r"decay_rate: 0\.5"),
         ({"beta1": 1.0}, r"beta1: 1\.0"),
@@ -154,6 +156,8 @@ def test_defaults_match_transformers():
 
     ours = inspect.signature(CoapAdafactor.__init__).parameters
     theirs = inspect.signature(transformers_optimization.Adafactor.__init__).parameters
-    for name in ("lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay", "scale_parameter",
-                 "relative_step", "warmup_init"):
+    for name in ("lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay", "scale_parameter", "warmup_init"):
         assert ours[name].default == theirs[name].default, name
+    # relative_step=None means "exactly when no lr is given": transformers' True at its default lr=None.
+    assert theirs["relative_step"].default is True and theirs["lr"].default is None
+    assert ours["relative_step"].default is None

@@ -5,11 +5,18 @@ orthonormal columns, the projected gradient ``G P`` and the low-rank first momen
 (m, r). Leading batch dimensions are allowed everywhere a matrix is expected.
 """
 
-from .correlation import DEFAULT_CORRELATION_LR, coap_objective, coap_objective_grad, correlation_aware_step
+from .correlation import (
+    DEFAULT_CORRELATION_LR,
+    DEFAULT_CORRELATION_MAX_NORM,
+    coap_objective,
+    coap_objective_grad,
+    correlation_aware_step,
+)
 from .moments import (
     adafactor_direction_,
     adafactor_lr,
     adam_direction_,
+    adam_moments_,
     adamw_update_foreach_,
     rotate_first_moment,
     rotate_second_moment,
@@ -35,10 +42,12 @@ from .tucker import (
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_CORRELATION_LR",
+    "DEFAULT_CORRELATION_MAX_NORM",
     "DEFAULT_SKETCH_SEED",
     "adafactor_direction_",
     "adafactor_lr",
     "adam_direction_",
+    "adam_moments_",
     "adamw_update_foreach_",
     "coap_objective",
     "coap_objective_grad",

@@ -35,10 +35,27 @@ from torch import Tensor
 
 from .subspace import orthonormalize
 
-__all__ = ["DEFAULT_CORRELATION_LR", "coap_objective", "coap_objective_grad", "correlation_aware_step"]
+__all__ = [
+    "DEFAULT_CORRELATION_LR",
+    "DEFAULT_CORRELATION_MAX_NORM",
+    "coap_objective",
+    "coap_objective_grad",
+    "correlation_aware_step",
+]
 
 #: eta in Eq. 3 of the supplementary material.
 DEFAULT_CORRELATION_LR = 0.1
+
+#: Largest entry of ``|P^T P - I|`` an Eq. 2 step may leave before ``P`` is re-orthonormalized
+#: (with the clip on). Far above float32 rounding (~1e-7), so realistic steps, which move ``P``
+#: by ~1e-11, stay exactly the paper's; large ones (sum-reduced losses: up to ``lr`` per step)
+#: would otherwise let ``P`` drift by ~1e-2 between two SVDs, scaling the restored update.
+ORTHONORMALITY_TOLERANCE = 1e-3
+
+#: Bound on the Frobenius norm of the Eq. 2 gradient before the step, as in the paper's release
+#: (not in its text): it makes the step safe at any gradient scale and leaves it bitwise the
+#: paper's below the bound (see :func:`correlation_aware_step`).
+DEFAULT_CORRELATION_MAX_NORM = 1.0
 
 
 def _safe_reciprocal(x: Tensor) -> Tensor:
@@ -114,9 +131,9 @@ def correlation_aware_step(
     lr: float = DEFAULT_CORRELATION_LR,
     *,
     normalize: bool = False,
-    max_norm: float | None = None,
+    max_norm: float | None = DEFAULT_CORRELATION_MAX_NORM,
 ) -> Tensor:
-    r"""One gradient-descent step on the COAP objective (Eq. 2): ``P - lr * dL/dP``.
+    r"""One gradient-descent step on the COAP objective (Eq. 2): ``P - lr * clip(dL/dP)``.
 
     Args:
         P: the current projection (..., n, r).
@@ -129,29 +146,66 @@ def correlation_aware_step(
             ``||G||^2 / (m n)``, so on real gradients of size ~1e-3 a step at ``lr=0.1`` barely
             moves ``P``. The normalized step is invariant to the scale of ``G`` and, followed by
             the QR retraction, stays on matrices with orthonormal columns.
-        max_norm: if set, the step ``lr * dL/dP`` is rescaled to have Frobenius norm at most
-            ``max_norm`` (per matrix). A safeguard that is not in the paper; off by default.
+        max_norm: the gradient ``dL/dP`` is rescaled to Frobenius norm at most ``max_norm`` (per
+            matrix) before the step, and a matrix whose gradient was clipped is re-orthonormalized
+            after it. ``None`` takes the printed step as it is. See the note.
 
     Returns:
-        The updated ``P`` (..., n, r). Without ``normalize`` it is *not* re-orthonormalized, as in
-        the paper; the step is small, and the next low-cost SVD restores orthonormality.
+        The updated ``P`` (..., n, r), not re-orthonormalized unless clipped or ``normalize``.
 
     Note:
+        **Clipping** (default ``max_norm=1.0``) is not in the paper's text; its release clips the
+        objective's gradient to norm 1.0 in the same place. The objective scales like ``|G|^2``,
+        so the unclipped step is not scale-free: on a sum-reduced loss (gradients of RMS ~30 and
+        more) one step at ``lr=0.1`` moves ``P`` far from orthonormal and training diverges. A
+        gradient below the bound (every realistic mean-reduced loss: the printed step moves ``P``
+        by ~1e-11 there) is multiplied by exactly 1, so the step is bitwise the paper's. A clipped
+        step moves ``P`` by exactly ``lr * max_norm`` and is followed by the QR retraction of
+        :func:`~coap_torch.functional.orthonormalize` (the identity on orthonormal columns), so
+        ``P`` stays orthonormal whatever the gradient's scale.
+
         Eq. 3 and Eq. 7 print ``+`` before the CosSim term; the gradient of the objective has
         ``-`` (see :mod:`coap_torch.functional.correlation`). The objective wins.
     """
+    check_step_options(lr, max_norm)
+    grad_P, _ = coap_objective_grad(P, grad, exp_avg_proj)
+    if normalize:
+        m, n = grad.shape[-2], grad.shape[-1]
+        grad_P = grad_P * _safe_reciprocal(grad.square().sum(dim=(-2, -1), keepdim=True) / (m * n))
+    return descend(P, grad_P, lr, normalize=normalize, max_norm=max_norm)
+
+
+def check_step_options(lr: float, max_norm: float | None) -> None:
     if lr < 0:
         raise ValueError(f"correlation lr must be >= 0, got {lr}")
     if max_norm is not None and max_norm <= 0:
         raise ValueError(f"max_norm must be > 0 or None, got {max_norm}")
-    grad_P, _ = coap_objective_grad(P, grad, exp_avg_proj)
+
+
+def descend(P: Tensor, grad_P: Tensor, lr: float, *, normalize: bool, max_norm: float | None) -> Tensor:
+    """``P - lr * grad_P`` with ``grad_P`` clipped to ``max_norm`` per matrix; a matrix whose
+    gradient was clipped, or whose columns the step moved more than
+    :data:`ORTHONORMALITY_TOLERANCE` away from orthonormal, is re-orthonormalized (all of them
+    with ``normalize``).
+
+    The step of :func:`correlation_aware_step` once the gradient of Eq. 2 is known; the FSDP2 path
+    computes that gradient from sums over ranks and finishes here too. A non-finite ``grad_P``
+    gives a non-finite result (callers check it); it never raises.
+    """
     step = lr * grad_P
-    if normalize:
-        m, n = grad.shape[-2], grad.shape[-1]
-        mean_sq = grad.square().sum(dim=(-2, -1), keepdim=True) / (m * n)
-        step = step * _safe_reciprocal(mean_sq)
+    retract = None
     if max_norm is not None:
-        norm = torch.linalg.vector_norm(step, dim=(-2, -1), keepdim=True)
-        step = step * (max_norm / norm.clamp_min(max_norm))
+        norm = torch.linalg.vector_norm(grad_P, dim=(-2, -1), keepdim=True)
+        step = step * (max_norm / norm).clamp_max(1.0)  # exactly 1 below the bound
+        retract = norm > max_norm
     P_new = P - step
-    return orthonormalize(P_new) if normalize else P_new
+    if normalize:
+        return orthonormalize(P_new)
+    if max_norm is None:
+        return P_new  # the printed step, as it is
+    eye = torch.eye(P.shape[-1], dtype=P_new.dtype, device=P_new.device)
+    defect = (P_new.mT @ P_new - eye).abs().amax(dim=(-2, -1), keepdim=True)
+    retract = retract | (defect > ORTHONORMALITY_TOLERANCE)
+    if bool(retract.any()):  # one host sync, at refresh steps only
+        P_new = torch.where(retract, orthonormalize(P_new), P_new)
+    return P_new

@@ -15,10 +15,48 @@ __all__ = [
     "adafactor_direction_",
     "adafactor_lr",
     "adam_direction_",
+    "adam_moments_",
     "adamw_update_foreach_",
     "rotate_first_moment",
     "rotate_second_moment",
 ]
+
+
+def adam_moments_(
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    grad: Tensor,
+    *,
+    step: int,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    max_exp_avg_sq: Tensor | None = None,
+) -> tuple[Tensor, Tensor, float]:
+    r"""Update Adam's moments in place and return ``(exp_avg, denom, bias_correction1)``.
+
+    The bias-corrected direction is
+
+    .. math::
+        d = \frac{m_t / (1 - \beta_1^t)}{\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon}
+          = \frac{\mathrm{exp\_avg}}{\mathrm{denom}} \Big/ \mathrm{bias\_correction1},
+
+    and ``p.mul_(1 - lr * wd).addcdiv_(exp_avg, denom, value=-lr / bias_correction1)`` is
+    :class:`torch.optim.AdamW`'s step, operation for operation (so the result is bitwise its own).
+    Algorithm 2 of the paper prints the eps inside the square root; we keep torch's placement so
+    that an unprojected parameter is updated exactly as by ``torch.optim.AdamW``. With
+    ``max_exp_avg_sq`` (AMSGrad) the running maximum of ``v_t`` replaces ``v_t``.
+    """
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    second = exp_avg_sq
+    if max_exp_avg_sq is not None:
+        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        second = max_exp_avg_sq
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5  # torch's `** 0.5`, not math.sqrt: the same last bit
+    denom = (second.sqrt() / bias_correction2_sqrt).add_(eps)
+    return exp_avg, denom, bias_correction1
 
 
 def adam_direction_(
@@ -34,25 +72,13 @@ def adam_direction_(
 ) -> Tensor:
     r"""Update Adam's moments in place and return the bias-corrected direction ``d``.
 
-    The parameter update is then ``p <- p * (1 - lr * wd) - lr * d``, exactly the order and eps
-    placement of :class:`torch.optim.AdamW`:
-
-    .. math::
-        d = \frac{m_t / (1 - \beta_1^t)}{\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon}
-
-    (Algorithm 2 of the paper prints the eps inside the square root; we keep torch's placement so
-    that an unprojected parameter is updated exactly as by ``torch.optim.AdamW``.) With
-    ``max_exp_avg_sq`` (AMSGrad) the running maximum of ``v_t`` replaces ``v_t``.
+    :func:`adam_moments_` with the quotient formed: the parameter update is then
+    ``p <- p * (1 - lr * wd) - lr * d`` (equal to ``torch.optim.AdamW``'s to float rounding; use
+    :func:`adam_moments_` and ``addcdiv_`` for its exact operations).
     """
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    second = exp_avg_sq
-    if max_exp_avg_sq is not None:
-        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
-        second = max_exp_avg_sq
-    bias_correction1 = 1 - beta1**step
-    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
-    denom = (second.sqrt() / bias_correction2_sqrt).add_(eps)
+    exp_avg, denom, bias_correction1 = adam_moments_(
+        exp_avg, exp_avg_sq, grad, step=step, beta1=beta1, beta2=beta2, eps=eps, max_exp_avg_sq=max_exp_avg_sq
+    )
     return (exp_avg / denom).div_(bias_correction1)
 
 
@@ -70,14 +96,13 @@ def adamw_update_foreach_(
     eps: float,
     max_exp_avg_sqs: list[Tensor] | None = None,
 ) -> None:
-    """One AdamW step of many dense tensors at once, in place: :func:`adam_direction_` and the
-    decoupled decay, as ``torch._foreach_*`` calls.
+    """One AdamW step of many dense tensors at once, in place, as ``torch._foreach_*`` calls.
 
-    Element for element the same operations in the same order as :func:`adam_direction_`
-    followed by ``p.mul_(1 - lr * weight_decay).add_(d, alpha=-lr)``, so the results are bitwise
-    those of the per-tensor path; the gain is a handful of calls for all tensors instead of a
-    dozen per tensor, which is what many small tensors (biases, norms) cost. All tensors share
-    ``step``.
+    Element for element the operations of :func:`adam_moments_` followed by
+    ``p.mul_(1 - lr * weight_decay).addcdiv_(exp_avg, denom, value=-lr / bias_correction1)``,
+    which are those of :class:`torch.optim.AdamW` (for-loop and foreach alike), so the results
+    are bitwise torch's; the gain is a handful of calls for all tensors instead of a dozen per
+    tensor, which is what many small tensors (biases, norms) cost. All tensors share ``step``.
     """
     if not params:
         return
@@ -89,16 +114,14 @@ def adamw_update_foreach_(
         torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
         second = max_exp_avg_sqs
     bias_correction1 = 1 - beta1**step
-    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     denoms = torch._foreach_sqrt(second)
     torch._foreach_div_(denoms, bias_correction2_sqrt)
     torch._foreach_add_(denoms, eps)
-    directions = torch._foreach_div(exp_avgs, denoms)
-    torch._foreach_div_(directions, bias_correction1)
     decay = 1 - lr * weight_decay
     if decay != 1.0:
         torch._foreach_mul_(params, decay)
-    torch._foreach_add_(params, directions, alpha=-lr)
+    torch._foreach_addcdiv_(params, exp_avgs, denoms, -(lr / bias_correction1))
 
 
 def adafactor_lr(

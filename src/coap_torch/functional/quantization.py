@@ -131,7 +131,9 @@ def _encoder_tables(signed: bool, device: torch.device) -> tuple[Tensor, Tensor]
         lookup = torch.bucketize(values, midpoints, out_int32=True)
         inf = torch.tensor([float("inf")])
         upper = torch.cat([midpoints, inf])  # midpoint between code c and c + 1
-        lower = torch.cat([-inf, midpoints])  # midpoint between code c - 1 and c
+        # Midpoint between code c - 1 and c; none below code 0. NaN, not -inf: `lower >= x`
+        # must be false even for x = -inf (an infinite entry), or code 0 would wrap to 255.
+        lower = torch.cat([torch.tensor([float("nan")]), midpoints])
         bounds = torch.stack([upper, lower], dim=1)  # one gather fetches both
         tables = (lookup.to(device), bounds.to(device))
         _ENCODERS[key] = tables
@@ -242,6 +244,13 @@ def quantize_blockwise_(
                 f"signed=False needs non-negative values (e.g. second moments), but min(x) = {lo.min().item():.6g}"
             )
         torch.maximum(hi, lo.neg(), out=absmax)
+    # An infinite entry (a finite gradient of 1e25 squares to inf in float32, as in torch's
+    # AdamW) would make its block's scale inf, and 0 * inf = NaN would then decode the whole
+    # block as NaN. With the scale capped at the largest float32, the infinite entry takes the
+    # top code and decodes to +-3.4e38 (whose square, for a second moment stored as its root, is
+    # inf again), and the block's finite entries decode to 0: nothing non-finite appears that
+    # the input did not have. NaN stays NaN (a NaN input makes its block NaN).
+    absmax.clamp_(max=torch.finfo(torch.float32).max)
     # An all-zero block has absmax 0: divide by 1 instead, its codes then all map to 0.
     divisor = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
 

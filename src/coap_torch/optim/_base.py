@@ -11,6 +11,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, ClassVar
 
@@ -18,15 +19,16 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from ..functional.correlation import DEFAULT_CORRELATION_LR, correlation_aware_step
+from ..functional.correlation import DEFAULT_CORRELATION_LR, DEFAULT_CORRELATION_MAX_NORM, correlation_aware_step
 from ..functional.subspace import _rank_tolerance, gaussian_sketch, low_cost_svd, low_cost_svd_with_values
 from ..functional.tucker import unfold
 from . import _placement as placement
 from . import _validation as check
+from ._checkpoint import CheckpointError, convert_loaded_state, differing_options, new_step_counter
 from ._layout import PROJECTION_SIDES, Layout, route
 from ._sharded import CommunicationLog, ShardComm, Task, run_coalesced, sharded_correlation_step, sharded_low_cost_svd
 
-__all__ = ["COAP_DEFAULTS", "LowRankOptimizer", "group_defaults"]
+__all__ = ["COAP_DEFAULTS", "COAP_OPTIONS", "LowRankOptimizer", "group_defaults"]
 
 #: Kernels with fewer entries stay dense: below 4096 values the state saved is under 32 KB,
 #: while each refresh still runs a QR and an SVD per mode. A per-group option.
@@ -46,13 +48,16 @@ COAP_DEFAULTS: dict[str, Any] = {
     "reproject_factor": 5,
     "correlation_lr": DEFAULT_CORRELATION_LR,
     "correlation_normalize": False,
-    "correlation_max_norm": None,
+    "correlation_max_norm": DEFAULT_CORRELATION_MAX_NORM,
     "scale": 1.0,
     "min_conv_numel": DEFAULT_MIN_CONV_NUMEL,
     "seed": 0,
     "coap": True,
     "projection_side": None,
 }
+
+#: The COAP options: at load, an optimizer keeps its own values of these (see ``load_state_dict``).
+COAP_OPTIONS: tuple[str, ...] = tuple(COAP_DEFAULTS)
 
 _ROUTING_KEYS = ("coap", "rank", "rank_ratio_matrix", "rank_ratio_cnn", "min_conv_numel", "projection_side")
 
@@ -188,7 +193,7 @@ class LowRankOptimizer(Optimizer):
         check.non_negative("correlation_lr", group["correlation_lr"])
         check.boolean("correlation_normalize", group["correlation_normalize"])
         if group["correlation_max_norm"] is not None:
-            check.positive("correlation_max_norm", group["correlation_max_norm"])
+            check.positive_or_inf("correlation_max_norm", group["correlation_max_norm"])
         check.positive("scale", group["scale"])
         check.non_negative_int("min_conv_numel", group["min_conv_numel"])
         check.non_negative_int("seed", group["seed"])
@@ -276,6 +281,10 @@ class LowRankOptimizer(Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Perform one optimization step.
 
+        All-or-nothing: every check that can refuse a parameter (a sparse gradient, an engine or
+        placement that cannot be projected, state built for other options) runs for every
+        parameter before any parameter, moment or step counter changes.
+
         Args:
             closure: re-evaluates the model and returns the loss (run with gradients enabled).
         """
@@ -298,23 +307,46 @@ class LowRankOptimizer(Optimizer):
     def _step_params(self, params: Iterable[tuple[Tensor, dict[str, Any], int]]) -> None:
         """Step each ``(param, group, index)`` in order, their collectives coalesced.
 
+        Every parameter is checked first (:meth:`_plan_step`), so a refusal changes nothing.
         Under FSDP2 the steps wait at their all-reduces for one another, so that each round of
         sums is one all-reduce for all parameters (see :func:`~coap_torch.optim._sharded.run_coalesced`);
         a step with no collective runs start to finish before the next one starts, as in one process.
         Plain dense tensors that the subclass can update in bulk (:meth:`_bulk_dense_step`) are
         stepped together first; parameters are independent, so the order changes no result.
         """
+        planned = [self._plan_step(*item) for item in params]
         bulk: dict[tuple[Any, ...], tuple[dict[str, Any], list[Tensor]]] = {}
         rest = []
-        for param, group, index in params:
-            key = self._bulk_key(param, group)
+        for item in planned:
+            key = self._bulk_key(item.param, item.group)
             if key is None:
-                rest.append((param, group, index))
+                rest.append(item)
             else:
-                bulk.setdefault((id(group), *key), (group, []))[1].append(param)
+                bulk.setdefault((id(item.group), *key), (item.group, []))[1].append(item.param)
         for group, members in bulk.values():
             self._bulk_dense_step(members, group)
-        run_coalesced((self._param_step(*item) for item in rest), self.communication)
+        run_coalesced((self._param_step(item) for item in rest), self.communication)
+
+    def _plan_step(self, param: Tensor, group: dict[str, Any], index: int) -> _PlannedStep:
+        """Everything about a parameter's step that can refuse it, checked before any update."""
+        grad = param.grad
+        if grad.is_sparse:
+            raise check.SparseGradientError(
+                f"{type(self).__name__} does not support sparse gradients "
+                f"(parameter {index} of shape {tuple(param.shape)})"
+            )
+        shard = placement.placement_of(param, index)
+        layout = layout_of(param, group)
+        if shard is not None:
+            layout = self._shard_layout(layout, shard, index)
+        self._check_rule(layout, shard, index)
+        state = self.state.get(param)
+        if state:
+            self._check_layout(state, layout, index)
+        return _PlannedStep(param, group, index, layout, shard)
+
+    def _check_rule(self, layout: Layout, shard: placement.RowShard | None, index: int) -> None:
+        """Refuse, before any update, a parameter the moment rule cannot step (subclasses)."""
 
     #: Whether :meth:`_bulk_dense_step` is implemented (subclasses that set it implement it).
     _bulk_dense: ClassVar[bool] = False
@@ -323,10 +355,11 @@ class LowRankOptimizer(Optimizer):
         """The bulk bucket of a plain dense tensor, or ``None`` for the per-parameter path.
 
         Bulk is for what needs none of the per-parameter machinery: a small (at most
-        :data:`BULK_MAX_NUMEL` entries), local (not DTensor), dense, float32/float64 parameter with a dense gradient of its dtype, routed dense, whose state
-        is empty or holds only the moments and step counter. Everything else (projections,
-        shards, 8-bit or bf16 storage, ``maximize``, tensor lr, state of another layout, errors
-        to raise) takes :meth:`_param_step`. Buckets share step count, device and dtype.
+        :data:`BULK_MAX_NUMEL` entries), local (not DTensor), dense, float32/float64 parameter
+        with a dense gradient of its dtype, routed dense, whose state is empty or holds only the
+        moments and step counter. Everything else (projections, shards, 8-bit or bf16 storage,
+        ``maximize``, tensor lr, state of another layout) takes :meth:`_param_step`. Buckets
+        share step count, device and dtype.
         """
         if not self._bulk_dense or group.get("maximize", False) or isinstance(group["lr"], Tensor):
             return None
@@ -346,7 +379,7 @@ class LowRankOptimizer(Optimizer):
             return (0, param.device, param.dtype)
         if any(key in state for key in ("proj", "proj_out", "proj_in")) or not self._bulk_state_ok(state, group):
             return None
-        return (int(state["step"].item()), param.device, param.dtype)
+        return (int(state["step"]), param.device, param.dtype)
 
     def _bulk_state_ok(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
         """Whether an existing dense ``state`` is in the plain form :meth:`_bulk_dense_step` expects."""
@@ -362,11 +395,11 @@ class LowRankOptimizer(Optimizer):
         for param in params:
             state = self.state[param]
             if not state:
-                state["step"] = torch.tensor(0.0)
+                state["step"] = new_step_counter()
                 state.update(self._init_moments(tuple(param.shape), group, param))
             states.append(state)
-        torch._foreach_add_([state["step"] for state in states], 1.0)
-        return states, int(states[0]["step"].item())
+        torch._foreach_add_([state["step"] for state in states], 1)
+        return states, int(states[0]["step"])
 
     def _check_engine(self) -> None:
         # Once, at the first step: wrappers (DeepSpeed ZeRO) replace the parameters after the
@@ -376,30 +409,20 @@ class LowRankOptimizer(Optimizer):
             placement.refuse_flattening_engine(self._had_matrices, params)
             self._engine_checked = True
 
-    def _param_step(self, param: Tensor, group: dict[str, Any], index: int) -> Task[None]:
-        grad = param.grad
-        if grad.is_sparse:
-            raise check.SparseGradientError(
-                f"{type(self).__name__} does not support sparse gradients "
-                f"(parameter {index} of shape {tuple(param.shape)})"
-            )
-        shard = placement.placement_of(param, index)
-        layout = layout_of(param, group)
-        comm = None
-        if shard is not None:
-            layout = self._shard_layout(layout, shard, index)
-            comm = ShardComm(shard.group, rows=shard.global_shape[0])
+    def _param_step(self, item: _PlannedStep) -> Task[None]:
+        param, group, index, layout, shard = item.param, item.group, item.index, item.layout, item.shard
+        comm = None if shard is None else ShardComm(shard.group, rows=shard.global_shape[0])
         stored_state = self.state[param]
         state = stored_state if shard is None else {k: placement.local(v) for k, v in stored_state.items()}
         dtype = _compute_dtype(param)
-        param, grad = placement.local(param), placement.local(grad).to(dtype)
+        param, grad = placement.local(param), placement.local(param.grad).to(dtype)
         if group.get("maximize", False):
             grad = -grad
         canonical = layout.canonical(grad)
         if not state:
-            yield from self._init_state(state, layout, canonical, group, index, comm)
-        else:
-            self._check_layout(state, layout, index)
+            initialised = yield from self._init_state(state, layout, canonical, group, index, comm)
+            if not initialised:
+                return  # deferred to the next finite gradient (warned); the parameter is left as it is
         stored = state
         if comm is not None and not layout.projected:
             # The moment rule of a dense row shard may wait at collectives (Adafactor's): its
@@ -408,11 +431,11 @@ class LowRankOptimizer(Optimizer):
         else:
             state = self._unpack(stored, group, shard, dtype)
         state["step"] += 1
-        step = int(state["step"].item())  # a CPU tensor: no device sync
+        step = int(state["step"])  # a CPU tensor: no device sync
 
         factors = [state[key] for key in layout.factor_keys]
         if layout.projected and step > 1 and step % group["update_interval"] == 0:
-            factors = yield from self._refresh(state, layout, canonical, group, step, comm)
+            factors = yield from self._refresh(state, layout, canonical, group, step, index, comm)
         # The weight in the compute dtype (a copy for bf16 / fp16 weights); for a row shard it is
         # made after the moment rule's collectives, so that no such copy waits through them.
         target = None if comm is not None else param if param.dtype == dtype else param.to(dtype)
@@ -426,11 +449,16 @@ class LowRankOptimizer(Optimizer):
             decay(target)
             decay = 1.0
         if layout.projected:
+            if isinstance(direction, tuple):
+                direction = direction[0] / direction[1]
             layout.add_restored_(target, direction, factors, beta=decay, alpha=alpha * group["scale"])
         else:
             if isinstance(decay, Tensor) or decay != 1.0:
                 target.mul_(decay)
-            target.add_(direction, alpha=alpha)
+            if isinstance(direction, tuple):  # torch.optim.AdamW's own operation, for its rounding
+                target.addcdiv_(*direction, value=alpha)
+            else:
+                target.add_(direction, alpha=alpha)
         self._pack(state, stored, group, shard)
         if target is not param:
             param.copy_(target)
@@ -473,28 +501,55 @@ class LowRankOptimizer(Optimizer):
 
     def _init_state(
         self, state: dict[str, Any], layout: Layout, grad: Tensor, group: dict[str, Any], index: int, comm: ShardComm | None = None
-    ) -> Task[None]:
-        state["step"] = torch.tensor(0.0)
+    ) -> Task[bool]:
+        """Create the state of a parameter at its first step; ``False`` (and a warning) when the
+        gradient cannot give a projection (non-finite), in which case nothing is created."""
+        created: dict[str, Any] = {}
         generator = torch.Generator().manual_seed(_sketch_seed(group["seed"], index))
-        if layout.kind == "matrix" and comm is not None:
-            n, rank = grad.shape[-1], layout.ranks[0]
-            sketch = gaussian_sketch((n, rank), generator=generator, dtype=grad.dtype, device=grad.device)
-            global_shape = (comm.rows, n)
-            state["proj"], singular = yield from sharded_low_cost_svd(grad, rank, sketch, comm, global_shape)
-            self._warn_if_rank_deficient(torch.empty(global_shape, device="meta"), singular, layout, index)
-        elif layout.kind == "matrix":
-            proj, singular = low_cost_svd_with_values(grad, layout.ranks[0], generator=generator)
-            state["proj"] = proj
-            self._warn_if_rank_deficient(grad, singular, layout, index)
-        elif layout.kind == "tucker":
-            for key, mode, rank in zip(layout.factor_keys, (0, 1), layout.ranks):
-                state[key] = low_cost_svd(unfold(grad, mode).mT, rank, generator=generator)
+        where = placement.describe_shape(layout.shape if comm is None else (comm.rows, *layout.shape[1:]), index)
+        try:
+            if layout.kind == "matrix" and comm is not None:
+                n, rank = grad.shape[-1], layout.ranks[0]
+                sketch = gaussian_sketch((n, rank), generator=generator, dtype=grad.dtype, device=grad.device)
+                global_shape = (comm.rows, n)
+                result = yield from sharded_low_cost_svd(grad, rank, sketch, comm, global_shape)
+                if result is None:  # a non-finite gradient on some rank: every rank sees it in the sums
+                    return self._defer_init(where)
+                created["proj"], singular = result
+                self._warn_if_rank_deficient(torch.empty(global_shape, device="meta"), singular, layout, index)
+            elif layout.projected and not _all_finite(grad):
+                return self._defer_init(where)
+            elif layout.kind == "matrix":
+                proj, singular = low_cost_svd_with_values(grad, layout.ranks[0], generator=generator)
+                created["proj"] = proj
+                self._warn_if_rank_deficient(grad, singular, layout, index)
+            elif layout.kind == "tucker":
+                for key, mode, rank in zip(layout.factor_keys, (0, 1), layout.ranks):
+                    created[key] = low_cost_svd(unfold(grad, mode).mT, rank, generator=generator)
+        except torch.linalg.LinAlgError as error:
+            return self._defer_init(where, error)
+        if not _all_finite(*created.values()):
+            return self._defer_init(where)
+        state["step"] = new_step_counter()
+        state.update(created)
         state.update(self._init_moments(layout.projected_shape, group, grad))
+        return True
+
+    @staticmethod
+    def _defer_init(where: str, error: Exception | None = None) -> bool:
+        cause = f"the low-cost SVD failed ({error})" if error is not None else "its gradient is not finite"
+        warnings.warn(
+            f"{where}: no projection could be built at its first step: {cause}. The parameter was left "
+            "unchanged; its projection and moments are created at its next step with a finite gradient.",
+            RuntimeWarning,
+            stacklevel=_caller_stacklevel(),
+        )
+        return False
 
     @staticmethod
     def _check_layout(state: dict[str, Any], layout: Layout, index: int) -> None:
-        """Refuse state that was built for another projection (options changed, wrong checkpoint)."""
-        found = [tuple(state[key].shape) for key in ("proj", "proj_out", "proj_in") if key in state]
+        """Refuse state that was built for another projection (options changed since it was made)."""
+        found = [tuple(placement.local(state[key]).shape) for key in ("proj", "proj_out", "proj_in") if key in state]
         if found != layout.factor_shapes():
             raise ValueError(
                 f"the state of parameter {index} of shape {layout.shape} holds projections of shapes {found}, "
@@ -518,46 +573,47 @@ class LowRankOptimizer(Optimizer):
             )
 
     def _refresh(
-        self, state: dict[str, Any], layout: Layout, grad: Tensor, group: dict[str, Any], step: int, comm: ShardComm | None = None
+        self,
+        state: dict[str, Any],
+        layout: Layout,
+        grad: Tensor,
+        group: dict[str, Any],
+        step: int,
+        index: int,
+        comm: ShardComm | None = None,
     ) -> Task[list[Tensor]]:
-        """Update P (or P_O, P_I) and move the moments to the new basis."""
+        """Update P (or P_O, P_I) and move the moments to the new basis.
+
+        A refresh that cannot give finite factors (a non-finite gradient or first moment, a
+        failed SVD) keeps the previous ones, with a warning: P is never built from non-finite
+        values. The check costs a host sync, at refresh steps only.
+        """
         old = [state[key] for key in layout.factor_keys]
         reproject = step % (group["update_interval"] * group["reproject_factor"]) == 0
         first = self._refresh_moment(state, layout, grad, old)
-        new = []
-        for (matrix, moment), P, rank in zip(layout.refresh_pairs(grad, first, old), old, layout.ranks):
-            if comm is not None:
-                global_shape = (comm.rows, matrix.shape[-1])
-                if reproject:
-                    new.append((yield from sharded_low_cost_svd(matrix, rank, P, comm, global_shape))[0])
-                else:
-                    new.append(
-                        (
-                            yield from sharded_correlation_step(
-                                P,
-                                matrix,
-                                moment,
-                                comm,
-                                global_shape,
-                                group["correlation_lr"],
-                                normalize=group["correlation_normalize"],
-                                max_norm=group["correlation_max_norm"],
-                            )
-                        )
-                    )
-            elif reproject:
-                new.append(low_cost_svd(matrix, rank, sketch=P))
-            else:
-                new.append(
-                    correlation_aware_step(
-                        P,
-                        matrix,
-                        moment,
-                        lr=group["correlation_lr"],
-                        normalize=group["correlation_normalize"],
-                        max_norm=group["correlation_max_norm"],
-                    )
-                )
+        pairs = layout.refresh_pairs(grad, first, old)
+        new: list[Tensor] | None = []
+        try:
+            if comm is None and reproject and not _all_finite(*(matrix for matrix, _ in pairs)):
+                new = None  # LAPACK's SVD raises on non-finite input
+            for (matrix, moment), P, rank in zip(pairs if new is not None else [], old, layout.ranks):
+                factor = yield from self._refreshed_factor(matrix, moment, P, rank, group, reproject, comm)
+                if factor is None:
+                    new = None
+                    break
+                new.append(factor)
+        except torch.linalg.LinAlgError:
+            new = None
+        if new is None or not _all_finite(*new):
+            kind = "low-cost SVD" if reproject else "Eq. 2 step"
+            shape = layout.shape if comm is None else (comm.rows, *layout.shape[1:])
+            warnings.warn(
+                f"{placement.describe_shape(shape, index)}: the {kind} refresh of its projection at step {step} "
+                "met non-finite values (gradient or first moment); the previous projection is kept.",
+                RuntimeWarning,
+                stacklevel=_caller_stacklevel(),
+            )
+            return old
         rotations = [P_old.mT @ P_new for P_old, P_new in zip(old, new)]
         for key, kind in self.moment_rotations.items():
             if key in state:
@@ -566,32 +622,189 @@ class LowRankOptimizer(Optimizer):
             state[key] = P
         return new
 
-    # -- checkpoints ---------------------------------------------------------------------------
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, keeping every state tensor's dtype.
+    @staticmethod
+    def _refreshed_factor(
+        matrix: Tensor, moment: Tensor, P: Tensor, rank: int, group: dict[str, Any], reproject: bool, comm: ShardComm | None
+    ) -> Task[Tensor | None]:
+        """One refreshed factor: the warm-started low-cost SVD or the Eq. 2 step (``None``: no finite result)."""
+        if comm is not None:
+            global_shape = (comm.rows, matrix.shape[-1])
+            if reproject:
+                result = yield from sharded_low_cost_svd(matrix, rank, P, comm, global_shape)
+                return None if result is None else result[0]
+            return (
+                yield from sharded_correlation_step(
+                    P,
+                    matrix,
+                    moment,
+                    comm,
+                    global_shape,
+                    group["correlation_lr"],
+                    normalize=group["correlation_normalize"],
+                    max_norm=group["correlation_max_norm"],
+                )
+            )
+        if reproject:
+            return low_cost_svd(matrix, rank, sketch=P)
+        return correlation_aware_step(
+            P,
+            matrix,
+            moment,
+            lr=group["correlation_lr"],
+            normalize=group["correlation_normalize"],
+            max_norm=group["correlation_max_norm"],
+        )
 
-        :meth:`torch.optim.Optimizer.load_state_dict` casts floating-point state to the
-        parameter's dtype, which would round the float32 moments and projections of a bf16
-        parameter to bf16. Here tensors are only moved to the parameter's device.
+    # -- planned state and checkpoints ---------------------------------------------------------
+    def planned_state(self, param: Tensor) -> dict[str, Tensor]:
+        """The state ``param`` will hold after its first step, as ``meta`` tensors (shape and dtype).
+
+        Keys are those of ``optimizer.state[param]`` between steps (``step``, the projections,
+        the moments as stored: 8-bit moments as ``*_codes`` / ``*_absmax``). Shapes are global
+        for a DTensor parameter (as ``DTensor.shape`` is). Computed from the parameter's shape
+        and its group's options alone; nothing is allocated. :func:`~coap_torch.estimate_state_bytes`
+        and ``load_state_dict`` use it.
         """
-        captured: dict[str, Any] = {}
+        group = self._group_of(param)
+        return self._planned_state(param, group)
 
-        def capture(_: Optimizer, final: dict[str, Any]) -> None:
-            captured["state_dict"] = final  # after every user pre-hook
+    def _group_of(self, param: Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                return group
+        raise ValueError(f"a parameter of shape {tuple(param.shape)} is not in this optimizer")
 
-        handle = self.register_load_state_dict_pre_hook(capture)
+    def _planned_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        layout = layout_of(param, group)
+        dtype = _compute_dtype(param)
+        planned = {"step": torch.empty((), dtype=torch.int64, device="meta")}
+        for key, shape in zip(layout.factor_keys, layout.factor_shapes()):
+            planned[key] = torch.empty(shape, dtype=dtype, device="meta")
+        like = torch.empty(0, dtype=dtype, device="meta")
+        sharded = placement.sharded_on_rows(param) if placement.is_dtensor(param) else False
+        for key, moment in self._init_moments(layout.projected_shape, group, like).items():
+            planned.update(self._stored_moment(key, moment, group, sharded))
+        return planned
+
+    def _stored_moment(self, key: str, moment: Tensor, group: dict[str, Any], sharded: bool) -> dict[str, Tensor]:
+        """How a moment of this shape is kept between steps (as it is here; 8-bit storages override)."""
+        return {key: moment}
+
+    #: Group options that say how the state is laid out and refreshed (storages add theirs): at
+    #: load, the optimizer keeps its own values of these, while hyper-parameters come from the
+    #: checkpoint as in torch.
+    storage_options: ClassVar[tuple[str, ...]] = ()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, checked against this optimizer before anything changes.
+
+        * **Hyper-parameters** (``lr``, ``betas``, ``weight_decay`` ...) are taken from the
+          checkpoint, as :meth:`torch.optim.Optimizer.load_state_dict` does (LR schedulers rely
+          on it).
+        * **COAP options** (:data:`COAP_OPTIONS`: ``rank``, ``update_interval``,
+          ``correlation_max_norm`` ... and the 8-bit ``block_size`` / ``min_8bit_size``) stay the
+          ones this optimizer was built with; a checkpoint that says otherwise gets a warning
+          that lists the differences.
+        * **State** must be what this optimizer would have built for each parameter under those
+          options (see :meth:`planned_state`): the same keys and shapes, finite projections.
+          Floating-point state is converted to the planned dtype (float64 or bf16 state into a
+          float32 model, as torch does), a ``step`` saved as a Python number or a float tensor
+          becomes the exact integer counter, and tensors move to the parameter's device with
+          their dtypes kept (torch's own load would cast float32 moments of a bf16 parameter to
+          bf16, and 8-bit codes to floats). Anything else raises ``ValueError`` naming the
+          parameter, the key and what was expected, and leaves the optimizer as it was.
+        """
+        loaded: dict[str, Any] = {}
+
+        def check_and_hold(_: Optimizer, final: dict[str, Any]) -> dict[str, Any]:
+            # After every user pre-hook; torch then only installs the groups, the state is ours.
+            loaded["state"], loaded["options"] = self._checked_state(final)
+            return {**final, "state": {}}
+
+        def install(_: Optimizer) -> None:
+            # Before every user post-hook, which then see the loaded optimizer.
+            for group, options in zip(self.param_groups, loaded["options"]):
+                group.update(options)
+            for param, state in loaded["state"].items():
+                self.state[param] = state
+
+        pre = self.register_load_state_dict_pre_hook(check_and_hold)
+        post = self.register_load_state_dict_post_hook(install, prepend=True)
         try:
             super().load_state_dict(state_dict)
         finally:
-            handle.remove()
-        final = captured["state_dict"]
-        saved_ids = itertools.chain.from_iterable(g["params"] for g in final["param_groups"])
-        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        for saved_id, param in zip(saved_ids, params):
-            for key, value in final["state"].get(saved_id, {}).items():
-                if isinstance(value, Tensor):
-                    # `step` stays on the CPU (no sync to read it); copies keep the checkpoint
-                    # from being advanced by later in-place updates.
-                    device = value.device if key == "step" else param.device
-                    self.state[param][key] = value.to(device=device, copy=True)
+            pre.remove()
+            post.remove()
 
+    def _checked_state(self, state_dict: dict[str, Any]) -> tuple[dict[Tensor, dict[str, Any]], list[dict[str, Any]]]:
+        """The converted state of every parameter, and each group's COAP options to keep."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(saved["params"]) != len(group["params"]) for saved, group in zip(saved_groups, self.param_groups)
+        ):
+            return {}, []  # torch refuses it next, with its own message
+        keys = (*COAP_OPTIONS, *self.storage_options)
+        options, changed = [], []
+        for number, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            options.append({key: group[key] for key in keys})
+            changed += [
+                f"group {number} {key}: checkpoint {old!r}, kept {new!r}"
+                for key, (old, new) in differing_options(saved, group, keys).items()
+            ]
+        saved_state = state_dict["state"]
+        loaded: dict[Tensor, dict[str, Any]] = {}
+        index = itertools.count()
+        for saved, group in zip(saved_groups, self.param_groups):
+            # The group as it will be after loading: saved hyper-parameters (this optimizer's
+            # defaults for those an earlier version did not save), this optimizer's COAP options.
+            final = {**COAP_DEFAULTS, **self._extra_defaults(), **self.defaults, **saved, **{key: group[key] for key in keys}}
+            for saved_id, param in zip(saved["params"], group["params"]):
+                position = next(index)
+                entry = saved_state.get(saved_id)
+                if entry is None:
+                    continue
+                where = f"parameter {position} of shape {tuple(param.shape)}"
+                if not isinstance(entry, dict):
+                    raise CheckpointError(f"{where}: the saved state is a {type(entry).__name__}, not a dict")
+                try:
+                    planned = self._planned_state(param, final)
+                    loaded[param] = convert_loaded_state(entry, planned, param, where)
+                except CheckpointError as error:
+                    hint = self._options_hint(saved, group, keys)
+                    raise CheckpointError(f"{error}{hint}") from None
+        if changed:
+            warnings.warn(
+                "load_state_dict kept this optimizer's COAP options where the checkpoint differs ("
+                + "; ".join(changed)
+                + "). Hyper-parameters such as lr come from the checkpoint, as in torch.",
+                UserWarning,
+                stacklevel=_caller_stacklevel(),
+            )
+        return loaded, options
+
+    @staticmethod
+    def _options_hint(saved: dict[str, Any], group: dict[str, Any], keys: tuple[str, ...]) -> str:
+        differences = differing_options(saved, group, keys)
+        if not differences:
+            return ""
+        listed = ", ".join(f"{key}={old!r} (this optimizer: {new!r})" for key, (old, new) in differences.items())
+        return f". The checkpoint was written with {listed}: build the optimizer with those options to load it"
+
+
+def _all_finite(*tensors: Tensor) -> bool:
+    """Whether every entry of every tensor is finite (one host sync)."""
+    if not tensors:
+        return True
+    flags = torch.stack([torch.isfinite(tensor).all() for tensor in tensors])
+    return bool(flags.all())
+
+
+@dataclass(frozen=True)
+class _PlannedStep:
+    """A parameter's step, checked: its group, its index in the optimizer, its (local) layout and shard."""
+
+    param: Tensor
+    group: dict[str, Any]
+    index: int
+    layout: Layout
+    shard: placement.RowShard | None

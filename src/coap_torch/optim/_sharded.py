@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..functional.correlation import _safe_reciprocal
+from ..functional.correlation import DEFAULT_CORRELATION_MAX_NORM, _safe_reciprocal, descend
 from ..functional.subspace import _rank_tolerance, orthonormalize
 
 __all__ = [
@@ -181,15 +181,18 @@ def correlation_step_payload_bytes(n: int, rank: int, element_size: int) -> int:
 
 def sharded_low_cost_svd(
     grad: Tensor, rank: int, sketch: Tensor, comm: ShardComm, global_shape: tuple[int, int]
-) -> Task[tuple[Tensor, Tensor]]:
+) -> Task[tuple[Tensor, Tensor] | None]:
     """:func:`~coap_torch.functional.subspace.low_cost_svd_with_values` of the row-sharded ``grad``.
 
     ``grad`` holds this rank's rows (m_k, N); ``sketch`` (N, r) is the same on every rank.
     Returns the replicated ``P`` (N, r) and the estimated singular values (r,), after two rounds
-    of all-reduces.
+    of all-reduces; or ``None`` after the first round when some rank's gradient is not finite
+    (the summed Gram matrix then is not finite on every rank, so every rank returns ``None``).
     """
     Y = grad @ sketch.to(grad.dtype)  # (m_k, r)
     (gram,) = yield from comm.all_reduce(Y.double().mT @ Y.double())
+    if not bool(torch.isfinite(gram).all()):
+        return None
     # Q = Y K^{-1/2} on the numerically non-zero part of K = Y^T Y; the columns of a
     # rank-deficient sketch product become zero (their singular values 0, filled below).
     values, vectors = torch.linalg.eigh(gram)
@@ -223,7 +226,7 @@ def sharded_correlation_step(
     lr: float,
     *,
     normalize: bool = False,
-    max_norm: float | None = None,
+    max_norm: float | None = DEFAULT_CORRELATION_MAX_NORM,
 ) -> Task[Tensor]:
     """:func:`~coap_torch.functional.correlation_aware_step` on row-sharded ``grad`` and ``exp_avg_proj``.
 
@@ -254,14 +257,9 @@ def sharded_correlation_step(
     eye = torch.eye(r, dtype=P.dtype, device=P.device)
     (partial,) = yield from comm.all_reduce(G.mT @ (c1 * (A @ (PtP - 2 * eye)) - c2 * (inv_g.unsqueeze(-1) * U)))
     grad_P = partial + P @ (c1 * AtA + c2 * UcU)
-    step = lr * grad_P
     if normalize:
-        step = step * _safe_reciprocal(g_sq / (rows * n))
-    if max_norm is not None:
-        norm = torch.linalg.vector_norm(step)
-        step = step * (max_norm / norm.clamp_min(max_norm))
-    P_new = P - step
-    return orthonormalize(P_new) if normalize else P_new
+        grad_P = grad_P * _safe_reciprocal(g_sq / (rows * n))
+    return descend(P, grad_P, lr, normalize=normalize, max_norm=max_norm)
 
 
 def sharded_adafactor_direction_(

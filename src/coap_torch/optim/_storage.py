@@ -56,6 +56,7 @@ class Int8MomentsMixin:
 
     moment_rotations: dict[str, str]
     _bulk_dense = False  # 8-bit moments are decoded and encoded per tensor
+    storage_options = ("block_size", "min_8bit_size")
 
     def __init__(
         self, params: Any, *args: Any, block_size: int = DEFAULT_BLOCK_SIZE, min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE, **kwargs: Any
@@ -88,6 +89,19 @@ class Int8MomentsMixin:
             return None
         block = _row_block_size(row, group["block_size"])
         return block if block >= min(MIN_SHARDED_BLOCK, group["block_size"]) else None
+
+    def _stored_moment(self, key: str, moment: Tensor, group: dict[str, Any], sharded: bool) -> dict[str, Tensor]:
+        """The codes and absmax a moment of this (global) shape is stored as, or the moment itself."""
+        shard = RowShard(None, tuple(moment.shape), 0, moment.shape[0]) if sharded and moment.dim() > 0 else None
+        block = self._block_size(key, tuple(moment.shape), group, shard) if key in self.moment_rotations else None
+        if block is None:
+            return {key: moment}
+        codes = torch.empty(moment.shape, dtype=torch.uint8, device="meta")
+        if shard is not None and not replicated(key):  # a row of blocks per row (see _pack)
+            absmax_shape: tuple[int, ...] = (moment.shape[0], moment[0].numel() // block)
+        else:
+            absmax_shape = (-(-moment.numel() // block),)
+        return {key + _CODES: codes, key + _ABSMAX: torch.empty(absmax_shape, dtype=torch.float32, device="meta")}
 
     def _unpack(
         self, state: dict[str, Any], group: dict[str, Any], shard: RowShard | None = None, dtype: torch.dtype = torch.float32

@@ -15,15 +15,23 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _number(name: str, value: Any) -> float:
+def _number(name: str, value: Any, *, allow_inf: bool = False) -> float:
     if not _is_real(value) or math.isnan(float(value)):
         raise ValueError(f"{name} must be a real number, got {value!r}")
+    if not allow_inf and math.isinf(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
 
 def non_negative(name: str, value: Any) -> None:
     if _number(name, value) < 0:
         raise ValueError(f"Invalid {name}: {value} (must be >= 0)")
+
+
+def positive_or_inf(name: str, value: Any) -> None:
+    """A bound where ``inf`` means "no bound" (``clip_threshold``, ``correlation_max_norm``)."""
+    if _number(name, value, allow_inf=True) <= 0:
+        raise ValueError(f"Invalid {name}: {value} (must be > 0)")
 
 
 def non_positive(name: str, value: Any) -> None:
@@ -83,6 +91,13 @@ def unsupported_flag(name: str, value: Any, optimizer: str) -> None:
 def parameter(param: torch.Tensor, index: int) -> None:
     if not isinstance(param, torch.Tensor):
         raise TypeError(f"parameter {index} is a {type(param).__name__}, not a torch.Tensor")
+    if param.is_complex():
+        raise ValueError(
+            f"parameter {index} of shape {tuple(param.shape)} has dtype {param.dtype}: complex parameters are not "
+            "supported. torch.optim.AdamW trains a complex tensor as its real view, whose last axis holds the real "
+            "and imaginary parts, and a real projection of that view would mix them; optimize complex parameters "
+            "with torch.optim.AdamW in an optimizer of their own"
+        )
     if not param.is_floating_point():
         raise ValueError(
             f"parameter {index} of shape {tuple(param.shape)} has dtype {param.dtype}; "

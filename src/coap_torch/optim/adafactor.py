@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ..functional.correlation import DEFAULT_CORRELATION_LR
+from ..functional.correlation import DEFAULT_CORRELATION_LR, DEFAULT_CORRELATION_MAX_NORM
 from ..functional.moments import adafactor_direction_, adafactor_lr
 from . import _validation as check
 from ._base import DEFAULT_MIN_CONV_NUMEL, LowRankOptimizer, group_defaults
@@ -74,7 +74,10 @@ class CoapAdafactor(LowRankOptimizer):
         beta1: first-moment coefficient, or ``None`` for none (default None).
         weight_decay: decoupled weight decay, scaled by the step size (default 0.0).
         scale_parameter: multiply the step size by ``max(eps2, RMS(W))`` (default True).
-        relative_step: use the ``min(1e-2, 1/sqrt(t))`` step size instead of ``lr`` (default True).
+        relative_step: use the ``min(1e-2, 1/sqrt(t))`` step size instead of ``lr``. The default,
+            ``None``, means "exactly when no lr is given": ``CoapAdafactor(params)`` takes
+            transformers' relative steps, and ``CoapAdafactor(params, lr=1e-3)`` (the project
+            page's usage) a manual lr. An explicit ``True`` with an lr raises, as in transformers.
         warmup_init: with ``relative_step``, warm up as ``min(1e-6 t, 1/sqrt(t))`` (default False).
         rank, rank_ratio_matrix, rank_ratio_cnn, update_interval, reproject_factor, correlation_lr,
         correlation_normalize, correlation_max_norm, scale, min_conv_numel, seed, coap,
@@ -101,7 +104,7 @@ class CoapAdafactor(LowRankOptimizer):
         beta1: float | None = None,
         weight_decay: float = 0.0,
         scale_parameter: bool = True,
-        relative_step: bool = True,
+        relative_step: bool | None = None,
         warmup_init: bool = False,
         *,
         rank: int | None = None,
@@ -111,7 +114,7 @@ class CoapAdafactor(LowRankOptimizer):
         reproject_factor: int = 5,
         correlation_lr: float = DEFAULT_CORRELATION_LR,
         correlation_normalize: bool = False,
-        correlation_max_norm: float | None = None,
+        correlation_max_norm: float | None = DEFAULT_CORRELATION_MAX_NORM,
         scale: float = 1.0,
         min_conv_numel: int = DEFAULT_MIN_CONV_NUMEL,
         seed: int = 0,
@@ -122,12 +125,14 @@ class CoapAdafactor(LowRankOptimizer):
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        if group["lr"] is not None and group["relative_step"]:
+        if group["relative_step"] is not None:
+            check.boolean("relative_step", group["relative_step"])
+        if group["lr"] is not None and group["relative_step"] is True:
             raise ValueError(f"Cannot combine manual lr={group['lr']} and relative_step=True; pass lr=None or relative_step=False")
-        if group["lr"] is None and not group["relative_step"]:
+        if group["lr"] is None and group["relative_step"] is False:
             raise ValueError("lr=None requires relative_step=True; pass a learning rate with relative_step=False")
-        if group["warmup_init"] and not group["relative_step"]:
-            raise ValueError("warmup_init=True requires relative_step=True")
+        if group["warmup_init"] and not relative_step(group):
+            raise ValueError("warmup_init=True requires relative_step=True (and lr=None)")
         if group["lr"] is not None:
             check.non_negative("lr", group["lr"])
         eps = group["eps"]
@@ -135,12 +140,12 @@ class CoapAdafactor(LowRankOptimizer):
             raise ValueError(f"Invalid eps: {eps!r} (must be a pair (eps1, eps2))")
         check.non_negative("eps[0]", eps[0])
         check.non_negative("eps[1]", eps[1])
-        check.positive("clip_threshold", group["clip_threshold"])
+        check.positive_or_inf("clip_threshold", group["clip_threshold"])
         check.non_positive("decay_rate", group["decay_rate"])
         if group["beta1"] is not None:
             check.unit_interval("beta1", group["beta1"])
         check.non_negative("weight_decay", group["weight_decay"])
-        for flag in ("scale_parameter", "relative_step", "warmup_init"):
+        for flag in ("scale_parameter", "warmup_init"):
             check.boolean(flag, group[flag])
         super()._validate_group(group)
 
@@ -169,11 +174,6 @@ class CoapAdafactor(LowRankOptimizer):
             update = adafactor_direction_(grad, **rule, **moments, rms_numel=param.numel())
         else:
             # A row shard (FSDP2): the sums over the whole parameter are all-reduced.
-            if grad.dim() > 2:
-                raise ValueError(
-                    f"a dense parameter of local shape {tuple(param.shape)} sharded on dim 0: {type(self).__name__} "
-                    "factors its last two axes, not the sharded one; use DistributedDataParallel (or CoapAdamW)"
-                )
             numel = math.prod(param.shape[1:]) * comm.rows
             param_sq = param.to(grad.dtype).square().sum()
             update, param_sq = yield from sharded_adafactor_direction_(
@@ -184,7 +184,7 @@ class CoapAdafactor(LowRankOptimizer):
             group["lr"],
             step=step,
             param_rms=param_rms,
-            relative_step=group["relative_step"],
+            relative_step=relative_step(group),
             scale_parameter=group["scale_parameter"],
             warmup_init=group["warmup_init"],
             eps2=eps2,
@@ -199,11 +199,23 @@ class CoapAdafactor(LowRankOptimizer):
             decay = lambda weight: weight.sub_(weight * factor)
         return update, decay, -1.0
 
+    def _check_rule(self, layout: Layout, shard: Any, index: int) -> None:
+        if shard is not None and not layout.projected and len(layout.shape) > 2:
+            raise ValueError(
+                f"parameter {index} of shape {shard.global_shape} sharded on dim 0 (FSDP2): {type(self).__name__} "
+                "factors its last two axes, not the sharded one; use DistributedDataParallel (or CoapAdamW)"
+            )
+
     def _refresh_moment(self, state: dict[str, Any], layout: Layout, grad: Tensor, factors: list[Tensor]) -> Tensor:
         if "exp_avg" in state:
             return state["exp_avg"]
         # beta1=None: correlate with the current gradient in the previous basis (no memory kept).
         return layout.project(grad, factors)
+
+
+def relative_step(group: dict[str, Any]) -> bool:
+    """Whether ``group`` uses relative step sizes: as set, or (``None``) exactly when it has no lr."""
+    return group["lr"] is None if group["relative_step"] is None else bool(group["relative_step"])
 
 
 class CoapAdafactor8bit(Int8MomentsMixin, CoapAdafactor):

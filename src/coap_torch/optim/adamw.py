@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ..functional.correlation import DEFAULT_CORRELATION_LR
-from ..functional.moments import adam_direction_, adamw_update_foreach_
+from ..functional.correlation import DEFAULT_CORRELATION_LR, DEFAULT_CORRELATION_MAX_NORM
+from ..functional.moments import adam_moments_, adamw_update_foreach_
 from . import _validation as check
 from ._base import DEFAULT_MIN_CONV_NUMEL, LowRankOptimizer, group_defaults
 from ._sharded import Task
@@ -61,8 +61,10 @@ class CoapAdamW(LowRankOptimizer):
         correlation_lr: ``eta`` of the Eq. 2 step (default 0.1).
         correlation_normalize: make the Eq. 2 step scale-invariant (objective divided by
             ``mean(G**2)``, result re-orthonormalized); not in the paper (default False).
-        correlation_max_norm: clip the Frobenius norm of the Eq. 2 step; not in the paper
-            (default None: no clipping).
+        correlation_max_norm: the gradient of the Eq. 2 objective is clipped to this Frobenius
+            norm before the step, and a clipped step is followed by re-orthonormalization, as in
+            the paper's release (not in its text); below the bound the step is bitwise the
+            paper's. ``None`` turns it off (default 1.0; see the note).
         scale: multiplies the restored update of projected parameters (default 1.0).
         min_conv_numel: kernels (more than one tap) with fewer entries stay dense (default 4096).
         seed: seed of the first sketch; each parameter draws from its own stream derived from
@@ -88,6 +90,19 @@ class CoapAdamW(LowRankOptimizer):
 
         * The Eq. 2 step follows the gradient of the objective, which has ``-`` before the
           CosSim term where Eq. 3 / Eq. 7 print ``+``.
+        * The Eq. 2 gradient is clipped to ``correlation_max_norm`` (the paper's release does
+          it; the text does not say). The objective scales like ``|G|^2``, so without the clip a
+          sum-reduced loss (gradient RMS of 30 or more) moves ``P`` far from orthonormal in one
+          step and training diverges; AdamW itself does not care about the gradient's scale.
+          Realistic mean-reduced gradients stay far below the bound, where the step is exactly
+          the paper's.
+        * A refresh never builds ``P`` from non-finite values: a non-finite gradient at the
+          first step defers initialisation (the parameter is left unchanged, with a warning),
+          and a refresh that meets one keeps the previous ``P`` (with a warning). On other
+          steps a NaN gradient flows into that parameter only, as in ``torch.optim.AdamW``.
+        * Unprojected parameters are updated with ``torch.optim.AdamW``'s own operations, so
+          ``coap=False`` (or a vector, or a small kernel) gives bitwise its results for float32
+          and float64 parameters.
         * When ``P`` changes, the moments are expressed in the new basis (see
           :func:`~coap_torch.functional.rotate_first_moment`,
           :func:`~coap_torch.functional.rotate_second_moment`) instead of being reused as if the
@@ -97,7 +112,10 @@ class CoapAdamW(LowRankOptimizer):
           :func:`~coap_torch.functional.low_cost_svd`.
 
         State is float32 (float64 for float64 parameters) whatever the parameter dtype; bf16 and
-        fp16 parameters are updated in float32 and rounded back once per step.
+        fp16 parameters are updated in float32 and rounded back once per step. ``step`` is an
+        exact int64 counter on the CPU. Complex parameters are refused at construction: their
+        real view would put the real and imaginary parts on an axis of their own, which a real
+        projection would mix; optimize them with ``torch.optim.AdamW``.
     """
 
     moment_rotations: ClassVar[dict[str, str]] = {"exp_avg": "linear", "exp_avg_sq": "squared", "max_exp_avg_sq": "squared"}
@@ -123,7 +141,7 @@ class CoapAdamW(LowRankOptimizer):
         reproject_factor: int = 5,
         correlation_lr: float = DEFAULT_CORRELATION_LR,
         correlation_normalize: bool = False,
-        correlation_max_norm: float | None = None,
+        correlation_max_norm: float | None = DEFAULT_CORRELATION_MAX_NORM,
         scale: float = 1.0,
         min_conv_numel: int = DEFAULT_MIN_CONV_NUMEL,
         seed: int = 0,
@@ -177,11 +195,11 @@ class CoapAdamW(LowRankOptimizer):
 
     def _moment_step(
         self, state: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, param: Tensor, comm: Any = None
-    ) -> Task[tuple[Tensor, float, float]]:
+    ) -> Task[tuple[tuple[Tensor, Tensor], float, float]]:
         # Element-wise: a row shard needs no collective (comm unused), so nothing is yielded.
         yield from ()
         beta1, beta2 = group["betas"]
-        direction = adam_direction_(
+        exp_avg, denom, bias_correction1 = adam_moments_(
             state["exp_avg"],
             state["exp_avg_sq"],
             grad,
@@ -192,7 +210,8 @@ class CoapAdamW(LowRankOptimizer):
             max_exp_avg_sq=state.get("max_exp_avg_sq") if group["amsgrad"] else None,
         )
         lr = group["lr"]
-        return direction, 1 - lr * group["weight_decay"], -lr
+        # (exp_avg, denom): applied with addcdiv_ to a dense parameter, as torch.optim.AdamW does.
+        return (exp_avg, denom), 1 - lr * group["weight_decay"], -(lr / bias_correction1)
 
 
 class CoapAdamW8bit(Int8MomentsMixin, CoapAdamW):

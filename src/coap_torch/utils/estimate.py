@@ -4,10 +4,9 @@
 optimizer allocates no state, and its constructor validates the options exactly as in training),
 then lists, parameter by parameter, the tensors its first ``step()`` would create:
 
-* COAP optimizers: the :class:`~coap_torch.optim._layout.Layout` of :func:`layout_of` (the
-  routing the optimizers use), the factor shapes it gives, and the moments the optimizer's own
-  ``_init_moments`` creates on ``meta``, stored 8-bit where its ``_block_size`` says so. No
-  routing or moment rule is written twice (parameters are taken as unsharded).
+* COAP optimizers: their own :meth:`~coap_torch.optim.LowRankOptimizer.planned_state` (the
+  routing, the factor shapes, the moments of the moment rule, stored 8-bit where the storage
+  says so), so no routing or moment rule is written twice.
 * Peers: the state layout of ``torch.optim.AdamW``, transformers' ``Adafactor``, bitsandbytes'
   ``AdamW8bit`` and galore-torch's three optimizers, written down from their code below.
 
@@ -29,8 +28,6 @@ import torch
 from torch import Tensor, nn
 
 from ..optim import CoapAdafactor, CoapAdafactor8bit, CoapAdamW, CoapAdamW8bit
-from ..optim._base import _compute_dtype, layout_of
-from ..optim._storage import _ABSMAX, _CODES, Int8MomentsMixin
 
 __all__ = ["OPTIMIZER_NAMES", "StateEstimate", "estimate_state_bytes"]
 
@@ -183,30 +180,10 @@ class _Site:
 Planner = Callable[[Any, Tensor, dict[str, Any], _Site], list[_Buffer]]
 
 
-def _int8_buffers(key: str, moment: Tensor, optimizer: Any, group: dict[str, Any]) -> list[_Buffer]:
-    """How ``moment`` is stored between steps: as is, or as the codes and absmax of ``_pack``.
-
-    The decision is the optimizer's own (``Int8MomentsMixin._block_size``, for an unsharded
-    parameter). ``_pack`` itself is not called: on ``meta`` tensors its chunked encoder still loops
-    over the blocks, seconds for a 7B model.
-    """
-    block = None
-    if isinstance(optimizer, Int8MomentsMixin) and key in optimizer.moment_rotations:
-        block = optimizer._block_size(key, tuple(moment.shape), group, None)
-    if block is None:
-        return [_buffer(key, moment.shape, moment.dtype)]
-    numel = moment.numel()
-    return [_Buffer(key + _CODES, numel, 1), _Buffer(key + _ABSMAX, -(-numel // block), 4)]
-
-
 def _plan_coap(optimizer: Any, param: Tensor, group: dict[str, Any], site: _Site) -> list[_Buffer]:
-    layout = layout_of(param, group)
-    dtype = _compute_dtype(param)
-    buffers = [_buffer(key, shape, dtype) for key, shape in zip(layout.factor_keys, layout.factor_shapes())]
-    like = torch.empty(0, dtype=dtype, device="meta")
-    for key, moment in optimizer._init_moments(layout.projected_shape, group, like).items():
-        buffers += _int8_buffers(key, moment, optimizer, group)
-    return buffers
+    # The optimizer's own plan (routing, moment rule, 8-bit storage): nothing written twice here.
+    planned = optimizer.planned_state(param)
+    return [_buffer(key, tensor.shape, tensor.dtype) for key, tensor in planned.items() if key != "step"]
 
 
 def _plan_adamw(optimizer: Any, param: Tensor, group: dict[str, Any], site: _Site) -> list[_Buffer]:

@@ -1,0 +1,120 @@
+"""What ``load_state_dict`` accepts: a saved parameter state checked against the planned one.
+
+The planned state of a parameter (:meth:`LowRankOptimizer.planned_state`: keys, shapes and
+dtypes from its shape and its group's options) is the contract. A saved state loads when it has
+exactly the planned keys and shapes; it is then converted the way ``torch.optim.AdamW`` converts
+(floating-point tensors to the planned dtype, a ``step`` stored as a Python number or a float
+tensor to the exact integer counter) and copied to the parameter's device. Anything else is
+refused before the optimizer changes, naming the parameter, the key and what was expected: a
+checkpoint that loads never fails at a later step.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _placement as placement
+
+#: Saved entries that are dropped at load: transformers' Adafactor keeps ``RMS``, the weight's
+#: RMS of the last step, recomputed at every step (dense Adafactor state is otherwise the same).
+DERIVED_KEYS = frozenset({"RMS"})
+
+#: State keys that hold projections: they must be finite (a NaN ``P`` would poison every refresh).
+FACTOR_KEYS = ("proj", "proj_out", "proj_in")
+
+
+class CheckpointError(ValueError):
+    """A saved optimizer state that does not fit the parameter it would be loaded into."""
+
+
+def new_step_counter(value: int = 0) -> Tensor:
+    """The per-parameter step counter: an exact integer on the CPU.
+
+    A float32 counter stops counting at 2**24 (after which ``t % T_u == 0`` would hold at every
+    step, refreshing ``P`` every step); a CPU tensor is read without a device sync.
+    """
+    return torch.tensor(value, dtype=torch.int64)
+
+
+def step_value(step: Any, where: str) -> int:
+    """The integer value of a saved ``step``: a tensor of one element or a Python number."""
+    if isinstance(step, Tensor):
+        if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
+            raise CheckpointError(f"{where}: 'step' must be a number, got a {step.dtype} tensor of shape {tuple(step.shape)}")
+        value = placement.local(step).item()
+    elif isinstance(step, numbers.Real) and not isinstance(step, bool):
+        value = step
+    else:
+        raise CheckpointError(f"{where}: 'step' must be a number, got {type(step).__name__}")
+    if not math.isfinite(value) or value < 0 or value != int(value):
+        raise CheckpointError(f"{where}: 'step' must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _kind_hint(keys: set[str]) -> str:
+    """What a foreign set of keys looks like, for the error message."""
+    if any(key.endswith(("_codes", "_absmax")) for key in keys):
+        return " (8-bit moments: state of CoapAdamW8bit / CoapAdafactor8bit?)"
+    if keys & {"exp_avg_sq_row", "exp_avg_sq_col"}:
+        return " (factored second moments: Adafactor state?)"
+    if keys & {"state1", "state2", "qmap1", "qmap2"}:
+        return " (bitsandbytes state?)"
+    if "exp_avg_sq" in keys and "exp_avg" in keys:
+        return " (Adam state?)"
+    return ""
+
+
+def convert_loaded_state(saved: dict[str, Any], planned: dict[str, Tensor], param: Tensor, where: str) -> dict[str, Any]:
+    """The state to install for ``param``, from its ``saved`` state and its ``planned`` one.
+
+    ``planned`` maps each key to a ``meta`` tensor of the planned shape and dtype (global shapes
+    for a sharded parameter, as a DTensor's shape is). Returns new tensors (never the saved ones,
+    so that training on cannot change the checkpoint); raises :class:`CheckpointError`.
+    """
+    entries = {key: value for key, value in saved.items() if key not in DERIVED_KEYS}
+    if not entries:
+        return {}
+    if "step" not in entries:
+        raise CheckpointError(f"{where}: the saved state has no 'step' (keys {sorted(entries)})")
+    step = step_value(entries["step"], where)
+    if entries.keys() == {"step"} and step == 0:
+        return {}  # created but never stepped (a failed first step of an earlier version)
+    expected, found = set(planned) - {"step"}, set(entries) - {"step"}
+    if found != expected:
+        missing, extra = sorted(expected - found), sorted(found - expected)
+        details = "; ".join(
+            part
+            for part in (f"missing {missing}" if missing else "", f"unexpected {extra}{_kind_hint(set(extra))}" if extra else "")
+            if part
+        )
+        raise CheckpointError(f"{where}: the saved state does not fit this optimizer: {details}; expected keys {sorted(expected)}")
+    state: dict[str, Any] = {"step": new_step_counter(step)}
+    for key in sorted(expected):
+        state[key] = _convert_tensor(entries[key], planned[key], param, f"{where}: state {key!r}")
+    for key in FACTOR_KEYS:
+        if key in state and not bool(torch.isfinite(placement.local(state[key])).all()):
+            raise CheckpointError(f"{where}: state {key!r} (a projection) holds non-finite values; the checkpoint is damaged")
+    return state
+
+
+def _convert_tensor(value: Any, planned: Tensor, param: Tensor, where: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise CheckpointError(f"{where} must be a tensor, got {type(value).__name__}")
+    if tuple(value.shape) != tuple(planned.shape):
+        raise CheckpointError(f"{where} has shape {tuple(value.shape)}, expected {tuple(planned.shape)}")
+    if planned.dtype.is_floating_point:
+        if not value.dtype.is_floating_point:
+            raise CheckpointError(f"{where} has dtype {value.dtype}, expected a floating-point tensor ({planned.dtype})")
+    elif value.dtype != planned.dtype:
+        raise CheckpointError(f"{where} has dtype {value.dtype}, expected {planned.dtype}")
+    return value.to(device=param.device, dtype=planned.dtype, copy=True)
+
+
+def differing_options(saved_group: dict[str, Any], group: dict[str, Any], keys: tuple[str, ...]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (saved, kept)}`` for the options in ``keys`` whose saved value differs from the group's."""
+    return {key: (saved_group[key], group[key]) for key in keys if key in saved_group and saved_group[key] != group[key]}
