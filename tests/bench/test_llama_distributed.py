@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -239,6 +240,23 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path, cache, fsdp2_folder
     assert "lr 0.001 there, 0.5 here; " in errors[0] and "engine 'fsdp2' there, 'ddp' here" in errors[0], errors[0]
     assert "remove it or use another --checkpoint-dir" in errors[0]
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before  # nothing written
+
+
+def test_a_damaged_checkpoint_stops_every_rank_with_one_line_naming_it(tmp_path, cache, fsdp2_folder, fsdp2_run):
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(fsdp2_folder / "checkpoints", folder)
+    marker = folder / "adamw" / "latest.json"
+    marker.write_text(marker.read_text()[:20])  # as a copy cut short leaves it
+    returncode, out, _ = _launch(tmp_path, cache, "--distributed", "fsdp2", "--optimizers", "adamw,coap_adamw",
+                                 *_CHECKPOINTS, "--checkpoint-dir", str(folder))
+    assert returncode != 0
+    errors = [line for line in out.splitlines() if "coap-bench: error:" in line]
+    assert len(errors) == 2, out[-4000:]  # every rank says why, and stops
+    for line in errors:
+        assert line.endswith(f"coap-bench: error: checkpoint {marker} cannot be loaded: it is truncated or corrupted "
+                             f"(JSONDecodeError); delete the run's folder {folder / 'adamw'} to start that run over, "
+                             "or use another --checkpoint-dir"), line
+    assert "weights_only" not in out
 
 
 def _tiny_config(**options) -> LlamaConfig:

@@ -2,12 +2,20 @@
 
 ``coap-bench`` alone runs ``coap-bench digits`` with its defaults; ``coap-bench --steps 100``
 is ``coap-bench digits --steps 100``.
+
+Output paths (``--json``, ``--plots``, ``--checkpoint-dir``) are checked before anything is loaded
+or trained. The exit status is 0 when the comparison finished, 1 when it finished but is not
+usable (an optimizer ended with a non-finite loss, every optimizer failed, or a result file could
+not be written: the table and the files are still written), 2 for a usage error (a bad option, an
+output path that cannot be written, a checkpoint of another configuration or one that cannot be
+loaded), each said in one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -15,6 +23,7 @@ from typing import TypeVar
 
 from ._deps import MissingExtraError
 from .optimizers import DEFAULT_OPTIMIZERS, OPTIMIZERS, parse_optimizer_names
+from .outputs import check_output_paths
 
 T = TypeVar("T")
 
@@ -49,6 +58,8 @@ def _float_at_least(minimum: float, *, strict: bool = False):
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):  # inf and nan pass no comparison test below, and train to nan
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if not (value > minimum if strict else value >= minimum):
             raise argparse.ArgumentTypeError(f"expected a number {'>' if strict else '>='} {minimum:g}, got {text!r}")
         return value
@@ -67,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coap-bench",
         description="Compare COAP optimizers with their dense counterparts on real data.",
-        epilog="Without a command, runs `digits` (any options given are passed to it).",
+        epilog=("Without a command, runs `digits` (any options given are passed to it). Exit status: 0 done; 1 done, "
+                "but an optimizer ended with a non-finite loss, every optimizer failed or a result file could not be "
+                "written; 2 a usage error (an option, an output path, a checkpoint that cannot be continued)."),
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     digits = commands.add_parser(
@@ -237,27 +250,58 @@ def config_from_args(config_class: type[T], args: argparse.Namespace, argv: list
                         argv=["coap-bench", *argv])
 
 
-def _run_and_report(run_job, args: argparse.Namespace, format_table, write_plots) -> int:
-    """Run a job, print its table, and write the JSON and plots it was asked for."""
+def write_json_reported(run: dict, path: str) -> bool:
+    """Write the run's JSON and say where, or say why it could not be written; whether it was."""
     from .report import write_json
+
+    try:
+        print(f"results written to {write_json(run, path)}", file=sys.stderr)
+    except OSError as error:
+        print(f"coap-bench: error: --json {path}: results not written ({error.strerror or error})", file=sys.stderr)
+        return False
+    return True
+
+
+def _write_plots_reported(run: dict, directory: str, write_plots) -> bool:
+    try:
+        paths = write_plots(run, directory)
+    except OSError as error:
+        print(f"coap-bench: error: --plots {directory}: plots not written ({error.strerror or error})",
+              file=sys.stderr)
+        return False
+    if paths is None:
+        print(
+            'no plots written: matplotlib is not installed (pip install matplotlib, or "coap-torch[examples]")',
+            file=sys.stderr,
+        )
+    else:
+        paths = paths if isinstance(paths, list) else [paths]
+        print(f"plots written to {', '.join(map(str, paths))}", file=sys.stderr)
+    return True
+
+
+def _run_and_report(run_job, args: argparse.Namespace, format_table, write_plots) -> int:
+    """Run a job, print its table, write the JSON and plots it was asked for; the exit status.
+
+    The status is 1 when an output could not be written, when an optimizer ended with a non-finite
+    loss, or when every optimizer failed (:func:`~coap_torch.bench.runner.run_problems`), each said
+    on stderr after the table and the files are written, so that no result is lost.
+    """
+    from .runner import run_problems
 
     started = time.perf_counter()
     run = run_job()
     run["config"]["total_seconds"] = time.perf_counter() - started
     print(format_table(run), flush=True)
+    written = True
     if args.json:
-        print(f"results written to {write_json(run, args.json)}", file=sys.stderr)
+        written &= write_json_reported(run, args.json)
     if args.plots:
-        paths = write_plots(run, args.plots)
-        if paths is None:
-            print(
-                'no plots written: matplotlib is not installed (pip install matplotlib, or "coap-torch[examples]")',
-                file=sys.stderr,
-            )
-        else:
-            paths = paths if isinstance(paths, list) else [paths]
-            print(f"plots written to {', '.join(map(str, paths))}", file=sys.stderr)
-    return 0
+        written &= _write_plots_reported(run, args.plots, write_plots)
+    problems = run_problems(run["results"])
+    for problem in problems:
+        print(f"coap-bench: error: {problem}", file=sys.stderr)
+    return 0 if written and not problems else 1
 
 
 def _digits(args: argparse.Namespace) -> int:
@@ -294,6 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(args_list)
     try:
+        check_output_paths(args)  # before any data is loaded or trained on
         if args.command == "llama":
             return _llama(args, args_list)
         if args.command == "ddpm":

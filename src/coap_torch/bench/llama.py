@@ -335,7 +335,8 @@ def run_llama(config: LlamaConfig) -> dict[str, Any]:
                            vocab_size=config.vocab_size, max_documents=config.max_documents)
     windows = heldout_windows(data, config.seq_len, config.max_heldout_windows)
     if config.batch_size * (config.seq_len + 1) > data.train.numel():
-        raise ValueError(f"{data.train.numel()} training tokens are too few for batch {config.batch_size}")
+        raise ValueError(f"{data.train.numel()} training tokens are too few for batch {config.batch_size} x "
+                         f"{config.seq_len + 1}: lower --batch-size or --seq-len, or give more text (--data-dir)")
     results = run_optimizers(config, train_one, (config, data, windows), _SWEEP_KEYS)
 
     settings = run_settings(config, data, windows)

@@ -84,7 +84,9 @@ from .runner import (
     check_fingerprint,
     compare_to_baseline,
     failed_result,
+    unreadable_checkpoint,
 )
+from .text import remove_stale_temporaries
 from .training import TrainingLoop, result_row, run_stem, start_measuring, sweep_lrs
 
 if TYPE_CHECKING:
@@ -266,6 +268,17 @@ def _heldout_on_rank0(model: nn.Module, engine: str, config: LlamaConfig, vocab_
 # ---------------------------------------------------------------------------------------- training
 
 
+def _read_marker(path: Path) -> dict[str, Any] | str:
+    """A run's ``latest.json``, or why it cannot be read."""
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"it is truncated or corrupted ({type(error).__name__})"
+    if not isinstance(marker, dict) or not isinstance(marker.get("directory"), str):
+        return "it names no checkpoint folder"
+    return marker
+
+
 class DistributedCheckpoint:
     """A run's checkpoints under ``folder`` (one folder per optimizer and lr), with ``torch.distributed.checkpoint``.
 
@@ -287,11 +300,17 @@ class DistributedCheckpoint:
         self.fingerprint = json.loads(json.dumps(fingerprint))
 
     def _latest(self) -> dict[str, Any] | None:
-        """The marker, read on rank 0 and broadcast (so every rank takes the same decision)."""
-        marker = [None]
-        if dist.get_rank() == 0 and (self.folder / self.MARKER).is_file():
-            marker[0] = json.loads((self.folder / self.MARKER).read_text())
+        """The marker, read on rank 0 and broadcast (so every rank takes the same decision); one that cannot be
+        read raises :class:`~coap_torch.bench.runner.CheckpointError` on every rank."""
+        path = self.folder / self.MARKER
+        marker: list[Any] = [None]
+        if dist.get_rank() == 0:
+            remove_stale_temporaries(path)  # left by a save that was killed
+            if path.is_file():
+                marker[0] = _read_marker(path)
         dist.broadcast_object_list(marker, src=0)
+        if isinstance(marker[0], str):
+            raise unreadable_checkpoint(path, marker[0], self.folder)
         return marker[0]
 
     def load(self, loop: TrainingLoop) -> None:
@@ -306,10 +325,17 @@ class DistributedCheckpoint:
         directory = self.folder / latest["directory"]
         # On an optimizer without state yet, get_state_dict creates it (a step on zero gradients, at lr 0).
         model_state, optimizer_state = get_state_dict(loop.model, loop.optimizer)
-        dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+        try:
+            dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+        except Exception as error:  # noqa: BLE001 - missing or damaged shards; DCP raises on every rank
+            raise unreadable_checkpoint(directory, error, self.folder) from None
         set_state_dict(loop.model, loop.optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
-        loop.load_state_dict(torch.load(directory / f"rank-{dist.get_rank()}.pt", map_location=loop.device,
-                                        weights_only=True))
+        rank_file = directory / f"rank-{dist.get_rank()}.pt"
+        try:
+            saved = torch.load(rank_file, map_location=loop.device, weights_only=True)
+        except Exception as error:  # noqa: BLE001 - torch.load raises many kinds on a damaged file
+            raise unreadable_checkpoint(rank_file, error, self.folder) from None
+        loop.load_state_dict(saved)
 
     def save(self, loop: TrainingLoop, step: int) -> None:
         import torch.distributed.checkpoint as dcp

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -501,12 +500,12 @@ def _model_list(text: str) -> list[str]:
 
 def run_memory_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """``coap-bench memory``: print the report, write the JSON it was asked for; returns the exit status."""
-    from .report import write_json
+    from .cli import write_json_reported
 
     started = time.perf_counter()
     run = run_memory(args.models)
     run["config"].update(argv=["coap-bench", *argv], total_seconds=time.perf_counter() - started)
     print(format_memory_report(run), flush=True)
-    if args.json:
-        print(f"results written to {write_json(run, args.json)}", file=sys.stderr)
+    if args.json and not write_json_reported(run, args.json):
+        return 1
     return 0

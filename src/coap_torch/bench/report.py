@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_bytes", "format_table", "markdown_table", "write_json", "write_plots"]
+__all__ = ["format_bytes", "format_table", "markdown_table", "nonfinite_losses", "write_json", "write_plots"]
 
 _NOTES = (
     "state: optimizer-state bytes after training (step counters excluded); iter / step ms: median over "
@@ -33,6 +33,19 @@ def _number(value: float | None, spec: str) -> str:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return format(value, spec)
+
+
+_LOSS_NAMES = {"final_loss": "final loss", "heldout_loss": "held-out loss"}
+
+
+def nonfinite_losses(result: dict[str, Any]) -> str:
+    """The final losses of a finished result that are not finite, e.g. ``final loss nan, held-out loss inf``
+    (empty when both are finite, or the run failed)."""
+    if result.get("failed"):
+        return ""
+    values = {name: result.get(key) for key, name in _LOSS_NAMES.items()}
+    return ", ".join(f"{name} {value}" for name, value in values.items()
+                     if isinstance(value, float) and not math.isfinite(value))
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -96,13 +109,15 @@ def format_table(run: dict[str, Any], *, notes: bool = True) -> str:
     )
     text = [title, "", line(rows[0]), "  ".join("-" * w for w in widths)]
     text += [line(row) for row in rows[1:]]
-    diverged = [r for r in run["results"] if r.get("first_nonfinite_step") is not None]
-    if diverged:
-        text.append("")
-        text += [
-            f"warning: {r['name']}: the training loss became non-finite at step {r['first_nonfinite_step']}"
-            for r in diverged
-        ]
+    remarks = []
+    for result in run["results"]:
+        if nonfinite_losses(result):
+            remarks.append(f"diverged: {result['name']}: ended with a non-finite loss ({nonfinite_losses(result)})")
+        if result.get("first_nonfinite_step") is not None:
+            remarks.append(f"warning: {result['name']}: the training loss became non-finite at step "
+                           f"{result['first_nonfinite_step']}")
+    if remarks:
+        text += ["", *remarks]
     if notes:
         text += ["", *textwrap.wrap(_NOTES, width=100)]
     return "\n".join(text)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import array
 import ast
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -35,6 +36,8 @@ import json
 import os
 import pickle
 import platform
+import re
+import stat
 import sys
 import sysconfig
 import tempfile
@@ -61,6 +64,7 @@ __all__ = [
     "heldout_windows",
     "is_heldout",
     "load_token_data",
+    "remove_stale_temporaries",
     "split_documents",
     "tensor_sha256",
     "train_tokenizer",
@@ -89,6 +93,9 @@ C4_TRAIN_DOCUMENTS = 20_000
 C4_HELDOUT_DOCUMENTS = 1_000
 #: Bumped when the cached files change meaning, so that old caches are not reused.
 _CACHE_FORMAT = 1
+#: A temporary cache file older than this was left by a killed process (a live write takes a second or
+#: so); younger ones may be another process's write in progress, and are left alone.
+_STALE_CACHE_TMP_S = 600.0
 _TOKENIZERS_HINT = 'pip install tokenizers  (or pip install "coap-torch[bench]", whose transformers brings it)'
 _C4_HINT = 'pip install datasets "coap-torch[bench]"'
 
@@ -250,8 +257,9 @@ def split_documents(
     if not train or not heldout:
         raise ValueError(
             f"corpus {corpus.name!r} with {len(corpus)} documents gives {len(train)} training and {len(heldout)} "
-            f"held-out documents at heldout_percent={heldout_percent}; each split needs at least one "
-            "(add documents or change heldout_percent)"
+            f"held-out documents ({heldout_percent:g}% are held out, picked by a hash of their id); each split "
+            "needs at least one document: give more documents (for coap-bench llama, a --data-dir folder with "
+            "more *.txt / *.md files)"
         )
     return train, heldout
 
@@ -304,16 +312,45 @@ def _concat(token_lists: Sequence[Sequence[int]], eos_id: int) -> Tensor:
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see a partial file."""
+    """Write through a temporary file in the same folder, then rename: readers never see a partial file.
+
+    The temporary file is ``.<name>.<8 random characters>.tmp``; one left by a process killed while
+    writing is removed by :func:`remove_stale_temporaries`.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as written:  # on disk before the rename: a crash leaves the old file or the new one
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str], *, older_than_s: float = 0.0) -> list[Path]:
+    """Remove the temporary files that :func:`_atomic_write` left for ``path`` when killed while writing it
+    (and that were last modified at least ``older_than_s`` seconds ago); the paths removed.
+
+    Only names that :func:`_atomic_write` gives to ``path``'s temporaries are matched:
+    ``.<name>.`` + the 8 characters :func:`tempfile.mkstemp` draws + ``.tmp``, never another file.
+    """
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    try:
+        candidates = [path.parent / name for name in os.listdir(path.parent) if pattern.fullmatch(name)]
+    except OSError:  # no folder yet, or not readable: nothing to clean
+        return []
+    removed = []
+    for candidate in candidates:
+        with contextlib.suppress(OSError):  # gone already, or not ours to remove
+            info = candidate.lstat()
+            if stat.S_ISREG(info.st_mode) and (older_than_s <= 0 or time.time() - info.st_mtime >= older_than_s):
+                candidate.unlink()
+                removed.append(candidate)
+    return removed
 
 
 # ----------------------------------------------------------------------------------------- token data
@@ -433,10 +470,11 @@ def load_token_data(
     tokens_file = folder / "tokens.pt"
     tk = require("tokenizers", hint=_TOKENIZERS_HINT)
 
+    for cached_file in (tokenizer_file, tokens_file):
+        remove_stale_temporaries(cached_file, older_than_s=_STALE_CACHE_TMP_S)
     seconds: float | None = None
-    if tokenizer_file.is_file():
-        tokenizer = tk.Tokenizer.from_file(str(tokenizer_file))
-    else:
+    tokenizer = _read_tokenizer(tk, tokenizer_file)
+    if tokenizer is None:
         start = time.perf_counter()
         tokenizer = train_tokenizer([d.text for d in train_docs], vocab_size)
         seconds = time.perf_counter() - start
@@ -468,6 +506,23 @@ def load_token_data(
     )
 
 
+def _read_tokenizer(tk: Any, path: Path) -> Any:
+    """The cached tokenizer at ``path``; ``None`` when there is none, or when it cannot be read (a damaged
+    file is said on stderr, and the caller trains and writes it again)."""
+    if not path.is_file():
+        return None
+    try:
+        tokenizer = tk.Tokenizer.from_file(str(path))
+    except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception on a malformed file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    else:
+        if tokenizer.token_to_id(EOS_TOKEN) is not None:
+            return tokenizer
+        reason = f"it has no {EOS_TOKEN} token"
+    print(f"tokenizer cache {path} is unreadable ({reason}): rebuilding it", file=sys.stderr, flush=True)
+    return None
+
+
 def _read_tokens(path: Path, corpus_sha: str) -> tuple[Tensor, Tensor] | None:
     if not path.is_file():
         return None
@@ -497,14 +552,19 @@ def _load_c4(cache_root: Path, train_documents: int, heldout_documents: int) -> 
         raise ValueError("c4_train_documents and c4_heldout_documents must be positive")
     folder = cache_root / "c4" / f"en-{C4_TOKENIZER}-{train_documents}-{heldout_documents}-f{_CACHE_FORMAT}"
     tokens_file, meta_file = folder / "tokens.pt", folder / "meta.json"
+    for cached_file in (tokens_file, meta_file):
+        remove_stale_temporaries(cached_file, older_than_s=_STALE_CACHE_TMP_S)
     if tokens_file.is_file() and meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        cached = _read_tokens(tokens_file, meta["corpus_sha256"])
-        if cached is not None:
-            train, heldout = cached
-            return TokenData(train, heldout, meta["vocab_size"], meta["eos_id"], CorpusInfo(**meta["corpus"]),
-                             meta["corpus_sha256"], tensor_sha256(train), tensor_sha256(heldout), C4_TOKENIZER,
-                             from_cache=True)
+        try:
+            meta = json.loads(meta_file.read_text())
+            cached = _read_tokens(tokens_file, meta["corpus_sha256"])
+            if cached is not None:
+                train, heldout = cached
+                return TokenData(train, heldout, meta["vocab_size"], meta["eos_id"], CorpusInfo(**meta["corpus"]),
+                                 meta["corpus_sha256"], tensor_sha256(train), tensor_sha256(heldout), C4_TOKENIZER,
+                                 from_cache=True)
+        except (OSError, ValueError, KeyError, TypeError):  # a damaged meta.json: stream and tokenize again
+            pass
 
     datasets = require("datasets", hint=_C4_HINT)
     transformers = require("transformers", hint=_C4_HINT)
@@ -631,5 +691,7 @@ def heldout_windows(token_data: TokenData | Tensor, seq_len: int, max_windows: i
             raise ValueError(f"max_windows must be positive, got {max_windows}")
         count = min(count, max_windows)
     if count == 0:
-        raise ValueError(f"{tokens.numel()} held-out tokens are too few for one window of seq_len + 1 = {width}")
+        raise ValueError(f"{tokens.numel()} held-out tokens are too few for one window of seq_len + 1 = {width}: "
+                         "use a shorter sequence (coap-bench llama --seq-len) or more text (a --data-dir folder "
+                         "with more *.txt / *.md files)")
     return tokens[: count * width].long().reshape(count, width).clone()

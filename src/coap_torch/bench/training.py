@@ -46,8 +46,17 @@ from ._deps import require
 from .environment import current_rss_bytes, peak_memory
 from .optimizers import OPTIMIZERS
 from .probes import Eq2Probe, refresh_time
-from .report import _number, format_bytes
-from .runner import atomic_save, compare_to_baseline, load_checkpoint, rng_state, run_guarded, set_rng_state
+from .report import _number, format_bytes, nonfinite_losses
+from .runner import (
+    atomic_save,
+    check_checkpoint_archive,
+    compare_to_baseline,
+    load_checkpoint,
+    rng_state,
+    run_guarded,
+    set_rng_state,
+)
+from .text import remove_stale_temporaries
 from .timing import timed_step
 
 __all__ = [
@@ -374,21 +383,43 @@ def average_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
+def _checkpoints(config: Any, seeds: list[int]) -> dict[tuple[str, float, int], Path | None]:
+    """The checkpoint of every run, by (optimizer, lr, seed): ``<checkpoint_dir>/<stem>.pt``, or ``None``.
+
+    Before any run trains, the temporary files a killed save left are removed, and a checkpoint that is
+    not a complete archive raises :class:`~coap_torch.bench.runner.CheckpointError`.
+    """
+    folder = Path(config.checkpoint_dir).expanduser() if config.checkpoint_dir else None
+    checkpoints = {}
+    for name in config.optimizers:
+        for lr in sweep_lrs(config, name):
+            for seed in seeds:
+                stem = run_stem(name, lr, config.lr_sweep, seed if len(seeds) > 1 else None)
+                checkpoint = folder / f"{stem}.pt" if folder is not None else None
+                checkpoints[name, lr, seed] = checkpoint
+                if checkpoint is not None:
+                    remove_stale_temporaries(checkpoint)
+                    check_checkpoint_archive(checkpoint)
+    return checkpoints
+
+
 def run_optimizers(config: Any, train: Callable[..., dict[str, Any]], args: tuple[Any, ...],
                    sweep_keys: tuple[str, ...]) -> list[dict[str, Any]]:
     """Each optimizer's result: ``train(name, lr, *args, checkpoint)`` for every lr of :func:`sweep_lrs`
     and every seed, through :func:`~coap_torch.bench.runner.run_guarded` (a fresh process each with
-    ``config.isolate``; a run that raises is a failed result naming the package to install); the
-    seeds of one lr averaged (:func:`average_seeds`), the best lr of a sweep kept
-    (:func:`best_of_sweep`), then the ratios to AdamW added.
+    ``config.isolate``; a run that raises is a failed result naming the package to install, but a
+    checkpoint that cannot be loaded stops the comparison); the seeds of one lr averaged
+    (:func:`average_seeds`), the best lr of a sweep kept (:func:`best_of_sweep`), then the ratios to
+    AdamW added.
 
     With ``config.seeds`` > 1 the runs use seeds ``config.seed``, ``config.seed + 1``, ...: ``config``
     is replaced in ``args`` by a copy with that seed. ``checkpoint`` is ``<checkpoint_dir>/<stem>.pt``
-    (:func:`run_stem`), or ``None`` without ``checkpoint_dir``.
+    (:func:`run_stem`), or ``None`` without ``checkpoint_dir``; checked, and cleaned of the temporary
+    files of a killed save, before the first run starts.
     """
-    folder = Path(config.checkpoint_dir).expanduser() if config.checkpoint_dir else None
     count = getattr(config, "seeds", 1)
     seeds = [config.seed + k for k in range(count)]
+    checkpoints = _checkpoints(config, seeds)
     results = []
     for name in config.optimizers:
         runs = []
@@ -397,8 +428,7 @@ def run_optimizers(config: Any, train: Callable[..., dict[str, Any]], args: tupl
             for seed in seeds:
                 seeded = config if seed == config.seed else dataclasses.replace(config, seed=seed)
                 run_args = tuple(seeded if arg is config else arg for arg in args)
-                stem = run_stem(name, lr, config.lr_sweep, seed if count > 1 else None)
-                checkpoint = folder / f"{stem}.pt" if folder is not None else None
+                checkpoint = checkpoints[name, lr, seed]
                 result = run_guarded(train, (name, lr, *run_args, checkpoint), name=name, lr=lr, isolate=config.isolate)
                 if result.get("failed") and OPTIMIZERS[name].package:
                     result["package"] = OPTIMIZERS[name].package
@@ -456,6 +486,8 @@ def result_remarks(result: dict[str, Any], steps: int, *, sweep_edge: Callable[[
         hint = f" (pip install {result['package']})" if "not installed" in result["error"] else ""
         return [f"failed: {name}: {result['error']}{hint}"]
     remarks = []
+    if nonfinite_losses(result):
+        remarks.append(f"diverged: {name}: ended with a non-finite loss ({nonfinite_losses(result)})")
     if result.get("first_nonfinite_step") is not None:
         remarks.append(f"warning: {name}: the training loss became non-finite at step "
                        f"{result['first_nonfinite_step']}")
