@@ -314,7 +314,8 @@ class LowRankOptimizer(Optimizer):
         Plain dense tensors that the subclass can update in bulk (:meth:`_bulk_dense_step`) are
         stepped together first; parameters are independent, so the order changes no result.
         """
-        planned = [self._plan_step(*item) for item in params]
+        views: dict[int, dict[str, Any]] = {}
+        planned = [self._plan_step(param, _step_view(group, views), index) for param, group, index in params]
         bulk: dict[tuple[Any, ...], tuple[dict[str, Any], list[Tensor]]] = {}
         rest = []
         for item in planned:
@@ -358,10 +359,10 @@ class LowRankOptimizer(Optimizer):
         :data:`BULK_MAX_NUMEL` entries), local (not DTensor), dense, float32/float64 parameter
         with a dense gradient of its dtype, routed dense, whose state is empty or holds only the
         moments and step counter. Everything else (projections, shards, 8-bit or bf16 storage,
-        ``maximize``, tensor lr, state of another layout) takes :meth:`_param_step`. Buckets
-        share step count, device and dtype.
+        ``maximize``, state of another layout) takes :meth:`_param_step`. Buckets share step
+        count, device and dtype.
         """
-        if not self._bulk_dense or group.get("maximize", False) or isinstance(group["lr"], Tensor):
+        if not self._bulk_dense or group.get("maximize", False):
             return None
         grad = param.grad
         if (
@@ -592,18 +593,20 @@ class LowRankOptimizer(Optimizer):
         reproject = step % (group["update_interval"] * group["reproject_factor"]) == 0
         first = self._refresh_moment(state, layout, grad, old)
         pairs = layout.refresh_pairs(grad, first, old)
-        new: list[Tensor] | None = []
-        try:
-            if comm is None and reproject and not _all_finite(*(matrix for matrix, _ in pairs)):
-                new = None  # LAPACK's SVD raises on non-finite input
-            for (matrix, moment), P, rank in zip(pairs if new is not None else [], old, layout.ranks):
-                factor = yield from self._refreshed_factor(matrix, moment, P, rank, group, reproject, comm)
-                if factor is None:
-                    new = None
-                    break
-                new.append(factor)
-        except torch.linalg.LinAlgError:
-            new = None
+        new: list[Tensor] | None = None
+        # LAPACK's SVD raises on non-finite input, so one process checks it first; FSDP2's
+        # sharded SVD checks its all-reduced Gram matrix, the same on every rank.
+        if comm is not None or not reproject or _all_finite(*(matrix for matrix, _ in pairs)):
+            try:
+                new = []
+                for (matrix, moment), P, rank in zip(pairs, old, layout.ranks):
+                    factor = yield from self._refreshed_factor(matrix, moment, P, rank, group, reproject, comm)
+                    if factor is None:
+                        new = None
+                        break
+                    new.append(factor)
+            except torch.linalg.LinAlgError:
+                new = None
         if new is None or not _all_finite(*new):
             kind = "low-cost SVD" if reproject else "Eq. 2 step"
             shape = layout.shape if comm is None else (comm.rows, *layout.shape[1:])
@@ -744,34 +747,28 @@ class LowRankOptimizer(Optimizer):
         ):
             return {}, []  # torch refuses it next, with its own message
         keys = (*COAP_OPTIONS, *self.storage_options)
-        options, changed = [], []
-        for number, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            options.append({key: group[key] for key in keys})
-            changed += [
-                f"group {number} {key}: checkpoint {old!r}, kept {new!r}"
-                for key, (old, new) in differing_options(saved, group, keys).items()
-            ]
-        saved_state = state_dict["state"]
+        options: list[dict[str, Any]] = []
+        changed: list[str] = []
         loaded: dict[Tensor, dict[str, Any]] = {}
         index = itertools.count()
-        for saved, group in zip(saved_groups, self.param_groups):
+        for number, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            options.append({key: group[key] for key in keys})
+            differences = differing_options(saved, group, keys)
+            changed += [f"group {number} {key}: checkpoint {old!r}, kept {new!r}" for key, (old, new) in differences.items()]
             # The group as it will be after loading: saved hyper-parameters (this optimizer's
             # defaults for those an earlier version did not save), this optimizer's COAP options.
-            final = {**COAP_DEFAULTS, **self._extra_defaults(), **self.defaults, **saved, **{key: group[key] for key in keys}}
+            final = {**COAP_DEFAULTS, **self._extra_defaults(), **self.defaults, **saved, **options[-1]}
             for saved_id, param in zip(saved["params"], group["params"]):
-                position = next(index)
-                entry = saved_state.get(saved_id)
+                where = f"parameter {next(index)} of shape {tuple(param.shape)}"
+                entry = state_dict["state"].get(saved_id)
                 if entry is None:
                     continue
-                where = f"parameter {position} of shape {tuple(param.shape)}"
                 if not isinstance(entry, dict):
                     raise CheckpointError(f"{where}: the saved state is a {type(entry).__name__}, not a dict")
                 try:
-                    planned = self._planned_state(param, final)
-                    loaded[param] = convert_loaded_state(entry, planned, param, where)
+                    loaded[param] = convert_loaded_state(entry, self._planned_state(param, final), param, where)
                 except CheckpointError as error:
-                    hint = self._options_hint(saved, group, keys)
-                    raise CheckpointError(f"{error}{hint}") from None
+                    raise CheckpointError(f"{error}{_options_hint(differences)}") from None
         if changed:
             warnings.warn(
                 "load_state_dict kept this optimizer's COAP options where the checkpoint differs ("
@@ -782,13 +779,42 @@ class LowRankOptimizer(Optimizer):
             )
         return loaded, options
 
-    @staticmethod
-    def _options_hint(saved: dict[str, Any], group: dict[str, Any], keys: tuple[str, ...]) -> str:
-        differences = differing_options(saved, group, keys)
-        if not differences:
-            return ""
-        listed = ", ".join(f"{key}={old!r} (this optimizer: {new!r})" for key, (old, new) in differences.items())
-        return f". The checkpoint was written with {listed}: build the optimizer with those options to load it"
+
+def _options_hint(differences: dict[str, tuple[Any, Any]]) -> str:
+    """What to do about a refused state when the checkpoint's COAP options differ from ours."""
+    if not differences:
+        return ""
+    listed = ", ".join(f"{key}={old!r} (this optimizer: {new!r})" for key, (old, new) in differences.items())
+    return f". The checkpoint was written with {listed}: build the optimizer with those options to load it"
+
+
+#: Hyper-parameters that torch lets users give as one-element tensors (an lr a scheduler or a
+#: compiled loop keeps in a tensor).
+TENSOR_HYPER_PARAMETERS = ("lr", "weight_decay", "eps")
+
+
+def _step_view(group: dict[str, Any], views: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """``group`` as one step reads it: hyper-parameters given as one-element tensors are read
+    once per group and step as the Python numbers they hold, so that a tensor lr of any shape
+    trains bitwise as the same lr given as a float (the one host sync on CUDA, per group, is
+    fewer than torch's for-loop AdamW, which reads a tensor lr once per parameter)."""
+    view = views.get(id(group))
+    if view is None:
+        tensors = {key: group[key] for key in TENSOR_HYPER_PARAMETERS if isinstance(group.get(key), Tensor)}
+        if isinstance(group.get("betas"), (tuple, list)) and any(isinstance(b, Tensor) for b in group["betas"]):
+            tensors["betas"] = group["betas"]
+        if not tensors:
+            view = group
+        else:
+            view = {**group, **{key: _as_number(value) for key, value in tensors.items()}}
+        views[id(group)] = view
+    return view
+
+
+def _as_number(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return type(value)(_as_number(v) for v in value)
+    return value.item() if isinstance(value, Tensor) else value
 
 
 def _all_finite(*tensors: Tensor) -> bool:

@@ -16,6 +16,8 @@ def _is_real(value: Any) -> bool:
 
 
 def _number(name: str, value: Any, *, allow_inf: bool = False) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        raise ValueError(f"Invalid {name}: a tensor of shape {tuple(value.shape)} (a tensor {name} must hold one element)")
     if not _is_real(value) or math.isnan(float(value)):
         raise ValueError(f"{name} must be a real number, got {value!r}")
     if not allow_inf and math.isinf(float(value)):

@@ -66,7 +66,8 @@ class CoapAdafactor(LowRankOptimizer):
 
     Args:
         params: iterable of parameters or of param groups (dicts).
-        lr: external learning rate; must be ``None`` with ``relative_step=True`` (default None).
+        lr: external learning rate (a float, or a one-element tensor, read as in
+            :class:`~coap_torch.CoapAdamW`); must be ``None`` with ``relative_step=True`` (default None).
         eps: ``(eps1, eps2)``: regularizer added to the squared gradient, and the floor of the
             parameter RMS in ``scale_parameter`` (default (1e-30, 1e-3)).
         clip_threshold: ``d``, threshold of the update RMS (default 1.0).

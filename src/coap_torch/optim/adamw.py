@@ -42,7 +42,10 @@ class CoapAdamW(LowRankOptimizer):
     Args:
         params: iterable of parameters or of param groups (dicts). Every option below can be
             overridden per group; the groups are kept exactly as given.
-        lr: learning rate ``gamma`` (default 1e-3).
+        lr: learning rate ``gamma``: a float, or a one-element tensor of any shape (as a
+            scheduler or a compiled loop may keep it), read once per group and step as the
+            number it holds, so it trains bitwise as that float; on CUDA that read is one host
+            sync per group and step, fewer than torch's for-loop AdamW makes (default 1e-3).
         betas: ``(beta1, beta2)`` (default (0.9, 0.999)).
         eps: added to the denominator (default 1e-8).
         weight_decay: decoupled weight decay (default 1e-2).
