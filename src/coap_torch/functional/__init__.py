@@ -13,6 +13,7 @@ from .correlation import (
     correlation_aware_step,
 )
 from .moments import (
+    AdamDirection,
     adafactor_direction_,
     adafactor_lr,
     adam_direction_,
@@ -44,6 +45,7 @@ __all__ = [
     "DEFAULT_CORRELATION_LR",
     "DEFAULT_CORRELATION_MAX_NORM",
     "DEFAULT_SKETCH_SEED",
+    "AdamDirection",
     "adafactor_direction_",
     "adafactor_lr",
     "adam_direction_",

@@ -7,11 +7,13 @@ the low-rank space): the caller decides what ``grad`` is.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "AdamDirection",
     "adafactor_direction_",
     "adafactor_lr",
     "adam_direction_",
@@ -20,6 +22,20 @@ __all__ = [
     "rotate_first_moment",
     "rotate_second_moment",
 ]
+
+
+class AdamDirection(NamedTuple):
+    """Adam's direction ``numerator / denominator / bias_correction1``, kept unformed so that each
+    caller can apply it with the operations it needs: a dense parameter with torch's
+    ``addcdiv_`` (bitwise ``torch.optim.AdamW``), a projected one as a formed low-rank tensor."""
+
+    numerator: Tensor
+    denominator: Tensor
+    bias_correction1: float
+
+    def tensor(self) -> Tensor:
+        """The direction as one tensor (a new one; the moments are not changed)."""
+        return (self.numerator / self.denominator).div_(self.bias_correction1)
 
 
 def adam_moments_(
@@ -76,10 +92,10 @@ def adam_direction_(
     ``p <- p * (1 - lr * wd) - lr * d`` (equal to ``torch.optim.AdamW``'s to float rounding; use
     :func:`adam_moments_` and ``addcdiv_`` for its exact operations).
     """
-    exp_avg, denom, bias_correction1 = adam_moments_(
+    parts = adam_moments_(
         exp_avg, exp_avg_sq, grad, step=step, beta1=beta1, beta2=beta2, eps=eps, max_exp_avg_sq=max_exp_avg_sq
     )
-    return (exp_avg / denom).div_(bias_correction1)
+    return AdamDirection(*parts).tensor()
 
 
 def adamw_update_foreach_(

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from ..functional.correlation import DEFAULT_CORRELATION_LR, DEFAULT_CORRELATION_MAX_NORM, correlation_aware_step
+from ..functional.moments import AdamDirection
 from ..functional.subspace import _rank_tolerance, gaussian_sketch, low_cost_svd, low_cost_svd_with_values
 from ..functional.tucker import unfold
 from . import _placement as placement
@@ -450,14 +451,14 @@ class LowRankOptimizer(Optimizer):
             decay(target)
             decay = 1.0
         if layout.projected:
-            if isinstance(direction, tuple):
-                direction = direction[0] / direction[1]
+            if isinstance(direction, AdamDirection):
+                direction = direction.tensor()
             layout.add_restored_(target, direction, factors, beta=decay, alpha=alpha * group["scale"])
         else:
             if isinstance(decay, Tensor) or decay != 1.0:
                 target.mul_(decay)
-            if isinstance(direction, tuple):  # torch.optim.AdamW's own operation, for its rounding
-                target.addcdiv_(*direction, value=alpha)
+            if isinstance(direction, AdamDirection):  # torch.optim.AdamW's own operation and rounding
+                target.addcdiv_(direction.numerator, direction.denominator, value=alpha / direction.bias_correction1)
             else:
                 target.add_(direction, alpha=alpha)
         self._pack(state, stored, group, shard)

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from ..functional.correlation import DEFAULT_CORRELATION_LR, DEFAULT_CORRELATION_MAX_NORM
-from ..functional.moments import adam_moments_, adamw_update_foreach_
+from ..functional.moments import AdamDirection, adam_moments_, adamw_update_foreach_
 from . import _validation as check
 from ._base import DEFAULT_MIN_CONV_NUMEL, LowRankOptimizer, group_defaults
 from ._sharded import Task
@@ -198,11 +198,11 @@ class CoapAdamW(LowRankOptimizer):
 
     def _moment_step(
         self, state: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, param: Tensor, comm: Any = None
-    ) -> Task[tuple[tuple[Tensor, Tensor], float, float]]:
+    ) -> Task[tuple[AdamDirection, float, float]]:
         # Element-wise: a row shard needs no collective (comm unused), so nothing is yielded.
         yield from ()
         beta1, beta2 = group["betas"]
-        exp_avg, denom, bias_correction1 = adam_moments_(
+        parts = adam_moments_(
             state["exp_avg"],
             state["exp_avg_sq"],
             grad,
@@ -213,8 +213,7 @@ class CoapAdamW(LowRankOptimizer):
             max_exp_avg_sq=state.get("max_exp_avg_sq") if group["amsgrad"] else None,
         )
         lr = group["lr"]
-        # (exp_avg, denom): applied with addcdiv_ to a dense parameter, as torch.optim.AdamW does.
-        return (exp_avg, denom), 1 - lr * group["weight_decay"], -(lr / bias_correction1)
+        return AdamDirection(*parts), 1 - lr * group["weight_decay"], -lr
 
 
 class CoapAdamW8bit(Int8MomentsMixin, CoapAdamW):
