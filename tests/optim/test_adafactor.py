@@ -46,7 +46,7 @@ def test_unprojected_params_follow_transformers_adafactor(config):
 
 def _reference(W, grads, *, rank, T_u, lam, beta1, lr, wd=0.0, clip=1.0, decay_rate=-0.8, eps=(1e-30, 1e-3)):
     """A literal float64 transcription of our reading of Algorithm 1 for one (m >= n) matrix."""
-    from coap_torch.optim._base import _sketch_seed
+    from coap_torch.optim._refresh import sketch_seed as _sketch_seed
 
     W = W.clone()
     m, n = W.shape

@@ -66,7 +66,7 @@ def test_opted_out_group_matches_adamw_for_large_matrix():
 
 def _reference_matrix_run(W, grads, *, lr, betas, eps, wd, rank, T_u, lam, eta, generator_seed):
     """A literal float64 transcription of COAP-AdamW for one matrix (m >= n), for comparison."""
-    from coap_torch.optim._base import _sketch_seed
+    from coap_torch.optim._refresh import sketch_seed as _sketch_seed
 
     beta1, beta2 = betas
     W = W.clone()
@@ -120,7 +120,7 @@ def test_projected_conv_matches_tucker_reference():
     P_O = P_I = None
     M = V = None
     W = W0.clone()
-    from coap_torch.optim._base import _sketch_seed
+    from coap_torch.optim._refresh import sketch_seed as _sketch_seed
 
     for t, G in enumerate(grads, start=1):
         if t == 1:

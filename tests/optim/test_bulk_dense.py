@@ -8,10 +8,15 @@ from optim_helpers import COAP_KWARGS, make_net, train
 
 from coap_torch import CoapAdamW, CoapAdamW8bit
 from coap_torch.optim._base import BULK_MAX_NUMEL
+from coap_torch.optim.adamw import AdamRule
+
+
+class _PerTensorAdam(AdamRule):
+    bulk = False
 
 
 class PerTensorAdamW(CoapAdamW):
-    _bulk_dense = False
+    rule = _PerTensorAdam()
 
 
 def _run(cls, steps=7, dtype=torch.float32, **kwargs):

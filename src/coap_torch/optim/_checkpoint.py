@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import _placement as placement
+from ._refresh import caller_stacklevel
 
 #: Saved entries that are dropped at load: transformers' Adafactor keeps ``RMS``, the weight's
 #: RMS of the last step, recomputed at every step (dense Adafactor state is otherwise the same).
@@ -118,3 +120,57 @@ def _convert_tensor(value: Any, planned: Tensor, param: Tensor, where: str) -> T
 def differing_options(saved_group: dict[str, Any], group: dict[str, Any], keys: tuple[str, ...]) -> dict[str, tuple[Any, Any]]:
     """``{key: (saved, kept)}`` for the options in ``keys`` whose saved value differs from the group's."""
     return {key: (saved_group[key], group[key]) for key in keys if key in saved_group and saved_group[key] != group[key]}
+
+
+def checked_state(optimizer: Any, state_dict: dict[str, Any]) -> tuple[dict[Tensor, dict[str, Any]], list[dict[str, Any]]]:
+    """For :meth:`LowRankOptimizer.load_state_dict`: the converted state of every parameter of
+    ``optimizer``, and the COAP options each of its groups keeps; raises :class:`CheckpointError`.
+
+    A checkpoint whose groups do not match the optimizer's in number or size is left to torch,
+    which refuses it with its own message.
+    """
+    saved_groups = state_dict["param_groups"]
+    groups = optimizer.param_groups
+    if len(saved_groups) != len(groups) or any(len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, groups)):
+        return {}, []
+    keys = optimizer.option_names()
+    options: list[dict[str, Any]] = []
+    changed: list[str] = []
+    loaded: dict[Tensor, dict[str, Any]] = {}
+    position = 0
+    for number, (saved, group) in enumerate(zip(saved_groups, groups)):
+        options.append({key: group[key] for key in keys})
+        differences = differing_options(saved, group, keys)
+        changed += [f"group {number} {key}: checkpoint {old!r}, kept {new!r}" for key, (old, new) in differences.items()]
+        # The group as it will be after loading: the saved hyper-parameters (the optimizer's
+        # defaults for those an earlier version did not save), the optimizer's COAP options.
+        final = {**optimizer.group_defaults(), **saved, **options[-1]}
+        for saved_id, param in zip(saved["params"], group["params"]):
+            where = f"parameter {position} of shape {tuple(param.shape)}"
+            position += 1
+            entry = state_dict["state"].get(saved_id)
+            if entry is None:
+                continue
+            if not isinstance(entry, dict):
+                raise CheckpointError(f"{where}: the saved state is a {type(entry).__name__}, not a dict")
+            try:
+                loaded[param] = convert_loaded_state(entry, optimizer.planned_state(param, final), param, where)
+            except CheckpointError as error:
+                raise CheckpointError(f"{error}{_options_hint(differences)}") from None
+    if changed:
+        warnings.warn(
+            "load_state_dict kept this optimizer's COAP options where the checkpoint differs ("
+            + "; ".join(changed)
+            + "). Hyper-parameters such as lr come from the checkpoint, as in torch.",
+            UserWarning,
+            stacklevel=caller_stacklevel(),
+        )
+    return loaded, options
+
+
+def _options_hint(differences: dict[str, tuple[Any, Any]]) -> str:
+    """What to do about a refused state when the checkpoint's COAP options differ from ours."""
+    if not differences:
+        return ""
+    listed = ", ".join(f"{key}={old!r} (this optimizer: {new!r})" for key, (old, new) in differences.items())
+    return f". The checkpoint was written with {listed}: build the optimizer with those options to load it"

@@ -1,11 +1,17 @@
-"""8-bit block-wise storage of optimizer moments, as a mixin over any COAP optimizer.
+"""How moments are kept between steps: float32 as they are, or block-wise quantized to 8 bits.
 
-Between two steps a moment ``key`` with at least ``min_8bit_size`` entries is stored as
-``{key}_codes`` (uint8, the moment's shape) and ``{key}_absmax`` (float32, one per block of
-``block_size`` entries): plain tensors, so the state dict loads with ``weights_only=True``, and
-:meth:`LowRankOptimizer.load_state_dict` never casts them. First moments use the signed dynamic
-code map, second moments (and Adafactor's accumulators) the unsigned one. Projections stay in
-full precision.
+A storage turns a parameter's stored state into the moments the moment rule works on
+(:meth:`unpack`), writes them back after the step (:meth:`pack`), and says what a moment of a
+given shape is stored as (:meth:`stored`, for the planned state). It knows each moment's kind
+from the rule's rotation kinds: ``"linear"`` moments (first moments) are signed, the others
+(second moments, Adafactor's accumulators) non-negative.
+
+**8-bit** (:class:`Int8Blockwise`): a moment ``key`` with at least ``min_8bit_size`` entries is
+stored as ``{key}_codes`` (uint8, the moment's shape) and ``{key}_absmax`` (float32, one per
+block of ``block_size`` entries): plain tensors, so the state dict loads with
+``weights_only=True``, and :meth:`LowRankOptimizer.load_state_dict` never casts them. First
+moments use the signed dynamic code map, the others the unsigned one. Projections stay in full
+precision.
 
 Second moments are stored as their square roots. The dynamic map resolves about seven decades
 below a block's maximum; Adam's ``v`` spans twice the decades of ``m`` (it is a mean of squares),
@@ -26,14 +32,18 @@ one code path for both precisions.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ..functional.quantization import DEFAULT_BLOCK_SIZE, dequantize_blockwise, quantize_blockwise_
 from . import _validation as check
-from ._placement import RowShard, replicated
+from ._placement import RowShard, moment_name, replicated
+
+__all__ = ["FLOAT32", "INT8_BLOCKWISE", "Int8Blockwise", "Int8Options", "LazyMoments", "MomentStorage"]
 
 #: Moments with fewer entries stay float32, as in bitsandbytes: the absmax and bookkeeping
 #: would outweigh the saving.
@@ -46,40 +56,60 @@ MIN_SHARDED_BLOCK = 32
 _CODES, _ABSMAX = "_codes", "_absmax"
 
 
+class MomentStorage:
+    """Moments kept as the rule makes them (float32, or float64 for float64 parameters)."""
+
+    #: A dataclass of the storage's own group options, or ``None``.
+    options: ClassVar[type | None] = None
+    #: Whether plain dense tensors may be stepped in bulk (their moments are stored as they are).
+    bulk: ClassVar[bool] = True
+
+    def check(self, group: dict[str, Any]) -> None:
+        """Refuse out-of-range storage options, naming the option and the value."""
+
+    def unpack(
+        self, state: dict[str, Any], group: dict[str, Any], rotations: dict[str, str], shard: RowShard | None, dtype: torch.dtype
+    ) -> dict[str, Any]:
+        """The state as the moment rule works on it; the stored state itself here."""
+        return state
+
+    def pack(
+        self, work: dict[str, Any], state: dict[str, Any], group: dict[str, Any], rotations: dict[str, str], shard: RowShard | None
+    ) -> None:
+        """Store what :meth:`unpack` returned back into ``state`` after the step."""
+        if work is not state:
+            state.update(work.items())
+
+    def stored(self, key: str, moment: Tensor, group: dict[str, Any], rotations: dict[str, str], sharded: bool) -> dict[str, Tensor]:
+        """The tensors (``meta``) a moment of this (global) shape is kept as between steps."""
+        return {key: moment}
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Options:
+    """The group options of the 8-bit storage."""
+
+    block_size: int = DEFAULT_BLOCK_SIZE
+    min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE
+
+
 def _row_block_size(row_length: int, block_size: int) -> int:
     """The largest divisor of ``row_length`` that is at most ``block_size``."""
     return max(d for d in range(1, min(row_length, block_size) + 1) if row_length % d == 0)
 
 
-class Int8MomentsMixin:
-    """Stores the moments of the optimizer it is mixed into block-wise quantized to 8 bits."""
+class Int8Blockwise(MomentStorage):
+    """Moments of at least ``min_8bit_size`` entries stored block-wise quantized to 8 bits."""
 
-    moment_rotations: dict[str, str]
-    _bulk_dense = False  # 8-bit moments are decoded and encoded per tensor
-    storage_options = ("block_size", "min_8bit_size")
+    options = Int8Options
+    bulk = False  # 8-bit moments are decoded and encoded per tensor
 
-    def __init__(
-        self, params: Any, *args: Any, block_size: int = DEFAULT_BLOCK_SIZE, min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE, **kwargs: Any
-    ) -> None:
-        self._quantization_defaults = {"block_size": block_size, "min_8bit_size": min_8bit_size}
-        super().__init__(params, *args, **kwargs)  # type: ignore[call-arg]
-
-    def _extra_defaults(self) -> dict[str, Any]:
-        defaults = getattr(self, "_quantization_defaults", None) or {
-            "block_size": DEFAULT_BLOCK_SIZE,
-            "min_8bit_size": DEFAULT_MIN_8BIT_SIZE,
-        }
-        return {**super()._extra_defaults(), **defaults}  # type: ignore[misc]
-
-    def _validate_group(self, group: dict[str, Any]) -> None:
+    def check(self, group: dict[str, Any]) -> None:
         check.positive_int("block_size", group["block_size"])
         check.non_negative_int("min_8bit_size", group["min_8bit_size"])
-        super()._validate_group(group)  # type: ignore[misc]
 
-    def _signed(self, key: str) -> bool:
-        return self.moment_rotations[key] == "linear"
-
-    def _block_size(self, key: str, shape: tuple[int, ...], group: dict[str, Any], shard: RowShard | None) -> int | None:
+    @staticmethod
+    def _block_size(key: str, shape: tuple[int, ...], group: dict[str, Any], shard: RowShard | None) -> int | None:
         """Entries per block of a moment of (local) ``shape``, or ``None`` to keep it float32."""
         if shard is None or replicated(key):
             numel = torch.Size(shape).numel()
@@ -90,27 +120,26 @@ class Int8MomentsMixin:
         block = _row_block_size(row, group["block_size"])
         return block if block >= min(MIN_SHARDED_BLOCK, group["block_size"]) else None
 
-    def _stored_moment(self, key: str, moment: Tensor, group: dict[str, Any], sharded: bool) -> dict[str, Tensor]:
-        """The codes and absmax a moment of this (global) shape is stored as, or the moment itself."""
+    def stored(self, key: str, moment: Tensor, group: dict[str, Any], rotations: dict[str, str], sharded: bool) -> dict[str, Tensor]:
         shard = RowShard(None, tuple(moment.shape), 0, moment.shape[0]) if sharded and moment.dim() > 0 else None
-        block = self._block_size(key, tuple(moment.shape), group, shard) if key in self.moment_rotations else None
+        block = self._block_size(key, tuple(moment.shape), group, shard) if key in rotations else None
         if block is None:
             return {key: moment}
         codes = torch.empty(moment.shape, dtype=torch.uint8, device="meta")
-        if shard is not None and not replicated(key):  # a row of blocks per row (see _pack)
+        if shard is not None and not replicated(key):  # a row of blocks per row (see pack)
             absmax_shape: tuple[int, ...] = (moment.shape[0], moment[0].numel() // block)
         else:
             absmax_shape = (-(-moment.numel() // block),)
         return {key + _CODES: codes, key + _ABSMAX: torch.empty(absmax_shape, dtype=torch.float32, device="meta")}
 
-    def _unpack(
-        self, state: dict[str, Any], group: dict[str, Any], shard: RowShard | None = None, dtype: torch.dtype = torch.float32
+    def unpack(
+        self, state: dict[str, Any], group: dict[str, Any], rotations: dict[str, str], shard: RowShard | None, dtype: torch.dtype
     ) -> dict[str, Any]:
         work = {}
         for key, value in state.items():
             if key.endswith(_CODES):
                 name = key[: -len(_CODES)]
-                signed = self._signed(name)
+                signed = rotations[name] == "linear"
                 block = self._block_size(name, tuple(value.shape), group, shard) if shard is not None else group["block_size"]
                 absmax = state[name + _ABSMAX].reshape(-1)
                 decoded = dequantize_blockwise(value, absmax, signed=signed, block_size=block, dtype=dtype)
@@ -119,16 +148,18 @@ class Int8MomentsMixin:
                 work[key] = value
         return work
 
-    def _pack(self, work: dict[str, Any], state: dict[str, Any], group: dict[str, Any], shard: RowShard | None = None) -> None:
+    def pack(
+        self, work: dict[str, Any], state: dict[str, Any], group: dict[str, Any], rotations: dict[str, str], shard: RowShard | None
+    ) -> None:
         for key, value in work.items():
-            block = self._block_size(key, tuple(value.shape), group, shard) if key in self.moment_rotations else None
+            block = self._block_size(key, tuple(value.shape), group, shard) if key in rotations else None
             if block is not None and isinstance(value, Tensor):
                 codes, absmax = state.get(key + _CODES), state.get(key + _ABSMAX)
                 blocks = -(-value.numel() // block)
                 if codes is None or codes.shape != value.shape or absmax is None or absmax.numel() != blocks:
                     codes = value.new_empty(value.shape, dtype=torch.uint8)
                     absmax = value.new_empty(blocks, dtype=torch.float32)
-                signed = self._signed(key)
+                signed = rotations[key] == "linear"
                 stored = value if signed else value.sqrt()
                 # sqrt(v) >= 0 by construction: skip the sign check and its host sync.
                 flat_absmax = absmax.reshape(-1)
@@ -140,3 +171,48 @@ class Int8MomentsMixin:
             else:
                 state[key] = value
 
+
+#: The two storages (stateless, shared by every optimizer of their kind).
+FLOAT32 = MomentStorage()
+INT8_BLOCKWISE = Int8Blockwise()
+
+
+class LazyMoments(dict):
+    """A parameter's state as its step works on it, each entry unpacked (8-bit moments decoded)
+    at its first use and only then.
+
+    Under FSDP2 a step waits at its collectives while the other parameters reach theirs (see
+    :func:`~coap_torch.optim._sharded.run_coalesced`); a moment read only after them (Adafactor's
+    first moment, full-size for a dense parameter) is then not held decoded meanwhile. Used for
+    dense row shards only: elsewhere the moments are low-rank or nothing waits, and unpacking
+    everything at once costs less. :meth:`items` lists the entries unpacked so far: those are
+    what :meth:`MomentStorage.pack` stores back; the others stay as they were stored.
+    """
+
+    def __init__(self, stored: dict[str, Any], unpack: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        super().__init__()
+        self._unpack = unpack
+        self._packed: dict[str, dict[str, Any]] = {}
+        for key, value in stored.items():
+            self._packed.setdefault(moment_name(key), {})[key] = value
+
+    def __missing__(self, key: str) -> Any:
+        packed = self._packed.pop(key, None)
+        if packed is None:
+            raise KeyError(key)
+        for name, value in self._unpack(packed).items():
+            dict.__setitem__(self, name, value)
+        return dict.__getitem__(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, key) or key in self._packed
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._packed.pop(key, None)
+        dict.__setitem__(self, key, value)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default

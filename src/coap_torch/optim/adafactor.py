@@ -10,15 +10,116 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ..functional.correlation import DEFAULT_CORRELATION_LR, DEFAULT_CORRELATION_MAX_NORM
 from ..functional.moments import adafactor_direction_, adafactor_lr
 from . import _validation as check
-from ._base import DEFAULT_MIN_CONV_NUMEL, LowRankOptimizer, group_defaults
+from ._base import LowRankOptimizer
 from ._layout import Layout
+from ._options import CoapOptions, with_options
+from ._rule import MomentRule, Update
 from ._sharded import ShardComm, Task, sharded_adafactor_direction_
-from ._storage import Int8MomentsMixin
+from ._storage import INT8_BLOCKWISE, Int8Options
 
-__all__ = ["CoapAdafactor", "CoapAdafactor8bit"]
+__all__ = ["AdafactorRule", "CoapAdafactor", "CoapAdafactor8bit"]
+
+
+class AdafactorRule(MomentRule):
+    """Adafactor's factored second moment, update clipping, relative step and parameter scaling,
+    and an optional first moment, as :class:`transformers.optimization.Adafactor` (a row shard
+    takes the sums over the whole parameter from collectives)."""
+
+    rotations: ClassVar[dict[str, str]] = {"exp_avg": "linear", "exp_avg_sq": "squared", "exp_avg_sq_row": "row", "exp_avg_sq_col": "col"}
+    collective = True
+
+    def check(self, group: dict[str, Any]) -> None:
+        if group["relative_step"] is not None:
+            check.boolean("relative_step", group["relative_step"])
+        if group["lr"] is not None and group["relative_step"] is True:
+            raise ValueError(f"Cannot combine manual lr={group['lr']} and relative_step=True; pass lr=None or relative_step=False")
+        if group["lr"] is None and group["relative_step"] is False:
+            raise ValueError("lr=None requires relative_step=True; pass a learning rate with relative_step=False")
+        if group["warmup_init"] and not relative_step(group):
+            raise ValueError("warmup_init=True requires relative_step=True (and lr=None)")
+        if group["lr"] is not None:
+            check.non_negative("lr", group["lr"])
+        eps = group["eps"]
+        if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+            raise ValueError(f"Invalid eps: {eps!r} (must be a pair (eps1, eps2))")
+        check.non_negative("eps[0]", eps[0])
+        check.non_negative("eps[1]", eps[1])
+        check.positive_or_inf("clip_threshold", group["clip_threshold"])
+        check.non_positive("decay_rate", group["decay_rate"])
+        if group["beta1"] is not None:
+            check.unit_interval("beta1", group["beta1"])
+        check.non_negative("weight_decay", group["weight_decay"])
+        for flag in ("scale_parameter", "warmup_init"):
+            check.boolean(flag, group[flag])
+
+    def init(self, shape: tuple[int, ...], group: dict[str, Any], like: Tensor) -> dict[str, Tensor]:
+        def zeros(size: tuple[int, ...]) -> Tensor:
+            return torch.zeros(size, dtype=like.dtype, device=like.device)
+
+        moments = {}
+        if group["beta1"] is not None:
+            moments["exp_avg"] = zeros(shape)
+        if len(shape) >= 2:
+            moments["exp_avg_sq_row"] = zeros(shape[:-1])
+            moments["exp_avg_sq_col"] = zeros(shape[:-2] + shape[-1:])
+        else:
+            moments["exp_avg_sq"] = zeros(shape)
+        return moments
+
+    def update(
+        self, moments: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, weight: Tensor, comm: ShardComm | None = None
+    ) -> Task[Update]:
+        eps1, eps2 = group["eps"]
+        second = {key: moments.get(key) for key in ("exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")}
+        rule = {"step": step, "decay_rate": group["decay_rate"], "eps1": eps1, "clip_threshold": group["clip_threshold"]}
+        if comm is None:
+            param_rms = torch.linalg.vector_norm(weight) / weight.numel() ** 0.5 if group["scale_parameter"] else 0.0
+            update = adafactor_direction_(grad, **rule, **second, rms_numel=weight.numel())
+        else:
+            # A row shard (FSDP2): the sums over the whole parameter are all-reduced.
+            numel = math.prod(weight.shape[1:]) * comm.rows
+            param_sq = weight.to(grad.dtype).square().sum()
+            update, param_sq = yield from sharded_adafactor_direction_(
+                grad, **rule, **second, comm=comm, numel=numel, param_sq=param_sq
+            )
+            param_rms = param_sq.sqrt() / numel**0.5 if group["scale_parameter"] else 0.0
+        lr = adafactor_lr(
+            group["lr"],
+            step=step,
+            param_rms=param_rms,
+            relative_step=relative_step(group),
+            scale_parameter=group["scale_parameter"],
+            warmup_init=group["warmup_init"],
+            eps2=eps2,
+        )
+        update = update.mul_(lr)
+        if group["beta1"] is not None:
+            update = moments["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
+        decay: float | Callable[[Tensor], Tensor] = 1.0
+        if group["weight_decay"] != 0:
+            # transformers' order and rounding: W <- W - (wd * rho) W, before the update.
+            factor = group["weight_decay"] * lr
+            decay = lambda weight: weight.sub_(weight * factor)
+        return Update(update, decay, -1.0)
+
+    def check_param(self, layout: Layout, shard: Any, index: int) -> None:
+        if shard is not None and not layout.projected and len(layout.shape) > 2:
+            raise ValueError(
+                f"parameter {index} of shape {shard.global_shape} sharded on dim 0 (FSDP2): Adafactor "
+                "factors its last two axes, not the sharded one; use DistributedDataParallel (or CoapAdamW)"
+            )
+
+    def refresh_moment(self, moments: dict[str, Any], layout: Layout, grad: Tensor, factors: list[Tensor]) -> Tensor:
+        if "exp_avg" in moments:
+            return moments["exp_avg"]
+        # beta1=None: correlate with the current gradient in the previous basis (no memory kept).
+        return layout.project(grad, factors)
+
+
+
+ADAFACTOR = AdafactorRule()
 
 
 class CoapAdafactor(LowRankOptimizer):
@@ -93,12 +194,13 @@ class CoapAdafactor(LowRankOptimizer):
         ['exp_avg', 'exp_avg_sq_col', 'exp_avg_sq_row', 'proj', 'step']
     """
 
-    moment_rotations: ClassVar[dict[str, str]] = {"exp_avg": "linear", "exp_avg_sq": "squared", "exp_avg_sq_row": "row", "exp_avg_sq_col": "col"}
+    rule = ADAFACTOR
 
+    @with_options(CoapOptions)
     def __init__(
         self,
         params: ParamsT,
-        lr: float | None = None,
+        lr: float | Tensor | None = None,
         eps: tuple[float, float] = (1e-30, 1e-3),
         clip_threshold: float = 1.0,
         decay_rate: float = -0.8,
@@ -107,111 +209,14 @@ class CoapAdafactor(LowRankOptimizer):
         scale_parameter: bool = True,
         relative_step: bool | None = None,
         warmup_init: bool = False,
-        *,
-        rank: int | None = None,
-        rank_ratio_matrix: float | None = None,
-        rank_ratio_cnn: float | None = None,
-        update_interval: int = 32,
-        reproject_factor: int = 5,
-        correlation_lr: float = DEFAULT_CORRELATION_LR,
-        correlation_normalize: bool = False,
-        correlation_max_norm: float | None = DEFAULT_CORRELATION_MAX_NORM,
-        scale: float = 1.0,
-        min_conv_numel: int = DEFAULT_MIN_CONV_NUMEL,
-        seed: int = 0,
-        coap: bool = True,
-        projection_side: str | None = None,
+        **options: Any,
     ) -> None:
-        defaults = group_defaults(locals())
-        super().__init__(params, defaults)
-
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        if group["relative_step"] is not None:
-            check.boolean("relative_step", group["relative_step"])
-        if group["lr"] is not None and group["relative_step"] is True:
-            raise ValueError(f"Cannot combine manual lr={group['lr']} and relative_step=True; pass lr=None or relative_step=False")
-        if group["lr"] is None and group["relative_step"] is False:
-            raise ValueError("lr=None requires relative_step=True; pass a learning rate with relative_step=False")
-        if group["warmup_init"] and not relative_step(group):
-            raise ValueError("warmup_init=True requires relative_step=True (and lr=None)")
-        if group["lr"] is not None:
-            check.non_negative("lr", group["lr"])
-        eps = group["eps"]
-        if not isinstance(eps, (tuple, list)) or len(eps) != 2:
-            raise ValueError(f"Invalid eps: {eps!r} (must be a pair (eps1, eps2))")
-        check.non_negative("eps[0]", eps[0])
-        check.non_negative("eps[1]", eps[1])
-        check.positive_or_inf("clip_threshold", group["clip_threshold"])
-        check.non_positive("decay_rate", group["decay_rate"])
-        if group["beta1"] is not None:
-            check.unit_interval("beta1", group["beta1"])
-        check.non_negative("weight_decay", group["weight_decay"])
-        for flag in ("scale_parameter", "warmup_init"):
-            check.boolean(flag, group[flag])
-        super()._validate_group(group)
-
-    def _init_moments(self, shape: tuple[int, ...], group: dict[str, Any], like: Tensor) -> dict[str, Tensor]:
-        def zeros(size: tuple[int, ...]) -> Tensor:
-            return torch.zeros(size, dtype=like.dtype, device=like.device)
-
-        moments = {}
-        if group["beta1"] is not None:
-            moments["exp_avg"] = zeros(shape)
-        if len(shape) >= 2:
-            moments["exp_avg_sq_row"] = zeros(shape[:-1])
-            moments["exp_avg_sq_col"] = zeros(shape[:-2] + shape[-1:])
-        else:
-            moments["exp_avg_sq"] = zeros(shape)
-        return moments
-
-    def _moment_step(
-        self, state: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, param: Tensor, comm: ShardComm | None = None
-    ) -> Task[tuple[Tensor, float | Callable[[Tensor], Tensor], float]]:
-        eps1, eps2 = group["eps"]
-        moments = {key: state.get(key) for key in ("exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")}
-        rule = {"step": step, "decay_rate": group["decay_rate"], "eps1": eps1, "clip_threshold": group["clip_threshold"]}
-        if comm is None:
-            param_rms = torch.linalg.vector_norm(param) / param.numel() ** 0.5 if group["scale_parameter"] else 0.0
-            update = adafactor_direction_(grad, **rule, **moments, rms_numel=param.numel())
-        else:
-            # A row shard (FSDP2): the sums over the whole parameter are all-reduced.
-            numel = math.prod(param.shape[1:]) * comm.rows
-            param_sq = param.to(grad.dtype).square().sum()
-            update, param_sq = yield from sharded_adafactor_direction_(
-                grad, **rule, **moments, comm=comm, numel=numel, param_sq=param_sq
-            )
-            param_rms = param_sq.sqrt() / numel**0.5 if group["scale_parameter"] else 0.0
-        lr = adafactor_lr(
-            group["lr"],
-            step=step,
-            param_rms=param_rms,
-            relative_step=relative_step(group),
-            scale_parameter=group["scale_parameter"],
-            warmup_init=group["warmup_init"],
-            eps2=eps2,
-        )
-        update = update.mul_(lr)
-        if group["beta1"] is not None:
-            update = state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
-        decay: float | Callable[[Tensor], Tensor] = 1.0
-        if group["weight_decay"] != 0:
-            # transformers' order and rounding: W <- W - (wd * rho) W, before the update.
-            factor = group["weight_decay"] * lr
-            decay = lambda weight: weight.sub_(weight * factor)
-        return update, decay, -1.0
-
-    def _check_rule(self, layout: Layout, shard: Any, index: int) -> None:
-        if shard is not None and not layout.projected and len(layout.shape) > 2:
-            raise ValueError(
-                f"parameter {index} of shape {shard.global_shape} sharded on dim 0 (FSDP2): {type(self).__name__} "
-                "factors its last two axes, not the sharded one; use DistributedDataParallel (or CoapAdamW)"
-            )
-
-    def _refresh_moment(self, state: dict[str, Any], layout: Layout, grad: Tensor, factors: list[Tensor]) -> Tensor:
-        if "exp_avg" in state:
-            return state["exp_avg"]
-        # beta1=None: correlate with the current gradient in the previous basis (no memory kept).
-        return layout.project(grad, factors)
+        hyper = {
+            "lr": lr, "eps": eps, "clip_threshold": clip_threshold, "decay_rate": decay_rate, "beta1": beta1,
+            "weight_decay": weight_decay, "scale_parameter": scale_parameter, "relative_step": relative_step,
+            "warmup_init": warmup_init,
+        }  # fmt: skip
+        super().__init__(params, hyper, options)
 
 
 def relative_step(group: dict[str, Any]) -> bool:
@@ -219,7 +224,7 @@ def relative_step(group: dict[str, Any]) -> bool:
     return group["lr"] is None if group["relative_step"] is None else bool(group["relative_step"])
 
 
-class CoapAdafactor8bit(Int8MomentsMixin, CoapAdafactor):
+class CoapAdafactor8bit(CoapAdafactor):
     r""":class:`CoapAdafactor` with its moments stored block-wise quantized to 8 bits.
 
     Same arguments and defaults as :class:`CoapAdafactor`, plus:
@@ -241,3 +246,9 @@ class CoapAdafactor8bit(Int8MomentsMixin, CoapAdafactor):
         >>> sorted(opt.state[model.weight])
         ['exp_avg_absmax', 'exp_avg_codes', 'exp_avg_sq_col', 'exp_avg_sq_row', 'proj', 'step']
     """
+
+    storage = INT8_BLOCKWISE
+
+    @with_options(Int8Options, like=CoapAdafactor.__init__)
+    def __init__(self, params: ParamsT, *args: Any, **options: Any) -> None:
+        super().__init__(params, *args, **options)

@@ -8,14 +8,76 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ..functional.correlation import DEFAULT_CORRELATION_LR, DEFAULT_CORRELATION_MAX_NORM
 from ..functional.moments import AdamDirection, adam_moments_, adamw_update_foreach_
 from . import _validation as check
-from ._base import DEFAULT_MIN_CONV_NUMEL, LowRankOptimizer, group_defaults
-from ._sharded import Task
-from ._storage import Int8MomentsMixin
+from ._base import LowRankOptimizer
+from ._options import CoapOptions, with_options
+from ._rule import MomentRule, Update
+from ._storage import INT8_BLOCKWISE, Int8Options
 
-__all__ = ["CoapAdamW", "CoapAdamW8bit"]
+__all__ = ["AdamRule", "CoapAdamW", "CoapAdamW8bit"]
+
+
+class AdamRule(MomentRule):
+    """Adam's moments and bias-corrected direction (:func:`~coap_torch.functional.adam_moments_`),
+    with torch.optim.AdamW's decoupled weight decay."""
+
+    rotations: ClassVar[dict[str, str]] = {"exp_avg": "linear", "exp_avg_sq": "squared", "max_exp_avg_sq": "squared"}
+    defaults: ClassVar[dict[str, Any]] = {"amsgrad": False, "maximize": False}
+    bulk = True
+
+    def check(self, group: dict[str, Any]) -> None:
+        check.non_negative("lr", group["lr"])
+        check.betas(group["betas"])
+        check.non_negative("eps", group["eps"])
+        check.non_negative("weight_decay", group["weight_decay"])
+        check.boolean("amsgrad", group["amsgrad"])
+        check.boolean("maximize", group["maximize"])
+
+    def init(self, shape: tuple[int, ...], group: dict[str, Any], like: Tensor) -> dict[str, Tensor]:
+        keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+        return {key: torch.zeros(shape, dtype=like.dtype, device=like.device) for key in keys}
+
+    def update(
+        self, moments: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, weight: Tensor, comm: Any = None
+    ) -> Update:
+        # Element-wise: a row shard needs no collective.
+        beta1, beta2 = group["betas"]
+        parts = adam_moments_(
+            moments["exp_avg"],
+            moments["exp_avg_sq"],
+            grad,
+            step=step,
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            max_exp_avg_sq=moments.get("max_exp_avg_sq") if group["amsgrad"] else None,
+        )
+        lr = group["lr"]
+        return Update(AdamDirection(*parts), 1 - lr * group["weight_decay"], -lr)
+
+    def bulk_state_ok(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
+        keys = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if group["amsgrad"] else set())
+        return state.keys() == keys and all(state[key].dtype == state["exp_avg"].dtype for key in keys - {"step"})
+
+    def bulk_step(self, params: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any], step: int) -> None:
+        beta1, beta2 = group["betas"]
+        adamw_update_foreach_(
+            params,
+            [param.grad for param in params],
+            [state["exp_avg"] for state in states],
+            [state["exp_avg_sq"] for state in states],
+            step=step,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            max_exp_avg_sqs=[state["max_exp_avg_sq"] for state in states] if group["amsgrad"] else None,
+        )
+
+
+ADAM = AdamRule()
 
 
 class CoapAdamW(LowRankOptimizer):
@@ -121,8 +183,9 @@ class CoapAdamW(LowRankOptimizer):
         projection would mix; optimize them with ``torch.optim.AdamW``.
     """
 
-    moment_rotations: ClassVar[dict[str, str]] = {"exp_avg": "linear", "exp_avg_sq": "squared", "max_exp_avg_sq": "squared"}
+    rule = ADAM
 
+    @with_options(CoapOptions)
     def __init__(
         self,
         params: ParamsT,
@@ -137,86 +200,16 @@ class CoapAdamW(LowRankOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
-        rank: int | None = None,
-        rank_ratio_matrix: float | None = None,
-        rank_ratio_cnn: float | None = None,
-        update_interval: int = 32,
-        reproject_factor: int = 5,
-        correlation_lr: float = DEFAULT_CORRELATION_LR,
-        correlation_normalize: bool = False,
-        correlation_max_norm: float | None = DEFAULT_CORRELATION_MAX_NORM,
-        scale: float = 1.0,
-        min_conv_numel: int = DEFAULT_MIN_CONV_NUMEL,
-        seed: int = 0,
-        coap: bool = True,
-        projection_side: str | None = None,
+        **options: Any,
     ) -> None:
         flags = {"foreach": foreach, "capturable": capturable, "differentiable": differentiable, "fused": fused}
-        defaults = group_defaults(locals(), exclude=("flags", *flags))
         for name, value in flags.items():
             check.unsupported_flag(name, value, type(self).__name__)
-        super().__init__(params, defaults)
-
-    def _extra_defaults(self) -> dict[str, Any]:
-        return {"amsgrad": False, "maximize": False}
-
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        check.non_negative("lr", group["lr"])
-        check.betas(group["betas"])
-        check.non_negative("eps", group["eps"])
-        check.non_negative("weight_decay", group["weight_decay"])
-        check.boolean("amsgrad", group["amsgrad"])
-        check.boolean("maximize", group["maximize"])
-        super()._validate_group(group)
-
-    def _init_moments(self, shape: tuple[int, ...], group: dict[str, Any], like: Tensor) -> dict[str, Tensor]:
-        keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
-        return {key: torch.zeros(shape, dtype=like.dtype, device=like.device) for key in keys}
-
-    _bulk_dense = True
-
-    def _bulk_state_ok(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
-        keys = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if group["amsgrad"] else set())
-        return state.keys() == keys and all(state[key].dtype == state["exp_avg"].dtype for key in keys - {"step"})
-
-    def _bulk_dense_step(self, params: list[Tensor], group: dict[str, Any]) -> None:
-        states, step = self._bulk_states(params, group)
-        beta1, beta2 = group["betas"]
-        adamw_update_foreach_(
-            params,
-            [param.grad for param in params],
-            [state["exp_avg"] for state in states],
-            [state["exp_avg_sq"] for state in states],
-            step=step,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            max_exp_avg_sqs=[state["max_exp_avg_sq"] for state in states] if group["amsgrad"] else None,
-        )
-
-    def _moment_step(
-        self, state: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, param: Tensor, comm: Any = None
-    ) -> Task[tuple[AdamDirection, float, float]]:
-        # Element-wise: a row shard needs no collective (comm unused), so nothing is yielded.
-        yield from ()
-        beta1, beta2 = group["betas"]
-        parts = adam_moments_(
-            state["exp_avg"],
-            state["exp_avg_sq"],
-            grad,
-            step=step,
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            max_exp_avg_sq=state.get("max_exp_avg_sq") if group["amsgrad"] else None,
-        )
-        lr = group["lr"]
-        return AdamDirection(*parts), 1 - lr * group["weight_decay"], -lr
+        hyper = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "amsgrad": amsgrad, "maximize": maximize}
+        super().__init__(params, hyper, options)
 
 
-class CoapAdamW8bit(Int8MomentsMixin, CoapAdamW):
+class CoapAdamW8bit(CoapAdamW):
     r""":class:`CoapAdamW` with its moments stored block-wise quantized to 8 bits.
 
     Same arguments and defaults as :class:`CoapAdamW`, plus:
@@ -241,3 +234,9 @@ class CoapAdamW8bit(Int8MomentsMixin, CoapAdamW):
         >>> state["exp_avg_codes"].dtype, tuple(state["exp_avg_codes"].shape), state["proj"].dtype
         (torch.uint8, (512, 128), torch.float32)
     """
+
+    storage = INT8_BLOCKWISE
+
+    @with_options(Int8Options, like=CoapAdamW.__init__)
+    def __init__(self, params: ParamsT, *args: Any, **options: Any) -> None:
+        super().__init__(params, *args, **options)
