@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Sequence
 from types import ModuleType
+
+from ._quiet import quiet_import
 
 __all__ = ["MissingExtraError", "require"]
 
@@ -14,10 +16,16 @@ class MissingExtraError(ImportError):
     """A module of an optional extra is not installed."""
 
 
-def require(module: str, *, package: str | None = None, hint: str = BENCH_INSTALL_HINT) -> ModuleType:
-    """Import ``module`` or raise :class:`MissingExtraError` naming the package and the install command."""
+def require(module: str, *, package: str | None = None, hint: str = BENCH_INSTALL_HINT,
+            names: Sequence[str] = ()) -> ModuleType:
+    """Import ``module`` or raise :class:`MissingExtraError` naming the package and the install command.
+
+    The import is quiet (:func:`~coap_torch.bench._quiet.quiet_import`): what the package prints
+    while imported becomes a note below the table, not lines before it. ``names`` are the attributes
+    the caller will use, looked up in the same quiet import (lazy packages import their modules then).
+    """
+    name = package or module.split(".")[0]
     try:
-        return importlib.import_module(module)
+        return quiet_import(module, package=name, names=names)
     except ImportError as error:
-        name = package or module.split(".")[0]
         raise MissingExtraError(f"coap-bench needs {name}, which is not installed: run `{hint}`") from error

@@ -68,6 +68,7 @@ from torch import Tensor, nn
 
 from ..utils.memory import state_nbytes_by_kind
 from ._deps import require
+from ._quiet import gather_import_notes, import_note_lines
 from .environment import hardware, versions
 from .frechet import CLASSIFIER_STEPS, FrechetScorer, frechet_scorer
 from .images import ImageData, load_image_data
@@ -352,7 +353,7 @@ def build_unet(preset: DdpmPreset | str, *, seed: int = 0, device: torch.device 
     >>> build_unet("micro", device="meta").config.sample_size
     8
     """
-    diffusers = require("diffusers")
+    diffusers = require("diffusers", names=("UNet2DModel",))
     preset = DDPM_PRESETS[preset] if isinstance(preset, str) else preset
     if torch.device(device).type == "meta":
         with torch.device("meta"):
@@ -365,7 +366,7 @@ def build_unet(preset: DdpmPreset | str, *, seed: int = 0, device: torch.device 
 
 def noise_scheduler() -> Any:
     """The training scheduler: ``diffusers.DDPMScheduler`` with DDPM's linear betas and fixed_large variance."""
-    diffusers = require("diffusers")
+    diffusers = require("diffusers", names=("DDPMScheduler",))
     return diffusers.DDPMScheduler(**SCHEDULER_CONFIG, variance_type=DDPM_VARIANCE)
 
 
@@ -461,7 +462,7 @@ def generate_samples(model: nn.Module, count: int, *, sampler: str = "ddim", ste
     The initial noise (and DDPM's per-step noise) comes from a CPU generator seeded with ``seed``,
     so every model is sampled from the same noise. ``progress`` (a tqdm bar) is advanced per step.
     """
-    diffusers = require("diffusers")
+    diffusers = require("diffusers", names=("DDIMScheduler", "DDPMScheduler"))
     if sampler == "ddim":
         scheduler = diffusers.DDIMScheduler(**SCHEDULER_CONFIG)
     elif sampler == "ddpm":
@@ -668,6 +669,7 @@ def run_ddpm(config: DdpmConfig) -> dict[str, Any]:
     :data:`~coap_torch.bench.training.LR_SWEEP_FACTORS` and the run with the lowest held-out loss is
     kept (all of them are listed in its ``lr_sweep``). A run that raises (or whose process dies)
     is a result with ``failed: True`` and its ``error``. Ratios to AdamW are added when ``adamw`` ran.
+    ``import_notes`` says what packages printed while the runs imported them.
     """
     config = config.resolved()
     with _threads(config.threads):
@@ -719,7 +721,8 @@ def _run_ddpm(config: DdpmConfig) -> dict[str, Any]:
         fid=fid_info,
     )
     return {"config": settings, "data": data.describe(), "versions": versions(),
-            "hardware": hardware(config.device), "argv": list(config.argv), "results": results}
+            "hardware": hardware(config.device), "argv": list(config.argv), "results": results,
+            "import_notes": gather_import_notes(results)}
 
 
 def _jsonable(value: Any) -> Any:
@@ -810,6 +813,7 @@ def format_ddpm_table(run: dict[str, Any], *, notes: bool = True) -> str:
                for line in result_remarks(result, config["steps"], more=[_projection_line(result)],
                                           sweep_edge=lambda r: f"note: {r['name']}: the best lr {r['lr']:g} is at "
                                                              "the edge of the sweep")]
+    remarks += import_note_lines(run)  # what peers printed while imported, said once
     if remarks:
         text += ["", *remarks]
     if notes:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from ..utils import optimizer_state_nbytes
 from ..utils.memory import state_nbytes_by_kind
 from ._deps import require
+from ._quiet import import_notes
 from .optimizers import DEFAULT_OPTIMIZERS, OPTIMIZERS, LowRankSettings, build_optimizer
 from .probes import Eq2Probe
 from .timing import timed_step
@@ -227,7 +228,8 @@ def train_one(name: str, config: DigitsConfig, data: DigitsData) -> dict[str, An
 
 
 def run_digits(config: DigitsConfig) -> dict[str, Any]:
-    """Run every optimizer of ``config`` and return ``{"config": ..., "results": [...]}``.
+    """Run every optimizer of ``config`` and return ``{"config": ..., "results": [...], "import_notes": [...]}``
+    (``import_notes``: what packages printed while imported, as notes for the table).
 
     ``state_ratio_to_adamw`` divides each optimizer's state by AdamW's: the measured one when
     ``adamw`` is in the run, else its closed form (two float32 moments per parameter).
@@ -262,4 +264,4 @@ def run_digits(config: DigitsConfig) -> dict[str, Any]:
         torch_version=torch.__version__,
         torch_threads=torch.get_num_threads(),
     )
-    return {"config": settings, "results": results}
+    return {"config": settings, "results": results, "import_notes": import_notes()}

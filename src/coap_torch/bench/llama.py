@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..optim import LowRankOptimizer, enable_per_layer_updates
+from ._quiet import gather_import_notes, import_note_lines
 from .environment import hardware, versions
 from .llama_model import PRESETS, RECIPES, LlamaPreset, projected_parameter_groups
 from .optimizers import OPTIMIZERS, LowRankSettings, build_optimizer
@@ -327,6 +328,7 @@ def run_llama(config: LlamaConfig) -> dict[str, Any]:
     with the lowest held-out loss is kept (all of them are listed in its ``lr_sweep``). A run that
     raises (or whose process dies) is a result with ``failed: True`` and its ``error``. Ratios to
     AdamW (``state_ratio_to_adamw``, ``iteration_ratio_to_adamw``, ...) are added when ``adamw`` ran.
+    ``import_notes`` says what packages printed while the runs imported them.
     """
     from .text import heldout_windows, load_token_data
 
@@ -341,7 +343,8 @@ def run_llama(config: LlamaConfig) -> dict[str, Any]:
 
     settings = run_settings(config, data, windows)
     return {"config": settings, "data": data.describe(), "versions": versions(),
-            "hardware": hardware(config.device), "argv": list(config.argv), "results": results}
+            "hardware": hardware(config.device), "argv": list(config.argv), "results": results,
+            "import_notes": gather_import_notes(results)}
 
 
 _NOTES = (
@@ -397,6 +400,7 @@ def format_llama_table(run: dict[str, Any], *, notes: bool = True) -> str:
     text += markdown_table(_HEADER, [_columns(r) for r in results])
     remarks = [line for result in results
                for line in result_remarks(result, config["steps"], sweep_edge=_sweep_edge_remark)]
+    remarks += import_note_lines(run)  # what peers printed while imported, said once
     if config["recipe"] == "paper" and len({lr for lr in config["lrs"].values()}) > 1:
         remarks.append("note: as in the papers' scripts, low-rank optimizers also train the dense parameters "
                        "(embeddings, lm_head, norms) at their own, larger lr: the held-out difference to the dense "

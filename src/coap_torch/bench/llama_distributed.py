@@ -62,6 +62,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..optim import LowRankOptimizer, enable_per_layer_updates
 from ..utils.allocations import PeakAllocations
+from ._quiet import gather_import_notes
 from .environment import hardware, versions
 from .llama import (
     _BATCH_STREAM,
@@ -537,7 +538,8 @@ def run_llama_distributed(config: LlamaConfig) -> dict[str, Any] | None:
             return None
         compare_to_baseline(results)
         return {"config": _settings(config, data, windows, world_size, backend), "data": data.describe(),
-                "versions": versions(), "hardware": hardware(device), "argv": list(config.argv), "results": results}
+                "versions": versions(), "hardware": hardware(device), "argv": list(config.argv), "results": results,
+                "import_notes": gather_import_notes(results)}
     finally:
         if started:
             gc.collect()  # the runs' models and optimizers go before the process group (gloo can abort otherwise)

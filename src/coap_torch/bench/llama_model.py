@@ -133,7 +133,7 @@ def llama_config(preset: LlamaPreset | str, vocab_size: int) -> Any:
     preset = _preset(preset)
     if not isinstance(vocab_size, int) or vocab_size < 2:
         raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
-    transformers = require("transformers")
+    transformers = require("transformers", names=("LlamaConfig",))
     return transformers.LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=preset.hidden_size,
@@ -249,7 +249,7 @@ def build_llama(
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
     config = llama_config(preset, vocab_size)
-    transformers = require("transformers")
+    transformers = require("transformers", names=("LlamaForCausalLM",))
     device = torch.device(device)
     # Built on meta: nothing is allocated and no initializer runs on real memory. fork_rng keeps
     # the global CPU RNG exactly as it was, whatever the constructor does.

@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -33,7 +34,8 @@ from torch import nn
 
 from ..utils.estimate import estimate_state_bytes
 from ._deps import MissingExtraError, require
-from .optimizers import ADAFACTOR_OPTIONS, LowRankSettings, low_rank_groups
+from ._quiet import import_note_lines, import_notes
+from .optimizers import ADAFACTOR_OPTIONS, OPTIMIZERS, LowRankSettings, low_rank_groups
 
 __all__ = [
     "DDPM_CELEBAHQ_CONFIG",
@@ -84,7 +86,8 @@ SDXL_UNET_CONFIG: dict[str, Any] = {
 
 
 def _diffusers() -> Any:
-    return require("diffusers", hint='pip install diffusers (or "coap-torch[bench]")')
+    return require("diffusers", hint='pip install diffusers (or "coap-torch[bench]")',
+                   names=("UNet2DModel", "UNet2DConditionModel", "ControlNetModel"))
 
 
 def _ddpm(config: dict[str, Any]) -> Callable[[], nn.Module]:
@@ -414,6 +417,7 @@ def run_memory(models: Sequence[str] = tuple(MODELS)) -> dict[str, Any]:
         for case in study.cases:
             params, options = _inputs(study, model, case)
             try:
+                _import_peer(case.optimizer)
                 estimate = estimate_state_bytes(params, case.optimizer, **options)
             except ImportError as error:
                 rows.append(_row(study, case, error=f"{error.name or error} not installed"))
@@ -429,7 +433,15 @@ def run_memory(models: Sequence[str] = tuple(MODELS)) -> dict[str, Any]:
         if key.startswith("ddpm"):
             breakdowns[key] = _breakdown(study, model, estimates)
         built[key] = {"title": study.title, "parameters": sum(p.numel() for p in model.parameters())}
-    return {"rows": rows, "notes": notes, "breakdowns": breakdowns, "models": built, "config": {"models": list(models)}}
+    return {"rows": rows, "notes": notes, "breakdowns": breakdowns, "models": built, "config": {"models": list(models)},
+            "import_notes": import_notes()}
+
+
+def _import_peer(optimizer: str) -> None:
+    """Import the peer package of ``optimizer`` quietly before ``estimate_state_bytes`` imports it, so that
+    what it prints becomes a note; a missing one is left for ``estimate_state_bytes`` to report."""
+    with contextlib.suppress(MissingExtraError):
+        OPTIMIZERS[optimizer].import_modules()
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -462,6 +474,8 @@ def format_memory_report(run: dict[str, Any]) -> str:
     lines += ["", *(f"{key}: {m['title']}, {m['parameters']:,} parameters, built on meta." for key, m in run["models"].items())]
     lines += ["", _UNITS]
     lines += [f"[{i}] {text}" for i, text in enumerate(order, 1)]
+    notes = import_note_lines(run)  # what peers printed while imported, said once
+    lines += ["", *notes] if notes else []
     for key, table in run["breakdowns"].items():
         lines += ["", f"COAP state of {key} by kind of layer, ours vs the paper's release rules (MiB):", "",
                   "| layers | tensors | values | COAP-AdamW ours | release | COAP-Adafactor ours | release |",

@@ -6,7 +6,7 @@ densely, and the run's :class:`LowRankSettings`. The split and the settings are 
 every low-rank method (COAP, GaLore, APOLLO), so that memory is equal and only the method
 differs; dense optimizers get every parameter.
 
-Peers come from their own packages (optional extras, imported when used, never copied):
+Peers come from their own packages (optional extras, imported quietly when a run uses them, never copied):
 ``torch`` (AdamW, also its ``foreach`` and ``fused`` implementations), ``transformers``
 (Adafactor), ``bitsandbytes`` (AdamW8bit), ``galore-torch`` (GaLore AdamW, AdamW8bit and
 Adafactor) and ``apollo-torch`` (APOLLO; its licence is non-commercial, so it is only ever an
@@ -92,6 +92,7 @@ class OptimizerSpec:
     optimizer refreshes its projection there (used to time the refreshes from step times).
     ``state_classes`` are the dotted names of the non-tensor objects the optimizer keeps in its
     state (GaLore's projector): checkpoints allowlist them for ``torch.load(weights_only=True)``.
+    ``modules`` are the modules of :attr:`package` that ``build`` imports (:meth:`import_modules`).
     """
 
     name: str
@@ -100,6 +101,13 @@ class OptimizerSpec:
     build: Factory
     package: str | None = None
     state_classes: tuple[str, ...] = ()
+    modules: tuple[str, ...] = ()
+
+    def import_modules(self) -> None:
+        """Import :attr:`modules` quietly (what they print becomes notes), for code that then imports them
+        itself; raises :class:`~coap_torch.bench._deps.MissingExtraError` when one is missing."""
+        for module in self.modules:
+            require(module, package=self.package)
 
     def safe_globals(self) -> list[type]:
         """The classes of :attr:`state_classes`, imported (for ``torch.serialization.safe_globals``)."""
@@ -195,14 +203,16 @@ def _apollo(projected: Params, dense: Params, lr: float, s: LowRankSettings) -> 
 
 
 _GALORE_STATE = ("galore_torch.galore_projector.GaLoreProjector",)
+_GALORE = ("galore_torch",)
 
 _SPECS = [
     OptimizerSpec("adamw", "dense", "torch.optim.AdamW, default implementation", _torch_adamw()),
     OptimizerSpec("adamw_foreach", "dense", "torch.optim.AdamW(foreach=True)", _torch_adamw(foreach=True)),
     OptimizerSpec("adamw_fused", "dense", "torch.optim.AdamW(fused=True)", _torch_adamw(fused=True)),
-    OptimizerSpec("adamw8bit", "dense", "bitsandbytes.optim.AdamW8bit", _bnb_adamw8bit, "bitsandbytes"),
+    OptimizerSpec("adamw8bit", "dense", "bitsandbytes.optim.AdamW8bit", _bnb_adamw8bit, "bitsandbytes",
+                  modules=("bitsandbytes",)),
     OptimizerSpec("adafactor", "dense", "transformers.optimization.Adafactor (beta1=0.9, external lr)",
-                  _transformers_adafactor, "transformers"),
+                  _transformers_adafactor, "transformers", modules=("transformers.optimization",)),
     OptimizerSpec("coap_adamw", "coap", "coap_torch.CoapAdamW", _coap(CoapAdamW)),
     OptimizerSpec("coap_adamw8bit", "coap", "coap_torch.CoapAdamW8bit", _coap(CoapAdamW8bit)),
     OptimizerSpec("coap_adafactor", "coap", "coap_torch.CoapAdafactor (beta1=0.9, external lr)",
@@ -210,14 +220,15 @@ _SPECS = [
     OptimizerSpec("coap_adafactor8bit", "coap", "coap_torch.CoapAdafactor8bit (beta1=0.9, external lr)",
                   _coap(CoapAdafactor8bit, **ADAFACTOR_OPTIONS)),
     OptimizerSpec("galore_adamw", "galore", "galore_torch.GaLoreAdamW",
-                  _galore("GaLoreAdamW", no_deprecation_warning=True), "galore-torch", _GALORE_STATE),
+                  _galore("GaLoreAdamW", no_deprecation_warning=True), "galore-torch", _GALORE_STATE, _GALORE),
     OptimizerSpec("galore_adamw8bit", "galore", "galore_torch.GaLoreAdamW8bit", _galore("GaLoreAdamW8bit"),
-                  "galore-torch", _GALORE_STATE),
+                  "galore-torch", _GALORE_STATE, _GALORE),
     OptimizerSpec("galore_adafactor", "galore", "galore_torch.GaLoreAdafactor (beta1=0.9, external lr)",
-                  _galore("GaLoreAdafactor", **ADAFACTOR_OPTIONS), "galore-torch", _GALORE_STATE),
+                  _galore("GaLoreAdafactor", **ADAFACTOR_OPTIONS), "galore-torch", _GALORE_STATE, _GALORE),
     OptimizerSpec("apollo_adamw", "apollo", "apollo_torch.APOLLOAdamW (random projection, channel scaling)",
                   _apollo, "apollo-torch",
-                  ("apollo_torch.random_projector.GradientProjector", "apollo_torch.svd_projector.GaLoreProjector")),
+                  ("apollo_torch.random_projector.GradientProjector", "apollo_torch.svd_projector.GaLoreProjector"),
+                  ("apollo_torch",)),
 ]
 
 #: name -> :class:`OptimizerSpec`. Add an optimizer with one line in ``_SPECS``.

@@ -8,6 +8,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from ._quiet import import_note_lines
+
 __all__ = ["format_bytes", "format_table", "markdown_table", "nonfinite_losses", "write_json", "write_plots"]
 
 _NOTES = (
@@ -116,6 +118,7 @@ def format_table(run: dict[str, Any], *, notes: bool = True) -> str:
         if result.get("first_nonfinite_step") is not None:
             remarks.append(f"warning: {result['name']}: the training loss became non-finite at step "
                            f"{result['first_nonfinite_step']}")
+    remarks += import_note_lines(run)  # what peers printed while imported, said once
     if remarks:
         text += ["", *remarks]
     if notes:

@@ -5,14 +5,17 @@ end the whole comparison.
 ``error``) when it raised or its process died: a peer optimizer that does not work on this
 machine is a row of the table, not a traceback. On the CPU, each run gets a fresh process so that
 its peak RSS is its own (a process's peak only grows); that process ends when its parent dies
-(:func:`_die_with_parent`), even by ``SIGKILL``. :func:`run_problems` is what makes a finished
-comparison a failure: an optimizer that ended non-finite, or no optimizer that worked.
+(:func:`_die_with_parent`), even by ``SIGKILL``. What peers printed while a run imported them comes
+back with its result as notes (``import_notes``, see :mod:`~coap_torch.bench._quiet`), never as
+lines of its own. :func:`run_problems` is what makes a finished comparison a failure: an optimizer
+that ended non-finite, or no optimizer that worked.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import concurrent.futures.process
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -29,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ._quiet import import_notes
 from .report import nonfinite_losses
 from .text import _atomic_write
 
@@ -122,20 +126,36 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=_watch_parent, args=(parent,), name="coap-bench-parent-watch", daemon=True).start()
 
 
+def _with_import_notes(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """``fn(*args)`` with the notes of the quiet imports it made (:mod:`~coap_torch.bench._quiet`) in its
+    result's ``import_notes``, or, when it raises, on the exception: they travel back from a run's process
+    with what it returns."""
+    before = len(import_notes())
+    try:
+        result = fn(*args)
+    except BaseException as error:
+        with contextlib.suppress(Exception):  # an exception without attributes travels without notes
+            error.import_notes = import_notes()[before:]
+        raise
+    notes = import_notes()[before:]
+    return {**result, "import_notes": notes} if notes else result
+
+
 def run_guarded(fn: Callable[..., dict[str, Any]], args: Sequence[Any], *, name: str, lr: float,
                 isolate: bool) -> dict[str, Any]:
     """``fn(*args)``, in a fresh spawned process when ``isolate``; a failed result if it raises or dies.
 
     :class:`RunConfigurationError` (a checkpoint of another configuration, or one that cannot be
-    loaded) is raised: it is the user's to fix, not a failure of the optimizer.
+    loaded) is raised: it is the user's to fix, not a failure of the optimizer. What peers printed
+    while the run imported them comes back as notes, in the result's ``import_notes``.
     """
     try:
         if not isolate:
-            return fn(*args)
+            return _with_import_notes(fn, *args)
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_die_with_parent,
                                                     initargs=(os.getpid(),)) as pool:
-            return pool.submit(fn, *args).result()
+            return pool.submit(_with_import_notes, fn, *args).result()
     except concurrent.futures.process.BrokenProcessPool:
         return failed_result(name, lr, "the run's process died (a crash in native code, or out of memory)")
     except (KeyboardInterrupt, RunConfigurationError):
@@ -143,6 +163,8 @@ def run_guarded(fn: Callable[..., dict[str, Any]], args: Sequence[Any], *, name:
     except Exception as error:  # noqa: BLE001 - a peer that does not work here is reported, not fatal
         result = failed_result(name, lr, _first_line(error))
         result["traceback"] = "".join(traceback.format_exception(error))[-4000:]
+        if getattr(error, "import_notes", None):
+            result["import_notes"] = list(error.import_notes)
         return result
 
 

@@ -567,7 +567,7 @@ def _load_c4(cache_root: Path, train_documents: int, heldout_documents: int) -> 
             pass
 
     datasets = require("datasets", hint=_C4_HINT)
-    transformers = require("transformers", hint=_C4_HINT)
+    transformers = require("transformers", hint=_C4_HINT, names=("AutoTokenizer",))
     what = f"allenai/c4 (en) and the {C4_TOKENIZER} tokenizer from the Hugging Face Hub"
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(C4_TOKENIZER, model_max_length=1 << 30)
