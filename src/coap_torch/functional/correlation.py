@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .reduction import LOCAL, Rows, Task, run_local
 from .subspace import orthonormalize
 
 __all__ = [
@@ -41,6 +42,8 @@ __all__ = [
     "coap_objective",
     "coap_objective_grad",
     "correlation_aware_step",
+    "correlation_step_task",
+    "objective_grad_task",
 ]
 
 #: eta in Eq. 3 of the supplementary material.
@@ -90,38 +93,47 @@ def coap_objective_grad(P: Tensor, grad: Tensor, exp_avg_proj: Tensor) -> tuple[
     No autograd: see the module docstring for the derivation. Shapes as in
     :func:`coap_objective`; returns ``(dL/dP (..., n, r), L (...))``.
     """
+    grad_P, value, _ = run_local(objective_grad_task(P, grad, exp_avg_proj))
+    return grad_P, value
+
+
+def objective_grad_task(P: Tensor, grad: Tensor, exp_avg_proj: Tensor, rows: Rows = LOCAL) -> Task[tuple[Tensor, Tensor, Tensor]]:
+    """:func:`coap_objective_grad` of a gradient whose rows ``rows`` sums over; also ``||G||^2``.
+
+    ``grad`` and ``exp_avg_proj`` hold this process's rows; ``P`` is the same everywhere. With
+    ``A = G P``, the gradient is ``G^T (c1 A (P^T P - 2 I) - c2 a U) + P (c1 A^T A + c2 U^T (c U))``
+    with ``c1 = 2 (1 - CosSim) / (m n)`` and ``c2 = MSE / m``: two rounds of sums (the
+    scalars and two (r, r) matrices, then one (n, r) matrix), whatever the number of rows.
+    """
     G, M = grad, exp_avg_proj
-    m, n = G.shape[-2], G.shape[-1]
+    m, n = rows.count(G), G.shape[-1]
     PtP = P.mT @ P
     A = G @ P  # (m, r)
 
     # Row cosines between M_hat = M P^T and G, from r-sized quantities only. The rows of M are
     # first scaled to unit ||M_hat_i||: the moment of a long-dead unit decays towards 1e-40,
     # where ||M_hat_i||^2 underflows and 1 / ||M_hat_i||^2 overflows float32.
-    row_max = M.abs().amax(dim=-1, keepdim=True)
+    row_max = M.abs().amax(dim=-1, keepdim=True) if M.numel() else M.new_zeros((*M.shape[:-1], 1))
     M_scaled = M * _safe_reciprocal(row_max)
     m_hat_norm = ((M_scaled @ PtP) * M_scaled).sum(dim=-1, keepdim=True).clamp_min(0).sqrt()
     U = M_scaled * _safe_reciprocal(m_hat_norm)  # rows M_i / ||M_hat_i||, or 0
     g_norm = torch.linalg.vector_norm(G, dim=-1)  # (m,)
     inv_g = _safe_reciprocal(g_norm)
     cos = (U * A).sum(dim=-1) * inv_g  # <M_hat_i, G_i> / (||M_hat_i|| ||G_i||)
-    cos_sim = cos.mean(dim=-1)
-
-    # One pass over G for both G^T A and G^T (a M), a_i M_i = U_i / ||G_i||.
-    GtAaM = G.mT @ torch.cat([A, inv_g.unsqueeze(-1) * U], dim=-1)
-    GtA, GtaM = GtAaM.split(P.shape[-1], dim=-1)
-    AtA = A.mT @ A
+    AtA, UcU, cos_sum, g_sq = yield from rows.sum(
+        A.mT @ A, U.mT @ (cos.unsqueeze(-1) * U), cos.sum(dim=-1), g_norm.square().sum(dim=-1)
+    )
+    cos_sim = cos_sum / m
 
     # ||E||^2 = <A^T A, P^T P> - 2 tr(A^T A) + ||G||^2, clamped against cancellation.
     sq_err = (AtA * PtP).sum(dim=(-2, -1)) - 2 * torch.diagonal(AtA, dim1=-2, dim2=-1).sum(-1)
-    sq_err = (sq_err + g_norm.square().sum(dim=-1)).clamp_min(0)
-    mse = sq_err / (m * n)
-
-    grad_mse = (2.0 / (m * n)) * (GtA @ PtP - 2 * GtA + P @ AtA)
-    grad_cos = (GtaM - P @ (U.mT @ (cos.unsqueeze(-1) * U))) / m
-    one_minus = (1 - cos_sim)[..., None, None]
-    grad_P = grad_mse * one_minus - mse[..., None, None] * grad_cos
-    return grad_P, mse * (1 - cos_sim)
+    mse = (sq_err + g_sq).clamp_min(0) / (m * n)
+    c1 = ((2.0 / (m * n)) * (1 - cos_sim))[..., None, None]
+    c2 = (mse / m)[..., None, None]
+    eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
+    (partial,) = yield from rows.sum(G.mT @ (c1 * (A @ (PtP - 2 * eye)) - c2 * (inv_g.unsqueeze(-1) * U)))
+    grad_P = partial + P @ (c1 * AtA + c2 * UcU)
+    return grad_P, mse * (1 - cos_sim), g_sq
 
 
 def correlation_aware_step(
@@ -168,10 +180,24 @@ def correlation_aware_step(
         ``-`` (see :mod:`coap_torch.functional.correlation`). The objective wins.
     """
     check_step_options(lr, max_norm)
-    grad_P, _ = coap_objective_grad(P, grad, exp_avg_proj)
+    return run_local(correlation_step_task(P, grad, exp_avg_proj, lr, normalize=normalize, max_norm=max_norm))
+
+
+def correlation_step_task(
+    P: Tensor,
+    grad: Tensor,
+    exp_avg_proj: Tensor,
+    lr: float,
+    *,
+    normalize: bool = False,
+    max_norm: float | None = DEFAULT_CORRELATION_MAX_NORM,
+    rows: Rows = LOCAL,
+) -> Task[Tensor]:
+    """:func:`correlation_aware_step` of a gradient whose rows ``rows`` sums over."""
+    grad_P, _, g_sq = yield from objective_grad_task(P, grad, exp_avg_proj, rows)
     if normalize:
-        m, n = grad.shape[-2], grad.shape[-1]
-        grad_P = grad_P * _safe_reciprocal(grad.square().sum(dim=(-2, -1), keepdim=True) / (m * n))
+        mean_sq = g_sq / (rows.count(grad) * grad.shape[-1])
+        grad_P = grad_P * _safe_reciprocal(mean_sq)[..., None, None]
     return descend(P, grad_P, lr, normalize=normalize, max_norm=max_norm)
 
 

@@ -12,9 +12,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .reduction import LOCAL, Rows, Task, run_local
+
 __all__ = [
     "AdamDirection",
     "adafactor_direction_",
+    "adafactor_direction_task",
     "adafactor_lr",
     "adam_direction_",
     "adam_moments_",
@@ -187,21 +190,82 @@ def adafactor_direction_(
     For a projected gradient pass the parameter's numel: the restored update has the same
     Frobenius norm (orthonormal ``P``), so the clip applies to the update of the weight itself.
     """
+    update, _ = run_local(
+        adafactor_direction_task(
+            grad,
+            step=step,
+            decay_rate=decay_rate,
+            eps1=eps1,
+            clip_threshold=clip_threshold,
+            exp_avg_sq=exp_avg_sq,
+            exp_avg_sq_row=exp_avg_sq_row,
+            exp_avg_sq_col=exp_avg_sq_col,
+            numel=grad.numel() if rms_numel is None else rms_numel,
+        )
+    )
+    return update
+
+
+def adafactor_direction_task(
+    grad: Tensor,
+    *,
+    step: int,
+    decay_rate: float,
+    eps1: float,
+    clip_threshold: float,
+    numel: int,
+    exp_avg_sq: Tensor | None = None,
+    exp_avg_sq_row: Tensor | None = None,
+    exp_avg_sq_col: Tensor | None = None,
+    param_sq: Tensor | None = None,
+    rows: Rows = LOCAL,
+) -> Task[tuple[Tensor, Tensor | None]]:
+    """:func:`adafactor_direction_` of a gradient whose rows ``rows`` sums over.
+
+    ``numel`` is the number of entries the clipping RMS is taken over (the whole parameter's);
+    ``param_sq``, when given, is this process's part of the sum of squared weights (for
+    ``scale_parameter``) and comes back summed next to the update. The column accumulator, the
+    mean of the row accumulator and the update's RMS are sums over all rows: two rounds of
+    sums for a factored moment, one otherwise.
+    """
     beta2t = 1.0 - math.pow(step, decay_rate)
     update = grad.square().add_(eps1)
+    # The weights' sum of squares joins the first round of sums.
+    pending = [] if param_sq is None else [param_sq]
     if exp_avg_sq_row is not None and exp_avg_sq_col is not None:
+        m = rows.count(grad)
         exp_avg_sq_row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
-        exp_avg_sq_col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
-        row_factor = (exp_avg_sq_row / exp_avg_sq_row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
-        update = (row_factor * exp_avg_sq_col.unsqueeze(-2).rsqrt()).mul_(grad)
+        partial = (update.sum(dim=-2), exp_avg_sq_row.sum(dim=-1, keepdim=True), *pending)
+        del update  # full-size for a dense matrix: not kept while the sums are taken
+        col_sum, row_sum, *summed = yield from rows.sum(*partial)
+        param_sq, pending = (summed[0] if summed else None), []
+        exp_avg_sq_col.mul_(beta2t).add_(col_sum / m, alpha=1.0 - beta2t)
+        row_factor = (exp_avg_sq_row / (row_sum / m)).rsqrt_().unsqueeze(-1)
+        col_factor = exp_avg_sq_col.unsqueeze(-2).rsqrt()
+
+        def direction() -> Tensor:
+            return (row_factor * col_factor).mul_(grad)
     elif exp_avg_sq is not None:
         exp_avg_sq.mul_(beta2t).add_(update, alpha=1.0 - beta2t)
-        update = exp_avg_sq.rsqrt().mul_(grad)
+        del update
+
+        def direction() -> Tensor:
+            return exp_avg_sq.rsqrt().mul_(grad)
     else:
         raise ValueError("adafactor_direction_ needs exp_avg_sq or both exp_avg_sq_row and exp_avg_sq_col")
-    numel = grad.numel() if rms_numel is None else rms_numel
-    rms = torch.linalg.vector_norm(update) / math.sqrt(numel)
-    return update.div_((rms / clip_threshold).clamp_(min=1.0))
+    # Where the sums wait for other ranks (FSDP2), the direction of a dense matrix is full-size:
+    # it is computed again after them rather than held (the same operations, the same values).
+    result = direction()
+    square_sum = result.square().sum()
+    if not rows.local:
+        del result
+    update_sq, *summed = yield from rows.sum(square_sum, *pending)
+    if summed:
+        param_sq = summed[0]
+    if not rows.local:
+        result = direction()
+    rms = update_sq.sqrt() / math.sqrt(numel)
+    return result.div_((rms / clip_threshold).clamp_(min=1.0)), param_sq
 
 
 def rotate_first_moment(M: Tensor, R: Tensor) -> Tensor:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_SKETCH_SEED", "gaussian_sketch", "low_cost_svd", "orthonormalize"]
+from .reduction import LOCAL, Rows, Task, run_local
+
+__all__ = ["DEFAULT_SKETCH_SEED", "gaussian_sketch", "low_cost_svd", "low_cost_svd_task", "orthonormalize", "rank_tolerance"]
 
 #: Seed of the Gaussian test matrix when neither a sketch nor a generator is given. Any fixed
 #: value works; a fixed one makes ``low_cost_svd(G, r)`` a deterministic function of ``G``.
@@ -50,8 +52,13 @@ def orthonormalize(A: Tensor) -> Tensor:
 
 def _rank_tolerance(G: Tensor, S: Tensor) -> Tensor:
     # The tolerance of torch.linalg.matrix_rank: max(m, n) * eps * largest singular value.
-    eps = torch.finfo(S.dtype).eps
-    return S[..., :1] * (max(G.shape[-2], G.shape[-1]) * eps)
+    return rank_tolerance(S, G.shape[-2], G.shape[-1])
+
+
+def rank_tolerance(S: Tensor, rows: int, cols: int) -> Tensor:
+    """The singular-value tolerance of :func:`torch.linalg.matrix_rank` for a (rows, cols) matrix
+    whose singular values are ``S`` (..., k): ``max(rows, cols) * eps * S_max``, shape (..., 1)."""
+    return S[..., :1] * (max(rows, cols) * torch.finfo(S.dtype).eps)
 
 
 def low_cost_svd_with_values(
@@ -73,14 +80,33 @@ def low_cost_svd_with_values(
         sketch = gaussian_sketch((*grad.shape[:-2], n, rank), generator=generator, dtype=grad.dtype, device=grad.device)
     elif sketch.shape[-2:] != (n, rank):
         raise ValueError(f"sketch must have shape (..., {n}, {rank}), got {tuple(sketch.shape)}")
-    sketch = sketch.to(dtype=grad.dtype)
+    result = run_local(low_cost_svd_task(grad, rank, sketch))
+    assert result is not None  # one process never returns None (see Rows.orthonormal_basis)
+    return result
 
+
+def low_cost_svd_task(grad: Tensor, rank: int, sketch: Tensor, rows: Rows = LOCAL) -> Task[tuple[Tensor, Tensor] | None]:
+    """The low-cost SVD (see :func:`low_cost_svd`) of a gradient whose rows ``rows`` sums over.
+
+    ``grad`` holds this process's rows (..., m_k, n); ``sketch`` (..., n, r) is the same
+    everywhere. Returns ``(P, S)``, or ``None`` when the range of ``G @ sketch`` has no finite
+    orthonormal basis (a non-finite gradient under FSDP2, which every rank sees in its sums).
+    """
+    sketch = sketch.to(dtype=grad.dtype)
     # Range finder: Y = G Omega spans (approximately) the dominant left subspace; the SVD of the
     # small r x n matrix Q^T G then gives the dominant right singular vectors.
-    Q, _ = torch.linalg.qr(grad @ sketch)
-    # SVD of B = Q^T G (r, n) through B^T = Q_B R_B: B = R_B^T Q_B^T, so the right singular
-    # vectors of B are Q_B V with R_B^T = U S V^T. The SVD then runs on an (r, r) matrix.
-    Q_B, R_B = torch.linalg.qr((Q.mT @ grad).mT)
+    Q = yield from rows.orthonormal_basis(grad @ sketch)
+    if Q is None:
+        return None
+    (B,) = yield from rows.sum(Q.mT @ grad)
+    return _right_subspace(B, rank, sketch, rows.count(grad), grad.shape[-1])
+
+
+def _right_subspace(B: Tensor, rank: int, sketch: Tensor, m: int, n: int) -> tuple[Tensor, Tensor]:
+    """The top-``rank`` right singular vectors of ``B = Q^T G`` (..., k, n) and their values."""
+    # SVD of B through B^T = Q_B R_B: B = R_B^T Q_B^T, so the right singular vectors of B are
+    # Q_B V with R_B^T = U S V^T. The SVD then runs on a (k, k) matrix.
+    Q_B, R_B = torch.linalg.qr(B.mT)
     _, S, Vh = torch.linalg.svd(R_B.mT)
     P = Q_B @ Vh.mT
     if P.shape[-1] < rank:
@@ -99,7 +125,7 @@ def low_cost_svd_with_values(
     # all-reduce order) would pick different subspaces. Replace those columns by the sketch's
     # (the previous P on a warm start: keep what the gradient says nothing about) and
     # re-orthonormalize. Gram-Schmidt order keeps the determined columns as they are.
-    determined = S > _rank_tolerance(grad, S)
+    determined = S > rank_tolerance(S, m, n)
     filled = torch.where(determined.unsqueeze(-2), P, sketch)
     return orthonormalize(filled), S
 

@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from ..functional.moments import AdamDirection
+from ..functional.reduction import LOCAL, Rows, Task
 from . import _placement as placement
 from . import _validation as check
 from ._checkpoint import checked_state, new_step_counter
@@ -33,7 +34,7 @@ from ._layout import Layout, route
 from ._options import COAP_DEFAULTS, COAP_OPTIONS, CoapOptions, defaults_of, take_options
 from ._refresh import initial_factors, refreshed_factors
 from ._rule import MomentRule
-from ._sharded import CommunicationLog, ShardComm, Task, run_coalesced
+from ._sharded import CommunicationLog, ShardComm, run_coalesced
 from ._storage import FLOAT32, LazyMoments, MomentStorage
 
 __all__ = ["COAP_DEFAULTS", "COAP_OPTIONS", "LowRankOptimizer", "layout_of"]
@@ -281,7 +282,7 @@ class LowRankOptimizer(Optimizer):
 
     def _param_step(self, item: _PlannedStep) -> Task[None]:
         param, group, layout, shard = item.param, item.group, item.layout, item.shard
-        comm = None if shard is None else ShardComm(shard.group, rows=shard.global_shape[0])
+        rows: Rows = LOCAL if shard is None else ShardComm(shard.group, rows=shard.global_shape[0])
         stored_state = self.state[param]
         stored = stored_state if shard is None else {k: placement.local(v) for k, v in stored_state.items()}
         dtype = _compute_dtype(param)
@@ -292,12 +293,12 @@ class LowRankOptimizer(Optimizer):
         if not stored:
             factors = {}
             if layout.projected:
-                factors = yield from initial_factors(layout, canonical, group, item.index, item.where, comm)
+                factors = yield from initial_factors(layout, canonical, group, item.index, item.where, rows)
                 if factors is None:
                     return  # deferred to the next finite gradient (warned); the parameter is left as it is
             stored.update({"step": new_step_counter(), **factors, **self.rule.init(layout.projected_shape, group, canonical)})
         rotations = self.rule.rotations
-        if comm is not None and not layout.projected:
+        if shard is not None and not layout.projected:
             # The moment rule of a dense row shard may wait at collectives (Adafactor's): its
             # full-size moments are unpacked at first use, not held decoded while it waits.
             state: dict[str, Any] = LazyMoments(stored, lambda entries: self.storage.unpack(entries, group, rotations, shard, dtype))
@@ -308,16 +309,16 @@ class LowRankOptimizer(Optimizer):
 
         factors = [state[key] for key in layout.factor_keys]
         if layout.projected and step > 1 and step % group["update_interval"] == 0:
-            factors = yield from self._refresh(state, layout, canonical, group, step, item.where, comm)
+            factors = yield from self._refresh(state, layout, canonical, group, step, item.where, rows)
         # The weight in the compute dtype (a copy for bf16 / fp16 weights); for a row shard it is
         # made after the moment rule's collectives, so that no such copy waits through them.
-        target = None if comm is not None else param if param.dtype == dtype else param.to(dtype)
+        target = None if shard is not None else param if param.dtype == dtype else param.to(dtype)
         rule_grad = layout.project(canonical, factors) if layout.projected else grad
         weight = param if target is None else target
         if self.rule.collective:
-            direction, decay, alpha = yield from self.rule.update(state, rule_grad, group, step, weight, comm)
+            direction, decay, alpha = yield from self.rule.update(state, rule_grad, group, step, weight, rows)
         else:
-            direction, decay, alpha = self.rule.update(state, rule_grad, group, step, weight, comm)
+            direction, decay, alpha = self.rule.update(state, rule_grad, group, step, weight)
         if target is None:
             target = param if param.dtype == dtype else param.to(dtype)
         _apply(target, layout, factors, direction, decay, alpha, group["scale"])
@@ -328,13 +329,13 @@ class LowRankOptimizer(Optimizer):
             placement.store_sharded(stored_state, stored, shard)
 
     def _refresh(
-        self, state: dict[str, Any], layout: Layout, grad: Tensor, group: dict[str, Any], step: int, where: str, comm: ShardComm | None
+        self, state: dict[str, Any], layout: Layout, grad: Tensor, group: dict[str, Any], step: int, where: str, rows: Rows
     ) -> Task[list[Tensor]]:
         """Refresh P (or P_O, P_I) and move the moments to the new basis; keep both as they were
         when the refresh gives no finite factors (see :mod:`._refresh`)."""
         old = [state[key] for key in layout.factor_keys]
         first = self.rule.refresh_moment(state, layout, grad, old)
-        new = yield from refreshed_factors(layout, grad, first, old, group, step, where, comm)
+        new = yield from refreshed_factors(layout, grad, first, old, group, step, where, rows)
         if new is None:
             return old
         rotations = [P_old.mT @ P_new for P_old, P_new in zip(old, new)]

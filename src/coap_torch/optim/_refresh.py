@@ -6,6 +6,8 @@ with a sketch seeded from ``(seed, parameter index)``); :func:`refreshed_factors
 one Eq. 2 step otherwise). Both are generators: under FSDP2 they yield the all-reduces of the
 sharded refreshes (see :mod:`coap_torch.optim._sharded`); in one process they yield nothing.
 
+Both run the functional refreshes (:mod:`coap_torch.functional`) with the gradient's
+:class:`~coap_torch.functional.reduction.Rows`: the same code in one process and under FSDP2.
 Neither ever returns factors that are not finite. A non-finite gradient (or first moment), or a
 failed SVD, makes :func:`initial_factors` return ``None`` (initialisation waits for the next
 finite gradient) and :func:`refreshed_factors` return ``None`` (the previous factors stay), each
@@ -24,11 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..functional.correlation import correlation_aware_step
-from ..functional.subspace import _rank_tolerance, gaussian_sketch, low_cost_svd, low_cost_svd_with_values
+from ..functional.correlation import correlation_step_task
+from ..functional.reduction import LOCAL, Rows, Task
+from ..functional.subspace import gaussian_sketch, low_cost_svd_task, rank_tolerance
 from ..functional.tucker import unfold
 from ._layout import Layout
-from ._sharded import ShardComm, Task, sharded_correlation_step, sharded_low_cost_svd
 
 __all__ = ["all_finite", "caller_stacklevel", "initial_factors", "refreshed_factors", "sketch_seed"]
 
@@ -60,29 +62,31 @@ def caller_stacklevel() -> int:
 
 
 def initial_factors(
-    layout: Layout, grad: Tensor, group: dict[str, Any], index: int, where: str, comm: ShardComm | None = None
+    layout: Layout, grad: Tensor, group: dict[str, Any], index: int, where: str, rows: Rows = LOCAL
 ) -> Task[dict[str, Tensor] | None]:
-    """The projections of a parameter at its first step, from its (canonical) gradient, or ``None``."""
-    factors: dict[str, Tensor] = {}
+    """The projections of a parameter at its first step, from its (canonical) gradient, or ``None``.
+
+    ``rows`` sums over the gradient's rows (:data:`~coap_torch.functional.reduction.LOCAL` in one
+    process); a sharded gradient is checked through its sums, a local one here.
+    """
+    if rows.local and not all_finite(grad):
+        return _deferred(where)
     generator = torch.Generator().manual_seed(sketch_seed(group["seed"], index))
+    factors: dict[str, Tensor] = {}
     try:
-        if layout.kind == "matrix" and comm is not None:
+        if layout.kind == "matrix":
             n, rank = grad.shape[-1], layout.ranks[0]
-            sketch = gaussian_sketch((n, rank), generator=generator, dtype=grad.dtype, device=grad.device)
-            global_shape = (comm.rows, n)
-            result = yield from sharded_low_cost_svd(grad, rank, sketch, comm, global_shape)
+            sketch = gaussian_sketch((*grad.shape[:-2], n, rank), generator=generator, dtype=grad.dtype, device=grad.device)
+            result = yield from low_cost_svd_task(grad, rank, sketch, rows)
             if result is None:  # a non-finite gradient on some rank: every rank sees it in the sums
                 return _deferred(where)
             factors["proj"], singular = result
-            _warn_if_rank_deficient(torch.empty(global_shape, device="meta"), singular, layout, where)
-        elif not all_finite(grad):
-            return _deferred(where)
-        elif layout.kind == "matrix":
-            factors["proj"], singular = low_cost_svd_with_values(grad, layout.ranks[0], generator=generator)
-            _warn_if_rank_deficient(grad, singular, layout, where)
-        else:  # Tucker-2: one factor per channel mode
+            _warn_if_rank_deficient(singular, rows.count(grad), n, layout, where)
+        else:  # Tucker-2 (one process): one factor per channel mode
             for key, mode, rank in zip(layout.factor_keys, (0, 1), layout.ranks):
-                factors[key] = low_cost_svd(unfold(grad, mode).mT, rank, generator=generator)
+                matrix = unfold(grad, mode).mT
+                sketch = gaussian_sketch((matrix.shape[-1], rank), generator=generator, dtype=grad.dtype, device=grad.device)
+                factors[key] = (yield from low_cost_svd_task(matrix, rank, sketch, rows))[0]
     except torch.linalg.LinAlgError as error:
         return _deferred(where, error)
     if not all_finite(*factors.values()):
@@ -100,9 +104,9 @@ def _deferred(where: str, error: Exception | None = None) -> None:
     )
 
 
-def _warn_if_rank_deficient(grad: Tensor, singular: Tensor, layout: Layout, where: str) -> None:
+def _warn_if_rank_deficient(singular: Tensor, rows: int, cols: int, layout: Layout, where: str) -> None:
     # Once per parameter, at initialisation only (the check needs one host sync).
-    tolerance = _rank_tolerance(grad, singular)
+    tolerance = rank_tolerance(singular, rows, cols)
     if bool((singular[..., -1] <= tolerance[..., 0]).any()):
         numerical = int((singular > tolerance).sum(-1).min())
         warnings.warn(
@@ -123,7 +127,7 @@ def refreshed_factors(
     group: dict[str, Any],
     step: int,
     where: str,
-    comm: ShardComm | None = None,
+    rows: Rows = LOCAL,
 ) -> Task[list[Tensor] | None]:
     """The factors after the refresh due at ``step``, or ``None`` (with a warning) to keep ``old``."""
     reproject = step % (group["update_interval"] * group["reproject_factor"]) == 0
@@ -131,11 +135,11 @@ def refreshed_factors(
     new: list[Tensor] | None = None
     # LAPACK's SVD raises on non-finite input, so one process checks it first; FSDP2's sharded
     # SVD checks its all-reduced Gram matrix, the same on every rank.
-    if comm is not None or not reproject or all_finite(*(matrix for matrix, _ in pairs)):
+    if not rows.local or not reproject or all_finite(*(matrix for matrix, _ in pairs)):
         try:
             new = []
             for (matrix, moment), P, rank in zip(pairs, old, layout.ranks):
-                factor = yield from _refreshed_factor(matrix, moment, P, rank, group, reproject, comm)
+                factor = yield from _refreshed_factor(matrix, moment, P, rank, group, reproject, rows)
                 if factor is None:
                     new = None
                     break
@@ -155,16 +159,11 @@ def refreshed_factors(
 
 
 def _refreshed_factor(
-    matrix: Tensor, moment: Tensor, P: Tensor, rank: int, group: dict[str, Any], reproject: bool, comm: ShardComm | None
+    matrix: Tensor, moment: Tensor, P: Tensor, rank: int, group: dict[str, Any], reproject: bool, rows: Rows
 ) -> Task[Tensor | None]:
     """One refreshed factor: the warm-started low-cost SVD or the Eq. 2 step (``None``: no finite result)."""
-    step_options = {"normalize": group["correlation_normalize"], "max_norm": group["correlation_max_norm"]}
-    if comm is not None:
-        global_shape = (comm.rows, matrix.shape[-1])
-        if reproject:
-            result = yield from sharded_low_cost_svd(matrix, rank, P, comm, global_shape)
-            return None if result is None else result[0]
-        return (yield from sharded_correlation_step(P, matrix, moment, comm, global_shape, group["correlation_lr"], **step_options))
     if reproject:
-        return low_cost_svd(matrix, rank, sketch=P)
-    return correlation_aware_step(P, matrix, moment, lr=group["correlation_lr"], **step_options)
+        result = yield from low_cost_svd_task(matrix, rank, P, rows)
+        return None if result is None else result[0]
+    options = {"normalize": group["correlation_normalize"], "max_norm": group["correlation_max_norm"]}
+    return (yield from correlation_step_task(P, matrix, moment, group["correlation_lr"], rows=rows, **options))

@@ -14,9 +14,9 @@ from typing import Any, ClassVar, NamedTuple
 
 from torch import Tensor
 
+from ..functional.reduction import Rows, Task
 from ._layout import Layout
 from ._placement import RowShard
-from ._sharded import ShardComm, Task
 
 __all__ = ["MomentRule", "Update"]
 
@@ -46,8 +46,9 @@ class MomentRule:
     rotations: ClassVar[dict[str, str]] = {}
     #: Hyper-parameters an earlier version's checkpoint may lack, with their defaults.
     defaults: ClassVar[dict[str, Any]] = {}
-    #: Whether :meth:`update` needs sums over the rows of a row-sharded parameter (then it is a
-    #: generator of collective requests, see :mod:`coap_torch.optim._sharded`).
+    #: Whether :meth:`update` needs sums over the rows of the gradient (then it is a generator that
+    #: takes them from a :class:`~coap_torch.functional.reduction.Rows`: the identity in one
+    #: process, all-reduces under FSDP2).
     collective: ClassVar[bool] = False
 
     def check(self, group: dict[str, Any]) -> None:
@@ -61,13 +62,13 @@ class MomentRule:
         raise NotImplementedError
 
     def update(
-        self, moments: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, weight: Tensor, comm: ShardComm | None
+        self, moments: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, weight: Tensor, rows: Rows | None = None
     ) -> Update | Task[Update]:
         """Update ``moments`` in place from ``grad`` and return the :class:`Update`.
 
         ``weight`` is the parameter, to read only (in the compute dtype, or for a row shard in
-        its own dtype). A :attr:`collective` rule is a generator that takes sums from ``comm``
-        (``None`` in one process); any other returns the update directly.
+        its own dtype). A :attr:`collective` rule is a generator that takes its sums from
+        ``rows``; any other returns the update directly (and is not given ``rows``).
         """
         raise NotImplementedError
 

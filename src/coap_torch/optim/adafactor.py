@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -10,13 +9,13 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ..functional.moments import adafactor_direction_, adafactor_lr
+from ..functional.moments import adafactor_direction_task, adafactor_lr
+from ..functional.reduction import LOCAL, Rows, Task
 from . import _validation as check
 from ._base import LowRankOptimizer
 from ._layout import Layout
 from ._options import CoapOptions, with_options
 from ._rule import MomentRule, Update
-from ._sharded import ShardComm, Task, sharded_adafactor_direction_
 from ._storage import INT8_BLOCKWISE, Int8Options
 
 __all__ = ["AdafactorRule", "CoapAdafactor", "CoapAdafactor8bit"]
@@ -69,22 +68,25 @@ class AdafactorRule(MomentRule):
         return moments
 
     def update(
-        self, moments: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, weight: Tensor, comm: ShardComm | None = None
+        self, moments: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, weight: Tensor, rows: Rows = LOCAL
     ) -> Task[Update]:
         eps1, eps2 = group["eps"]
         second = {key: moments.get(key) for key in ("exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")}
-        rule = {"step": step, "decay_rate": group["decay_rate"], "eps1": eps1, "clip_threshold": group["clip_threshold"]}
-        if comm is None:
-            param_rms = torch.linalg.vector_norm(weight) / weight.numel() ** 0.5 if group["scale_parameter"] else 0.0
-            update = adafactor_direction_(grad, **rule, **second, rms_numel=weight.numel())
-        else:
-            # A row shard (FSDP2): the sums over the whole parameter are all-reduced.
-            numel = math.prod(weight.shape[1:]) * comm.rows
-            param_sq = weight.to(grad.dtype).square().sum()
-            update, param_sq = yield from sharded_adafactor_direction_(
-                grad, **rule, **second, comm=comm, numel=numel, param_sq=param_sq
-            )
-            param_rms = param_sq.sqrt() / numel**0.5 if group["scale_parameter"] else 0.0
+        # The clipping RMS and the parameter scale are over the whole weight (all ranks' rows).
+        numel = rows.numel(weight)
+        param_sq = weight.to(grad.dtype).square().sum() if group["scale_parameter"] else None
+        update, param_sq = yield from adafactor_direction_task(
+            grad,
+            step=step,
+            decay_rate=group["decay_rate"],
+            eps1=eps1,
+            clip_threshold=group["clip_threshold"],
+            numel=numel,
+            param_sq=param_sq,
+            rows=rows,
+            **second,
+        )
+        param_rms = param_sq.sqrt() / numel**0.5 if param_sq is not None else 0.0
         lr = adafactor_lr(
             group["lr"],
             step=step,

@@ -39,9 +39,9 @@ class AdamRule(MomentRule):
         return {key: torch.zeros(shape, dtype=like.dtype, device=like.device) for key in keys}
 
     def update(
-        self, moments: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, weight: Tensor, comm: Any = None
+        self, moments: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, weight: Tensor, rows: Any = None
     ) -> Update:
-        # Element-wise: a row shard needs no collective.
+        # Element-wise: a row shard needs no sums over other rows.
         beta1, beta2 = group["betas"]
         parts = adam_moments_(
             moments["exp_avg"],
