@@ -1,7 +1,7 @@
 """The COAP optimizers."""
 
-from ._base import LowRankOptimizer, layout_of
-from ._layout import Layout
+from ._base import LowRankOptimizer
+from ._layout import Layout, layout_of
 from ._options import COAP_DEFAULTS, CoapOptions
 from ._rule import MomentRule, Update
 from ._sharded import CommunicationLog

@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, ClassVar
 
 import torch
@@ -30,7 +29,7 @@ from ..functional.reduction import LOCAL, Rows, Task
 from . import _placement as placement
 from . import _validation as check
 from ._checkpoint import checked_state, new_step_counter
-from ._layout import Layout, route
+from ._layout import Layout, layout_of, shard_layout
 from ._options import COAP_DEFAULTS, COAP_OPTIONS, CoapOptions, defaults_of, take_options
 from ._refresh import initial_factors, refreshed_factors
 from ._rule import MomentRule
@@ -43,26 +42,6 @@ __all__ = ["COAP_DEFAULTS", "COAP_OPTIONS", "LowRankOptimizer", "layout_of"]
 #: norms the per-tensor Python cost is most of a step's time. Larger ones go one by one, so that
 #: the bulk update's temporaries (two per tensor, alive at once) stay small.
 BULK_MAX_NUMEL = 2**16
-
-_ROUTING_KEYS = ("coap", "rank", "rank_ratio_matrix", "rank_ratio_cnn", "min_conv_numel", "projection_side")
-
-
-@lru_cache(maxsize=4096)
-def _cached_route(shape: tuple[int, ...], options: tuple[Any, ...]) -> Layout:
-    return route(shape, dict(zip(_ROUTING_KEYS, options)))
-
-
-def layout_of(param: Tensor, group: dict[str, Any]) -> Layout:
-    """The :class:`Layout` of ``param`` under ``group``'s options (global shapes for a DTensor).
-
-    A parameter sharded on dim 0 (FSDP2) with ``projection_side=None`` gets ``P`` on its input
-    side (dim 1), which is not sharded.
-    """
-    options = {key: group.get(key) for key in _ROUTING_KEYS}
-    if options["projection_side"] is None and placement.sharded_on_rows(param):
-        options["projection_side"] = "input"
-    return _cached_route(tuple(param.shape), tuple(options.values()))
-
 
 def _compute_dtype(param: Tensor) -> torch.dtype:
     # Moments, projections and the update math are float32 (float64 for float64 params):
@@ -223,7 +202,7 @@ class LowRankOptimizer(Optimizer):
         shard = placement.placement_of(param, index)
         layout = layout_of(param, group)
         if shard is not None:
-            layout = placement.shard_layout(layout, shard, index)
+            layout = shard_layout(layout, shard, index)
         self.rule.check_param(layout, shard, index)
         state = self.state.get(param)
         if state:

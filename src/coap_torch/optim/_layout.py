@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Literal
 
 from torch import Tensor
 
 from ..functional.moments import rotate_first_moment, rotate_second_moment
 from ..functional.tucker import conv_ranks, mode_matrices, tucker2_add_restored_, tucker2_project, tucker2_restore
+from . import _placement as placement
 
 #: The rank ratio used when neither ``rank`` nor the matching ``rank_ratio_*`` is set.
 DEFAULT_RANK_RATIO = 2.0
@@ -221,3 +223,44 @@ def _matrix_layout(shape: tuple[int, ...], matrix_shape: tuple[int, ...], rank: 
     if min(m, n) <= rank:
         return Layout("dense", shape)
     return Layout("matrix", shape, (rank,), transposed=m < n and not input_side)
+
+
+_ROUTING_KEYS = ("coap", "rank", "rank_ratio_matrix", "rank_ratio_cnn", "min_conv_numel", "projection_side")
+
+
+@lru_cache(maxsize=4096)
+def _cached_route(shape: tuple[int, ...], options: tuple[Any, ...]) -> Layout:
+    return route(shape, dict(zip(_ROUTING_KEYS, options)))
+
+
+def layout_of(param: Tensor, group: dict[str, Any]) -> Layout:
+    """The :class:`Layout` of ``param`` under ``group``'s options (global shapes for a DTensor).
+
+    A parameter sharded on dim 0 (FSDP2) with ``projection_side=None`` gets ``P`` on its input
+    side (dim 1), which is not sharded.
+    """
+    options = {key: group.get(key) for key in _ROUTING_KEYS}
+    if options["projection_side"] is None and placement.sharded_on_rows(param):
+        options["projection_side"] = "input"
+    return _cached_route(tuple(param.shape), tuple(options.values()))
+
+
+def shard_layout(layout: Layout, shard: placement.RowShard, index: int) -> Layout:
+    """The layout of this rank's rows; refuses what cannot be projected without per-step collectives."""
+    where = f"{placement.describe_shape(shard.global_shape, index)} sharded on dim 0 (FSDP2)"
+    local_shape = (shard.rows, *shard.global_shape[1:])
+    if layout.kind == "dense":
+        return Layout("dense", local_shape)
+    if layout.kind == "tucker" or len(layout.shape) == 3:
+        what = "a Tucker-2 conv kernel" if layout.kind == "tucker" else "a stack of matrices"
+        raise ValueError(
+            f"{where}: {what} cannot be projected on a row shard without collectives at every step; "
+            "put it in a param group with coap=False, or use DistributedDataParallel"
+        )
+    if layout.transposed:
+        raise ValueError(
+            f"{where}: projection_side='smaller' puts P on the sharded side of this wide matrix, which would "
+            "need an all-reduce at every step; use projection_side=None or 'input' (P on the unsharded side)"
+        )
+    return Layout("matrix", local_shape, layout.ranks)
+

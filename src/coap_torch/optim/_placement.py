@@ -19,8 +19,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._layout import Layout
-
 SUPPORTED = "use DistributedDataParallel, or FSDP2 (fully_shard) on a 1-D device mesh"
 
 #: State that is the same on every rank of a row-sharded parameter (the projections, the step,
@@ -167,26 +165,6 @@ def to_dtensor_like(local_tensor: Tensor, shard: RowShard, global_rows: int) -> 
     shape = (global_rows, *local_tensor.shape[1:])
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(local_tensor, shard.mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
-
-
-def shard_layout(layout: Layout, shard: RowShard, index: int) -> Layout:
-    """The layout of this rank's rows; refuses what cannot be projected without per-step collectives."""
-    where = f"{describe_shape(shard.global_shape, index)} sharded on dim 0 (FSDP2)"
-    local_shape = (shard.rows, *shard.global_shape[1:])
-    if layout.kind == "dense":
-        return Layout("dense", local_shape)
-    if layout.kind == "tucker" or len(layout.shape) == 3:
-        what = "a Tucker-2 conv kernel" if layout.kind == "tucker" else "a stack of matrices"
-        raise ValueError(
-            f"{where}: {what} cannot be projected on a row shard without collectives at every step; "
-            "put it in a param group with coap=False, or use DistributedDataParallel"
-        )
-    if layout.transposed:
-        raise ValueError(
-            f"{where}: projection_side='smaller' puts P on the sharded side of this wide matrix, which would "
-            "need an all-reduce at every step; use projection_side=None or 'input' (P on the unsharded side)"
-        )
-    return Layout("matrix", local_shape, layout.ranks)
 
 
 def store_sharded(stored: dict[str, Any], state: dict[str, Any], shard: RowShard) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..optim._base import layout_of
+from ..optim._layout import layout_of
 from ..optim._options import COAP_DEFAULTS
 from ..optim._sharded import correlation_step_payload_bytes, low_cost_svd_payload_bytes
 from .estimate import _groups
