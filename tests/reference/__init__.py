@@ -1,0 +1,1 @@
+"""The float64 reference implementation (the oracle of the parity tests)."""
