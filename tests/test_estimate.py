@@ -1,11 +1,10 @@
-"""estimate_state_bytes against the real optimizer state, to the byte, for every optimizer name."""
+"""estimate_state_bytes against the real optimizer state, to the byte, for each of our optimizers.
+
+Other libraries' optimizers are the benchmark suite's (benchmarks/tests/test_state_layouts.py)."""
 
 from __future__ import annotations
 
 import doctest
-import sys
-import time
-import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -19,9 +18,8 @@ from coap_torch.utils.estimate import OPTIMIZER_NAMES
 
 COAP = {"coap_adamw": CoapAdamW, "coap_adamw8bit": CoapAdamW8bit,
         "coap_adafactor": CoapAdafactor, "coap_adafactor8bit": CoapAdafactor8bit}  # fmt: skip
-GALORE = {"galore_adamw": "GaLoreAdamW", "galore_adamw8bit": "GaLoreAdamW8bit", "galore_adafactor": "GaLoreAdafactor"}
 ADAFACTOR = {"beta1": 0.9, "lr": 1e-3, "relative_step": False}
-# Refreshes at steps 2 (Eq. 2 step) and 4 (low-cost SVD) for COAP, every 2 steps for GaLore.
+# Refreshes at steps 2 (Eq. 2 step) and 4 (low-cost SVD).
 COAP_OPTIONS = {"rank_ratio_matrix": 2, "rank_ratio_cnn": 2, "update_interval": 2, "reproject_factor": 2}
 
 
@@ -36,26 +34,10 @@ def _one_thread():
 
 def _options(name: str) -> dict:
     options = dict(ADAFACTOR) if "adafactor" in name else {}
-    if name in COAP:
-        options.update(COAP_OPTIONS)
+    options.update(COAP_OPTIONS)
     if name.endswith("8bit"):
         options["min_8bit_size"] = 256  # small models: exercise both the 8-bit and the float32 paths
     return options
-
-
-def _real(name: str, params, options: dict) -> torch.optim.Optimizer:
-    if name in COAP:
-        return COAP[name](params, **options)
-    if name == "adamw":
-        return torch.optim.AdamW(params, **options)
-    if name == "adafactor":
-        return pytest.importorskip("transformers.optimization").Adafactor(params, **options)
-    if name == "adamw8bit":
-        return pytest.importorskip("bitsandbytes").optim.AdamW8bit(params, **options)
-    galore = pytest.importorskip("galore_torch")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return getattr(galore, GALORE[name])(params, **options)
 
 
 # -- the models ------------------------------------------------------------------------------------
@@ -77,14 +59,6 @@ def _cnn() -> tuple[nn.Module, callable]:
     return model, lambda: model(torch.randn(32, 3, 6, 6)).square().mean()
 
 
-def _llama() -> tuple[nn.Module, callable]:
-    pytest.importorskip("transformers")
-    from coap_torch.bench.llama_model import LlamaPreset, build_llama
-
-    model = build_llama(LlamaPreset(64, 128, 2, 2, 32), 101, seed=0)
-    return model, lambda: model(input_ids=torch.randint(0, 101, (8, 32)), labels=torch.randint(0, 101, (8, 32))).loss
-
-
 def _unet() -> tuple[nn.Module, callable]:
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
@@ -96,25 +70,7 @@ def _unet() -> tuple[nn.Module, callable]:
     return model, lambda: model(torch.randn(16, 3, 8, 8), torch.randint(0, 1000, (16,))).sample.square().mean()
 
 
-MODELS = {"mlp": _mlp, "cnn": _cnn, "llama": _llama, "unet": _unet}
-
-
-def _inputs(name: str, model: nn.Module) -> tuple[object, object, dict]:
-    """(what the estimator gets, what the real optimizer gets, options): the same configuration."""
-    options = _options(name)
-    if name.startswith("galore_"):
-        matrices = [p for p in model.parameters() if p.ndim == 2 and min(p.shape) > 8]
-        rest = [p for p in model.parameters() if all(p is not q for q in matrices)]
-        groups = [{"params": matrices, "rank": 8, "update_proj_gap": 2, "scale": 1.0, "proj_type": "std"},
-                  {"params": rest}]  # fmt: skip
-        return groups, groups, options
-    if name in COAP and hasattr(model, "lm_head"):  # the paper's LLaMA recipe: embeddings and head dense
-        from coap_torch.bench.llama_model import projected_parameter_groups
-
-        split = projected_parameter_groups(model, "paper")
-        named = [{"params": split.projected}, {"params": split.dense, "coap": False}]
-        return named, split.param_groups(dense_options={"coap": False}), options
-    return model, model.parameters(), options
+MODELS = {"mlp": _mlp, "cnn": _cnn, "unet": _unet}
 
 
 def _per_parameter(optimizer: torch.optim.Optimizer) -> list[int]:
@@ -131,17 +87,19 @@ def _nonzero(by_key: dict[str, int]) -> dict[str, int]:
     return {key: value for key, value in by_key.items() if value}
 
 
+def test_the_names_are_our_four_optimizers():
+    assert OPTIMIZER_NAMES == tuple(COAP)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # rank-deficient first gradients of tiny models
 @pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
-def test_estimate_matches_the_real_state_to_the_byte(name, model_name, monkeypatch):
-    # GaLore's 8-bit AdamW synchronizes CUDA after every parameter; on a CPU-only build that raises.
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+def test_estimate_matches_the_real_state_to_the_byte(name, model_name):
     torch.manual_seed(0)
     model, loss = MODELS[model_name]()
-    estimated_from, params, options = _inputs(name, model)
-    estimate = estimate_state_bytes(estimated_from, name, **options)
-    optimizer = _real(name, params, options)
+    options = _options(name)
+    estimate = estimate_state_bytes(model, name, **options)
+    optimizer = COAP[name](model.parameters(), **options)
     for step in range(1, 6):  # across both kinds of refresh
         optimizer.zero_grad()
         loss().backward()
@@ -152,22 +110,6 @@ def test_estimate_matches_the_real_state_to_the_byte(name, model_name, monkeypat
             assert _per_parameter(optimizer) == list(estimate.per_parameter.values())
 
 
-def test_a_7b_model_on_meta_costs_nothing():
-    pytest.importorskip("transformers")
-    from coap_torch.bench.llama_model import build_llama, projected_parameter_groups
-
-    model = build_llama("7b", 32000, seed=0, device="meta", dtype=torch.bfloat16)
-    split = projected_parameter_groups(model, "paper")
-    groups = split.param_groups(projected_options={"rank": 1024}, dense_options={"coap": False})
-    started = time.perf_counter()
-    adamw = estimate_state_bytes(model, "adamw")
-    coap = estimate_state_bytes(groups, "coap_adamw8bit")
-    assert time.perf_counter() - started < 2.0
-    assert adamw.total == 2 * 2 * sum(p.numel() for p in model.parameters())  # two bf16 moments
-    assert coap.by_key["proj"] == 4 * 32 * (4 * 4096 * 1024 + 3 * 4096 * 1024)  # float32 P, every matrix
-    assert all(p.device.type == "meta" for p in model.parameters())
-
-
 def test_inputs_module_tensors_named_pairs_and_groups_agree():
     model, _ = _mlp()
     by_module = estimate_state_bytes(model, "coap_adamw")
@@ -176,6 +118,23 @@ def test_inputs_module_tensors_named_pairs_and_groups_agree():
     assert estimate_state_bytes(list(model.named_parameters()), "coap_adamw").per_parameter == by_module.per_parameter
     groups = [{"params": list(model.named_parameters())[:2]}, {"params": list(model.named_parameters())[2:]}]
     assert estimate_state_bytes(groups, "coap_adamw").per_parameter == by_module.per_parameter
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # rank-deficient first gradients of tiny models
+def test_groups_with_a_dense_opt_out_match_the_real_state():
+    torch.manual_seed(0)
+    model, loss = _mlp()
+    named = list(model.named_parameters())
+    estimate = estimate_state_bytes([{"params": named[:2]}, {"params": named[2:], "coap": False}], "coap_adamw",
+                                    **COAP_OPTIONS)
+    optimizer = CoapAdamW([{"params": [p for _, p in named[:2]]}, {"params": [p for _, p in named[2:]], "coap": False}],
+                          **COAP_OPTIONS)
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    assert optimizer_state_nbytes(optimizer) == estimate.total
+    assert _per_parameter(optimizer) == list(estimate.per_parameter.values())
 
 
 def test_group_options_and_opt_out():
@@ -189,25 +148,18 @@ def test_group_options_and_opt_out():
 def test_result_type_and_frozen_parameters():
     model, _ = _mlp()
     model[0].requires_grad_(False)
-    estimate = estimate_state_bytes(model, "adamw")
+    estimate = estimate_state_bytes(model, "coap_adamw")
     assert isinstance(estimate, StateEstimate) and int(estimate) == estimate.total
     assert estimate.per_parameter["0.weight"] == 0 and estimate.per_parameter["0.bias"] == 0
-    assert estimate.total == sum(estimate.per_parameter.values()) + estimate.shared
-    assert "adamw" in str(estimate) and "MiB" in str(estimate)
+    assert estimate.total == sum(estimate.per_parameter.values()) and estimate.shared == 0
+    assert "coap_adamw" in str(estimate) and "MiB" in str(estimate)
 
 
-def test_bitsandbytes_code_maps_count_once():
-    pytest.importorskip("bitsandbytes")
+@pytest.mark.parametrize("name", ["adam", "adamw", "galore_adamw"])
+def test_unknown_name_lists_the_known_ones_and_where_the_peers_are(name):
     model, _ = _mlp()
-    estimate = estimate_state_bytes(model, "adamw8bit", min_8bit_size=256)
-    assert estimate.shared == 2 * 256 * 4
-    assert estimate.by_key["qmap1"] == estimate.by_key["qmap2"] == 256 * 4
-
-
-def test_unknown_name_lists_the_known_ones():
-    model, _ = _mlp()
-    with pytest.raises(ValueError, match="unknown optimizer 'adam'.*coap_adamw8bit"):
-        estimate_state_bytes(model, "adam")
+    with pytest.raises(ValueError, match=f"unknown optimizer '{name}'.*coap_adamw8bit.*coap-bench memory"):
+        estimate_state_bytes(model, name)
 
 
 def test_bad_options_raise_the_optimizers_own_errors():
@@ -216,30 +168,8 @@ def test_bad_options_raise_the_optimizers_own_errors():
         estimate_state_bytes(model, "coap_adamw", rank_ratios=2)
     with pytest.raises(ValueError, match="rank_ratio_matrix"):
         estimate_state_bytes(model, "coap_adamw", rank_ratio_matrix=0.5)
-    with pytest.raises(TypeError, match="adamw: "):
-        estimate_state_bytes(model, "adamw", rank=4)
     with pytest.raises(ValueError, match="no parameters"):
-        estimate_state_bytes([], "adamw")
-
-
-def test_galore_options():
-    pytest.importorskip("galore_torch")
-    model, _ = _cnn()
-    with pytest.raises(ValueError, match="GaLore projects matrices only.*0.weight"):
-        estimate_state_bytes([{"params": list(model.named_parameters()), "rank": 4}], "galore_adamw")
-    with pytest.raises(ValueError, match="set 'rank' in the groups"):
-        estimate_state_bytes([{"params": list(model.parameters())}], "galore_adamw", rank=4)
-    # A model with rank=...: every matrix projected, everything else plain.
-    projected = estimate_state_bytes(model, "galore_adamw", rank=4)
-    assert projected.by_key["projector"] > 0 and projected.total < estimate_state_bytes(model, "galore_adamw").total
-
-
-def test_missing_peer_package_raises_import_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    monkeypatch.setitem(sys.modules, "bitsandbytes.optim", None)
-    model, _ = _mlp()
-    with pytest.raises(ImportError, match="bitsandbytes is not installed"):
-        estimate_state_bytes(model, "adamw8bit")
+        estimate_state_bytes([], "coap_adamw")
 
 
 def test_docstring_example_runs():
@@ -248,16 +178,14 @@ def test_docstring_example_runs():
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
-def test_bf16_parameters(name, monkeypatch):
-    """Each optimizer's own state dtypes: torch keeps bf16 moments, ours and Adafactor float32,
-    GaLore a compact bf16 projector (its float32 view only pins the SVD for float32 gradients)."""
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+def test_bf16_parameters(name):
+    """Our optimizers keep float32 state for bf16 parameters."""
     torch.manual_seed(0)
     model, _ = _mlp()
     model.to(torch.bfloat16)
-    estimated_from, params, options = _inputs(name, model)
-    estimate = estimate_state_bytes(estimated_from, name, **options)
-    optimizer = _real(name, params, options)
+    options = _options(name)
+    estimate = estimate_state_bytes(model, name, **options)
+    optimizer = COAP[name](model.parameters(), **options)
     model(torch.randn(64, 32, dtype=torch.bfloat16)).float().square().mean().backward()
     optimizer.step()
     assert optimizer_state_nbytes(optimizer) == estimate.total

@@ -1,0 +1,229 @@
+"""Training and scoring one DDPM run per optimizer (:func:`run_ddpm`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from coap_torch.utils import state_nbytes_by_kind
+
+from .._deps import require
+from .._quiet import gather_import_notes
+from ..environment import hardware, torch_threads, versions
+from ..frechet import FrechetScorer, frechet_scorer
+from ..images import ImageData, load_image_data
+from ..optimizers import OPTIMIZERS, build_optimizer
+from ..runner import checkpoint_workarounds
+from ..training import (
+    FINAL_LR_FRACTION,
+    LR_SWEEP_FACTORS,
+    FileCheckpoint,
+    TrainingLoop,
+    result_row,
+    run_fingerprint,
+    run_optimizers,
+    run_stem,
+    start_measuring,
+)
+from .data import HeldoutSet, ImageBatches, heldout_set
+from .model import build_unet, denoising_loss, evaluate_heldout, generate_samples, noise_scheduler, projection_summary
+from .presets import DDPM_PRESETS, DDPM_VARIANCE, SCHEDULER_CONFIG, DdpmConfig
+from .report import save_sample_grid
+
+__all__ = ["run_ddpm", "train_one"]
+
+#: Number of generated samples drawn in the PNG grid of each run (8 x 8).
+GRID_SAMPLES = 64
+#: Offsets between ``seed`` and the seeds of the batch stream and of the sampling noise.
+_BATCH_STREAM = 2**32
+_SAMPLE_STREAM = 2 * 2**32
+_CHECKPOINT_FORMAT = 1
+
+
+def _fingerprint(name: str, lr: float, config: DdpmConfig, data: ImageData) -> dict[str, Any]:
+    """What must match for a checkpoint to be continued."""
+    return run_fingerprint(name, lr, config, train_sha256=data.describe()["train_sha256"])
+
+
+def train_one(name: str, lr: float, config: DdpmConfig, data: ImageData, heldout: HeldoutSet,
+              scorer: FrechetScorer, fid_reference: tuple[Tensor, Tensor] | None,
+              checkpoint: Path | None) -> dict[str, Any]:
+    """Train a fresh UNet (or continue ``checkpoint``) with optimizer ``name`` at peak ``lr``, then score it."""
+    with torch_threads(config.threads):
+        return _train_one(name, lr, config, data, heldout, scorer, fid_reference, checkpoint)
+
+
+class _DdpmLoop(TrainingLoop):
+    """The training loop of one DDPM run, with held-out evaluations before and during training
+    (every ``eval_every`` steps), logged in ``heldout_curve`` and kept in checkpoints."""
+
+    def __init__(self, *args: Any, noise: Any, heldout: HeldoutSet, config: DdpmConfig, **kwargs: Any) -> None:
+        super().__init__(*args, config=config, logs={"heldout_curve": []}, **kwargs)
+        self.noise, self.heldout = noise, heldout
+        self.eval_every, self.eval_batch_size = config.eval_every, config.eval_batch_size
+
+    def evaluate(self, step: int) -> float:
+        loss = evaluate_heldout(self.model, self.noise, self.heldout, self.eval_batch_size)
+        self.logs["heldout_curve"].append({"step": step, "loss": loss})
+        return loss
+
+    def before_steps(self) -> None:
+        if self.eval_every and self.start_step == 0:
+            self.evaluate(0)
+
+    def after_step(self, step: int) -> None:
+        if self.eval_every and step % self.eval_every == 0 and step != self.steps:
+            self.evaluate(step)
+
+
+def _train_one(name: str, lr: float, config: DdpmConfig, data: ImageData, heldout: HeldoutSet,
+               scorer: FrechetScorer, fid_reference: tuple[Tensor, Tensor] | None,
+               checkpoint: Path | None) -> dict[str, Any]:
+    tqdm = require("tqdm").tqdm
+    spec = OPTIMIZERS[name]
+    settings = config.settings()
+    device = torch.device(config.device)
+    baseline_rss = start_measuring(device)
+    model = build_unet(DDPM_PRESETS[config.preset], seed=config.seed, device=device)
+    model.train()
+    scheduler_ = noise_scheduler()
+    optimizer = build_optimizer(name, list(model.parameters()), [], lr, settings)
+    batches = ImageBatches(data.train, config.batch_size, scheduler_.config.num_train_timesteps,
+                           seed=config.seed + _BATCH_STREAM)
+    label = name if not config.lr_sweep else f"{name} lr={lr:g}"
+    loop = _DdpmLoop(model, optimizer, batches, lambda batch: denoising_loss(model, scheduler_, *batch),
+                     noise=scheduler_, heldout=heldout, config=config, device=device, label=label,
+                     next_batch=lambda: tuple(t.to(device) for t in batches.next()))
+    workarounds = checkpoint_workarounds(spec, checkpoint)
+    if checkpoint is not None:
+        loop.resume(FileCheckpoint(checkpoint, spec, _fingerprint(name, lr, config, data), _CHECKPOINT_FORMAT))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        loop.run()
+    heldout_curve = loop.logs["heldout_curve"]
+    heldout_loss = loop.evaluate(len(loop.losses))
+    if not config.eval_every:
+        heldout_curve.clear()
+
+    sampling_started = time.perf_counter()
+    chunks = math.ceil(config.samples / config.eval_batch_size)
+    with tqdm(total=chunks * config.sample_steps, desc=f"{label} sampling", file=sys.stderr, leave=False,
+              disable=not config.progress, unit="step") as bar:
+        samples = generate_samples(model, config.samples, sampler=config.sampler, steps=config.sample_steps,
+                                   seed=config.seed + _SAMPLE_STREAM, batch_size=config.eval_batch_size,
+                                   progress=bar)
+    sampling_seconds = time.perf_counter() - sampling_started
+    finite = bool(torch.isfinite(samples).all())
+    frechet = scorer.score(samples) if finite else float("nan")
+    fid = None
+    if fid_reference is not None and finite:
+        from ..frechet import frechet_distance, gaussian_statistics, inception_features, inception_fid_features
+
+        features = inception_fid_features(samples, inception_features(device)[1])
+        fid = frechet_distance(*gaussian_statistics(features), *fid_reference)
+    grid = None
+    if config.plots:
+        grid = save_sample_grid(samples[:GRID_SAMPLES],
+                                Path(config.plots) / f"ddpm_samples_{run_stem(name, lr, config.lr_sweep)}.png")
+
+    messages = list(dict.fromkeys(f"{w.category.__name__}: {str(w.message).strip()}" for w in caught))
+    return result_row(
+        name, spec, lr,
+        **loop.measurements(spec, settings, items_per_step=config.batch_size, throughput="images_per_s"),
+        state_bytes_by_kind=state_nbytes_by_kind(optimizer),
+        projected=projection_summary(optimizer, spec.family),
+        rss_before_model_bytes=baseline_rss if device.type == "cpu" else None,
+        heldout_loss=heldout_loss,
+        heldout_curve=heldout_curve,
+        classifier_frechet_distance=frechet,
+        fid=fid,
+        samples=config.samples,
+        sampling_seconds=sampling_seconds,
+        sample_grid=str(grid) if grid is not None else None,
+        workarounds=workarounds,
+        warnings=messages[:5],
+    )
+
+
+#: Measurements listed for every lr of a sweep.
+_SWEEP_KEYS = ("lr", "heldout_loss", "final_loss", "classifier_frechet_distance", "first_nonfinite_step", "error")
+
+
+def run_ddpm(config: DdpmConfig) -> dict[str, Any]:
+    """Train once per optimizer of ``config``; return ``{"config", "data", "versions", "hardware", "argv", "results"}``.
+
+    With ``lr_sweep``, each optimizer runs at its lr times
+    :data:`~coap_bench.training.LR_SWEEP_FACTORS` and the run with the lowest held-out loss is
+    kept (all of them are listed in its ``lr_sweep``). A run that raises (or whose process dies)
+    is a result with ``failed: True`` and its ``error``. Ratios to AdamW are added when ``adamw`` ran.
+    ``import_notes`` says what packages printed while the runs imported them.
+    """
+    config = config.resolved()
+    with torch_threads(config.threads):
+        return _run_ddpm(config)
+
+
+def _run_ddpm(config: DdpmConfig) -> dict[str, Any]:
+    preset = DDPM_PRESETS[config.preset]
+    if config.fid:  # fail before training when real FID cannot work here
+        from ..frechet import inception_features
+
+        backend, _ = inception_features(config.device)
+    data = load_image_data(preset.resolution, preset.channels, image_dir=config.image_dir, cifar10=config.cifar10,
+                           max_images=config.max_images)
+    if config.batch_size > len(data.train):
+        raise ValueError(f"batch size {config.batch_size} exceeds the {len(data.train)} training images")
+    num_timesteps = SCHEDULER_CONFIG["num_train_timesteps"]
+    heldout = heldout_set(data.heldout, config.heldout_repeats, num_timesteps)
+    scorer = frechet_scorer(data, samples=config.samples, seed=config.seed, steps=config.classifier_steps)
+    fid_reference = None
+    fid_info = None
+    if config.fid:
+        from ..frechet import gaussian_statistics, inception_features, inception_fid_features
+
+        real_features = inception_fid_features(data.train, inception_features(config.device)[1])
+        fid_reference = gaussian_statistics(real_features)
+        fid_info = {"backend": backend, "reference": f"{len(data.train)} training images (as in the paper)"}
+
+    results = run_optimizers(config, train_one, (config, data, heldout, scorer, fid_reference), _SWEEP_KEYS)
+    base = next((r for r in results if r["name"] == "adamw" and not r.get("failed")), None)
+    for result in results:
+        if base is not None and not result.get("failed") and base.get("classifier_frechet_distance"):
+            result["classifier_frechet_distance_ratio_to_adamw"] = (
+                result["classifier_frechet_distance"] / base["classifier_frechet_distance"])
+
+    settings = dataclasses.asdict(config)
+    settings["optimizers"] = list(config.optimizers)
+    settings.update(
+        low_rank=dataclasses.asdict(config.settings()),
+        lrs={name: config.lr_for(name) for name in config.optimizers},
+        unet=_jsonable(preset.unet_config()),
+        scheduler={**SCHEDULER_CONFIG, "variance_type": DDPM_VARIANCE},
+        parameters=preset.num_parameters(),
+        heldout_evaluations=len(heldout.images),
+        lr_sweep_factors=list(LR_SWEEP_FACTORS) if config.lr_sweep else None,
+        final_lr_fraction=FINAL_LR_FRACTION,
+        torch_threads=torch.get_num_threads(),
+        frechet=scorer.info,
+        fid=fid_info,
+    )
+    return {"config": settings, "data": data.describe(), "versions": versions(),
+            "hardware": hardware(config.device), "argv": list(config.argv), "results": results,
+            "import_notes": gather_import_notes(results)}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value
+

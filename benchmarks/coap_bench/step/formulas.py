@@ -1,0 +1,121 @@
+"""Closed forms of the state bytes (README, "The four optimizers") for one projected ``(m, n)`` matrix, and
+the state bytes each optimizer holds after one step, against them (section 1 of ``coap-bench step``)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from coap_torch import optimizer_state_nbytes
+from coap_torch.utils import state_nbytes_by_kind
+
+from .settings import BLOCK_SIZE, MIN_8BIT_SIZE, coap_optimizer, fresh_param
+
+
+def moment_8bit_bytes(numel: int, block_size: int = BLOCK_SIZE, min_8bit_size: int = MIN_8BIT_SIZE) -> int:
+    """Bytes of one moment of ``numel`` entries in an 8-bit optimizer: ``numel`` uint8 codes and one
+    float32 absmax per block (the last block rounded up) when ``numel >= min_8bit_size``, else
+    ``4 * numel`` (float32). This applies to every moment, 1-D accumulators included."""
+    if numel >= min_8bit_size:
+        return numel + 4 * math.ceil(numel / block_size)
+    return 4 * numel
+
+
+def coap_adamw_bytes(shape: tuple[int, int], rank: int, element_size: int = 4) -> int:
+    """``CoapAdamW``: ``4 (2 m r + n r)`` (m >= n): two moments (m, r) and ``P`` (n, r)."""
+    big, small = max(shape), min(shape)
+    return element_size * (2 * big * rank + small * rank)
+
+
+def coap_adamw8bit_bytes(
+    shape: tuple[int, int], rank: int, block_size: int = BLOCK_SIZE, min_8bit_size: int = MIN_8BIT_SIZE
+) -> int:
+    """``CoapAdamW8bit``: ``4 n r + 2 m r + 8 ceil(m r / 256)`` (m >= n): ``P`` in float32, both
+    moments 8-bit (float32 if ``m r < min_8bit_size``)."""
+    big, small = max(shape), min(shape)
+    return 4 * small * rank + 2 * moment_8bit_bytes(big * rank, block_size, min_8bit_size)
+
+
+def coap_adafactor_bytes(shape: tuple[int, int], rank: int, beta1: bool = True) -> int:
+    """``CoapAdafactor``: ``4 (n r + m r + m + r)`` with ``beta1`` set, ``4 (n r + m + r)`` without
+    (m >= n): ``P`` (n, r), the first moment (m, r), row (m,) and column (r,) accumulators."""
+    big, small = max(shape), min(shape)
+    return 4 * (small * rank + (big * rank if beta1 else 0) + big + rank)
+
+
+def coap_adafactor8bit_bytes(
+    shape: tuple[int, int],
+    rank: int,
+    beta1: bool = True,
+    block_size: int = BLOCK_SIZE,
+    min_8bit_size: int = MIN_8BIT_SIZE,
+) -> int:
+    """``CoapAdafactor8bit``: ``4 n r + m r + 4 ceil(m r / 256) + 4 (m + r)`` with ``beta1`` set
+    (m >= n), where an accumulator with ``>= min_8bit_size`` entries is 8-bit too: the row
+    accumulator (m,) costs ``m + 4 ceil(m / 256)`` when ``m >= 4096``, the column one (r,) likewise."""
+    big, small = max(shape), min(shape)
+    first = moment_8bit_bytes(big * rank, block_size, min_8bit_size) if beta1 else 0
+    rows = moment_8bit_bytes(big, block_size, min_8bit_size)
+    cols = moment_8bit_bytes(rank, block_size, min_8bit_size)
+    return 4 * small * rank + first + rows + cols
+
+
+def adamw_bytes(shape: tuple[int, int]) -> int:
+    """``torch.optim.AdamW``: ``8 m n``."""
+    return 8 * shape[0] * shape[1]
+
+
+#: The closed form of each COAP optimizer, as configured by :func:`coap_optimizer`.
+FORMULAS: dict[str, Callable[[tuple[int, int], int], int]] = {
+    "CoapAdamW": coap_adamw_bytes,
+    "CoapAdamW8bit": coap_adamw8bit_bytes,
+    "CoapAdafactor": coap_adafactor_bytes,
+    "CoapAdafactor8bit": coap_adafactor8bit_bytes,
+}
+FORMULA_TEXT = {
+    "CoapAdamW": "4*(2*m*r + n*r)",
+    "CoapAdamW8bit": "4*n*r + 2*q(m*r)",
+    "CoapAdafactor": "4*(n*r + m*r + m + r)",
+    "CoapAdafactor8bit": "4*n*r + q(m*r) + q(m) + q(r)",
+}
+FORMULA_NOTE = (
+    "m = max(m,n), n = min(m,n); q(k) = k + 4*ceil(k/256) (uint8 codes + fp32 absmax per block) if "
+    "k >= min_8bit_size = 4096, else 4*k (fp32)"
+)
+
+
+def formula_bytes(shape: tuple[int, int], rank: int, element_size: int = 4) -> int:
+    """CoapAdamW's closed form (kept under its old name)."""
+    return coap_adamw_bytes(shape, rank, element_size)
+
+
+def measure_state_bytes(
+    name: str, shape: tuple[int, int], args: argparse.Namespace, weight: Tensor, grad: Tensor
+) -> tuple[nn.Parameter, torch.optim.Optimizer, dict[str, Any]]:
+    """Build optimizer ``name`` on a copy of ``weight``, take one step, and compare its state bytes
+    with the closed form. Returns the parameter, the optimizer and the row for the JSON."""
+    param = fresh_param(weight, grad)
+    opt = coap_optimizer(param, args, name)
+    opt.step()
+    measured = optimizer_state_nbytes(opt)
+    formula = FORMULAS[name](shape, args.rank)
+    row = {
+        "measured_bytes": measured,
+        "measured_bytes_incl_step": optimizer_state_nbytes(opt, include_step=True),
+        "formula_bytes": formula,
+        "minus_formula_bytes": measured - formula,
+        "formula": FORMULA_TEXT[name],
+        "bytes_by_key": state_nbytes_by_kind(opt),
+        "state_shapes": {
+            k: [list(v.shape), str(v.dtype).replace("torch.", "")]
+            for k, v in opt.state[param].items()
+            if isinstance(v, Tensor) and k != "step"
+        },
+        "equal_formula": measured == formula,
+    }
+    return param, opt, row

@@ -1,0 +1,101 @@
+"""The benchmark's optimizer registry and recipes: every low-rank method gets the same projected set and rank."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+from coap_bench.llama import PAPER_RANKS, recipe_settings
+from coap_bench.optimizers import (
+    DEFAULT_OPTIMIZERS,
+    OPTIMIZERS,
+    LowRankSettings,
+    build_optimizer,
+    low_rank_groups,
+    parse_optimizer_names,
+)
+
+
+def _params() -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    gen = torch.Generator().manual_seed(0)
+    projected = [nn.Parameter(torch.randn(48, 32, generator=gen)), nn.Parameter(torch.randn(16, 40, generator=gen)),
+                 nn.Parameter(torch.randn(6, 40, generator=gen)), nn.Parameter(torch.randn(32, generator=gen)),
+                 nn.Parameter(torch.randn(8, 4, 3, 3, generator=gen))]
+    dense = [nn.Parameter(torch.randn(50, 32, generator=gen))]
+    return projected, dense
+
+
+def test_paper_recipe_follows_the_papers_scripts():
+    tiny = recipe_settings("paper", "tiny")
+    assert (tiny.rank, tiny.update_interval, tiny.reproject_factor, tiny.scale, tiny.proj_gap) == (64, 40, 5, 0.25, 200)
+    assert recipe_settings("paper", "1b").rank == 512 and recipe_settings("paper", "60m").rank == 128
+    seven = recipe_settings("paper", "7b")
+    assert (seven.rank, seven.update_interval, seven.reproject_factor) == (1024, 100, 1)
+    assert PAPER_RANKS["130m"] == 256
+    # --rank-ratio replaces the recipe's rank for every low-rank optimizer; explicit options override the recipe.
+    ratio = recipe_settings("paper", "tiny", rank_ratio=8, update_interval=10, scale=1.0)
+    assert (ratio.rank, ratio.rank_ratio, ratio.update_interval, ratio.scale) == (None, 8, 10, 1.0)
+    assert ratio.rank_of((256, 688)) == 32
+    drop_in = recipe_settings("drop-in", "tiny")
+    assert (drop_in.rank, drop_in.rank_ratio, drop_in.update_interval, drop_in.scale) == (None, 2.0, 32, 1.0)
+    with pytest.raises(ValueError, match="unknown recipe 'nope'"):
+        recipe_settings("nope", "tiny")
+
+
+def test_galore_groups_project_what_coap_projects_at_the_same_rank():
+    projected, dense = _params()
+    settings = LowRankSettings(rank_ratio=4, update_interval=2, reproject_factor=2)
+    coap = build_optimizer("coap_adamw", projected, dense, 1e-3, settings)
+    for p in [*projected, *dense]:
+        p.grad = torch.randn_like(p)
+    coap.step()
+    coap_ranks = {id(p): coap.state[p]["proj"].shape[-1] for p in projected if "proj" in coap.state[p]}
+    groups = low_rank_groups(projected, dense, settings, update_proj_gap=200)
+    galore_ranks = {id(p): g["rank"] for g in groups if "rank" in g for p in g["params"]}
+    assert galore_ranks == coap_ranks and sorted(coap_ranks.values()) == [1, 4, 8]  # (6, 40), (16, 40), (48, 32)
+    # The conv kernel (neither peer projects kernels), the bias and the dense group stay dense.
+    rest = next(g for g in groups if "rank" not in g)["params"]
+    assert {id(p) for p in rest} == {id(p) for p in [*projected, *dense]} - set(galore_ranks)
+
+
+@pytest.mark.parametrize("name", [n for n, s in OPTIMIZERS.items() if s.family in ("dense", "coap")])
+def test_every_builtin_and_torch_optimizer_builds_and_steps(name):
+    projected, dense = _params()
+    optimizer = build_optimizer(name, projected, dense, 1e-3, LowRankSettings())
+    before = [p.detach().clone() for p in [*projected, *dense]]
+    for p in [*projected, *dense]:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, [*projected, *dense]))
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in [*projected, *dense]}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("galore_torch") is None, reason="galore-torch not installed")
+@pytest.mark.parametrize("name", ["galore_adamw", "galore_adafactor"])
+def test_galore_peers_build_and_step_on_cpu(name):
+    projected, dense = _params()
+    optimizer = build_optimizer(name, projected, dense, 1e-3, LowRankSettings(rank_ratio=4))
+    for p in [*projected, *dense]:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    assert OPTIMIZERS[name].safe_globals()  # its projector class, allowlisted for weights_only checkpoints
+
+
+def test_refresh_schedules():
+    settings = LowRankSettings(update_interval=4, proj_gap=5)
+    coap, galore, dense = OPTIMIZERS["coap_adamw"], OPTIMIZERS["galore_adamw"], OPTIMIZERS["adamw"]
+    assert [s for s in range(1, 13) if coap.refreshes_at(s, settings)] == [1, 4, 8, 12]
+    assert [s for s in range(1, 13) if galore.refreshes_at(s, settings)] == [1, 6, 11]
+    assert not any(dense.refreshes_at(s, settings) for s in range(1, 13))
+
+
+def test_names():
+    assert set(DEFAULT_OPTIMIZERS) <= set(OPTIMIZERS)
+    assert parse_optimizer_names(" adamw, coap_adamw,adamw ") == ["adamw", "coap_adamw"]
+    with pytest.raises(ValueError, match="unknown optimizer 'nope'"):
+        parse_optimizer_names("adamw,nope")
+    with pytest.raises(ValueError, match="unknown optimizer 'nope'"):
+        build_optimizer("nope", [], [], 1e-3, LowRankSettings())
