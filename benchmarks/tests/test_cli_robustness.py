@@ -188,7 +188,7 @@ def test_a_non_finite_setting_is_a_usage_error(tmp_path, command, flag, value):
 # ---------------------------------------------------------------------------------- runs that fail
 
 
-@pytest.mark.parametrize("command", ["digits", "llama"])
+@pytest.mark.parametrize("command", ["digits", pytest.param("llama", marks=pytest.mark.slow)])
 def test_a_run_that_ends_non_finite_exits_non_zero_with_its_results_written(tmp_path, corpus, cache, command):
     path = tmp_path / "r.json"
     args = (["digits", "--steps", "2", "--batch-size", "16", "--optimizers", "adamw", "--no-progress"]
@@ -246,7 +246,8 @@ def _damage(kind: str, path: Path) -> None:
         path.write_bytes(b"" if kind == "empty" else b"not a checkpoint at all")
 
 
-@pytest.mark.parametrize("kind", ["truncated", "refused"])
+# "refused" through the command is slow tier: the loader's test below refuses it in-process.
+@pytest.mark.parametrize("kind", ["truncated", pytest.param("refused", marks=pytest.mark.slow)])
 def test_a_damaged_checkpoint_stops_the_command_with_one_line_naming_it(tmp_path, corpus, cache, kind):
     folder = tmp_path / "checkpoints"
     folder.mkdir()

@@ -52,6 +52,7 @@ def test_digits_compares_adamw_and_coap(tmp_path, capsys):
     assert (tmp_path / "plots" / "digits_loss.png").exists() or "matplotlib is not installed" in captured.err
 
 
+@pytest.mark.slow  # six optimizers; test_digits_compares_adamw_and_coap runs the command in the fast tier
 def test_default_run_has_every_optimizer_next_to_its_dense_counterpart(tmp_path):
     pytest.importorskip("transformers")
     results = {r["name"]: r for r in _run(tmp_path, "--steps", "6")["results"]}
@@ -62,6 +63,7 @@ def test_default_run_has_every_optimizer_next_to_its_dense_counterpart(tmp_path)
     assert all(math.isfinite(r["final_loss"]) for r in results.values())
 
 
+@pytest.mark.slow  # two full runs; seeded determinism is also what the resume tests check
 def test_same_seed_same_losses(tmp_path):
     first = _run(tmp_path, "--seed", "3", name="a.json")
     second = _run(tmp_path, "--seed", "3", name="b.json")

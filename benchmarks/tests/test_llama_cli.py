@@ -73,6 +73,7 @@ def test_llama_compares_adamw_and_coap(tmp_path, capsys):
         assert "matplotlib is not installed" in out.err
 
 
+@pytest.mark.slow  # the same runner as ddpm, whose test of it is in the fast tier
 def test_each_run_gets_its_own_process_by_default(tmp_path):
     run = _run(tmp_path, "--steps", "2", "--optimizers", "adamw,coap_adamw", in_process=False)
     pids = {r["process_id"] for r in run["results"]}
@@ -113,8 +114,8 @@ def test_a_missing_peer_says_how_to_install_it(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("optimizers", ["adamw,coap_adamw,coap_adafactor8bit",
-                                        pytest.param("galore_adamw", marks=pytest.mark.skipif(
-                                            not HAS_GALORE, reason="galore-torch not installed"))])
+                                        pytest.param("galore_adamw", marks=[pytest.mark.slow, pytest.mark.skipif(
+                                            not HAS_GALORE, reason="galore-torch not installed")])])
 def test_resumed_run_ends_with_the_same_numbers(tmp_path, optimizers):
     common = ["--steps", "10", "--checkpoint-every", "4", "--warmup-steps", "2", "--optimizers", optimizers]
     whole = _run(tmp_path, *common, "--checkpoint-dir", str(tmp_path / "a"), name="whole.json")
@@ -143,6 +144,7 @@ def test_a_checkpoint_of_another_configuration_is_refused(tmp_path, capsys):
     assert "different run configuration (lr 0.001 there, 0.5 here)" in err, err  # what differs, and only that
 
 
+@pytest.mark.slow  # the same sweep code as ddpm, whose test of it is in the fast tier
 def test_lr_sweep_keeps_the_best_heldout_loss(tmp_path):
     run = _run(tmp_path, "--steps", "4", "--optimizers", "adamw", "--lr-sweep")
     (result,) = run["results"]

@@ -192,7 +192,9 @@ def _assert_identical(a, b, where: str = "") -> None:
         assert a == b, where
 
 
-@pytest.mark.parametrize("engine", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp2"])
+# Two interrupted torchrun runs each: slow tier (tests/distributed/test_fsdp.py resumes FSDP2 from DCP).
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
 def test_interrupted_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path, cache, engine, request):
     options = ["--distributed", engine, "--optimizers", "adamw,coap_adamw", *_CHECKPOINTS]
     if engine == "fsdp2":

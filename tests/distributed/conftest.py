@@ -1,14 +1,10 @@
-"""Multi-process tests: the optimizer table and the small nets of tests/optim are shared."""
+"""Multi-process tests: one intra-op thread per test process (the workers set their own)."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("torch.distributed")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "optim"))
 
 
 @pytest.fixture(autouse=True, scope="module")

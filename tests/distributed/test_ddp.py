@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _launch import launch
-from optim_helpers import OPTIMIZERS, batch, make_net
 from torch.nn.parallel import DistributedDataParallel
+
+from helpers.launch import launch
+from helpers.nets import batch, make_net
+from helpers.optim_db import OPTIMIZERS
 
 STEPS = 7
 BATCH = 64  # well above every rank of SmallNet (see the rank-deficiency note in low_cost_svd)

@@ -15,12 +15,12 @@ import math
 
 import pytest
 import torch
-from _launch import launch
-from fsdp_helpers import COAP, STEPS, full_tensor, make_shard_net, make_stack_net, snapshot, train
 
 from coap_torch import CoapAdafactor, CoapAdafactor8bit, CoapAdamW, CoapAdamW8bit
 from coap_torch.optim import enable_per_layer_updates
 from coap_torch.utils import estimate_fsdp2_communication
+from helpers.fsdp import COAP, STEPS, full_tensor, make_shard_net, make_stack_net, snapshot, train
+from helpers.launch import launch
 
 OPTIMIZERS = {
     "CoapAdamW": lambda params, **kw: CoapAdamW(params, **{**COAP, **kw}),

@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
-from _launch import launch
 
 from coap_torch import CoapAdafactor, CoapAdamW
+from helpers.launch import launch
 
 SHAPE = (64, 32)
 STEPS = 7  # update_interval=3, reproject_factor=2: an Eq. 2 step at 3, a low-cost SVD at 6

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optim_helpers import OPTIMIZERS, batch, make_net
 
 from coap_torch import CoapAdamW
 from coap_torch.optim import enable_per_layer_updates
 from coap_torch.utils.allocations import PeakAllocations
+from helpers.nets import batch, make_net
+from helpers.optim_db import OPTIMIZERS
 
 STEPS = 7  # T_u=3, lambda=2: crosses an Eq. 2 step (3) and a re-projection (6)
 

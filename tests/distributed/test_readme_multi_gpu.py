@@ -1,4 +1,5 @@
-"""The README's multi-process snippets (```py blocks that start with a torchrun line) run as written.
+"""The multi-process snippets of docs/distributed.md and the README (```py blocks that start with a
+torchrun line) run as written.
 
 tests/test_docs.py executes the ```python blocks in one process; these need torchrun.
 """
@@ -12,18 +13,25 @@ import sys
 from pathlib import Path
 
 import pytest
-from _launch import free_port
 
-README = Path(__file__).resolve().parents[2] / "README.md"
-SCRIPTS = re.findall(r"```py\n# torchrun --nproc-per-node (\d+) (\S+)\n(.*?)```", README.read_text(), flags=re.DOTALL)
+from helpers.launch import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+PAGES = [ROOT / "docs" / "distributed.md", ROOT / "README.md"]
+SCRIPTS = [
+    script
+    for page in PAGES
+    if page.is_file()
+    for script in re.findall(r"```py\n# torchrun --nproc-per-node (\d+) (\S+)\n(.*?)```", page.read_text(), flags=re.DOTALL)
+]
 
 
-def test_the_readme_has_ddp_and_fsdp2_scripts():
+def test_the_docs_have_ddp_and_fsdp2_scripts():
     assert {name for _, name, _ in SCRIPTS} >= {"train_ddp.py", "train_fsdp2.py"}
 
 
 @pytest.mark.parametrize(("nproc", "name", "code"), SCRIPTS, ids=[name for _, name, _ in SCRIPTS])
-def test_readme_torchrun_script_runs(tmp_path, nproc, name, code):
+def test_torchrun_script_runs(tmp_path, nproc, name, code):
     script = tmp_path / name
     script.write_text(code)
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",

@@ -10,9 +10,9 @@ import types
 
 import pytest
 import torch
-from optim_helpers import batch, make_net
 
 from coap_torch import CoapAdamW
+from helpers.nets import batch, make_net
 
 
 def _flatten_like_zero(opt: torch.optim.Optimizer) -> None:

@@ -1,13 +1,8 @@
-"""The integration tests reuse the optimizer table and small nets of tests/optim."""
+"""Shared settings for the integration tests."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "optim"))
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optim_helpers import OPTIMIZERS, make_net, train
+
+from helpers.nets import make_net, train
+from helpers.optim_db import OPTIMIZERS
 
 
 def _swap_parameters(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optim_helpers import COAP_KWARGS, make_net, train
 
 from coap_torch import CoapAdamW, CoapAdamW8bit
 from coap_torch.optim._base import BULK_MAX_NUMEL
 from coap_torch.optim.adamw import AdamRule
+from helpers.nets import make_net, train
+from helpers.optim_db import COAP_KWARGS
 
 
 class _PerTensorAdam(AdamRule):

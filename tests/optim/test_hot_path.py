@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optim_helpers import COAP_KWARGS, OPTIMIZERS, make_net, train
 
 from coap_torch import CoapAdamW
+from helpers.nets import make_net, train
+from helpers.optim_db import COAP_KWARGS, OPTIMIZERS
 
 
 @pytest.mark.parametrize("make_opt", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
@@ -56,7 +57,7 @@ def test_cuda_matches_cpu(dtype, make_opt):
     gpu_model = make_net(dtype=dtype).cuda()
     cpu_opt = make_opt(cpu_model.parameters())
     gpu_opt = make_opt(gpu_model.parameters())
-    from optim_helpers import batch
+    from helpers.nets import batch
 
     for step in range(7):
         x, y = batch(step, dtype)

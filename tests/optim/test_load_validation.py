@@ -10,7 +10,9 @@ import warnings
 
 import pytest
 import torch
-from optim_helpers import OPTIMIZERS, SmallNet, batch, make_net, train
+
+from helpers.nets import SmallNet, batch, make_net, train
+from helpers.optim_db import OPTIMIZERS
 
 # SmallNet's parameters in optimizer order: 0 conv.weight (Tucker-2), 1 conv.bias,
 # 2 pointwise.weight (a 1x1 kernel, a matrix), 3 pointwise.bias, 4 fc1.weight (40, 192, wide),

@@ -65,7 +65,8 @@ def _train(make_opt, reduction: str, data, **options) -> tuple[float, float]:
         return torch.nn.functional.mse_loss(model(x), y).item(), defect
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
+# The 8-bit variants share the 32-bit ones' refresh and clip; their runs are the slow tier.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if "8bit" in n else n for n in OPTIMIZERS])
 def test_sum_reduced_loss_trains_like_the_mean_reduced_one(name, data):
     mean_loss, mean_defect = _train(OPTIMIZERS[name], "mean", data)
     sum_loss, sum_defect = _train(OPTIMIZERS[name], "sum", data)

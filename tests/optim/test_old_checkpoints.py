@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from optim_helpers import OPTIMIZERS, make_net, train
+
+from helpers.nets import make_net, train
+from helpers.optim_db import OPTIMIZERS
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints"
 CASES = sorted(FIXTURES.glob("v*/*.pt"))

@@ -6,7 +6,9 @@ import io
 
 import pytest
 import torch
-from optim_helpers import OPTIMIZERS, make_net, train
+
+from helpers.nets import make_net, train
+from helpers.optim_db import OPTIMIZERS
 
 
 def _roundtrip(obj):

@@ -6,9 +6,10 @@ import io
 
 import pytest
 import torch
-from optim_helpers import COAP_KWARGS, make_net, train
 
 from coap_torch import CoapAdafactor, CoapAdafactor8bit, CoapAdamW, CoapAdamW8bit
+from helpers.nets import make_net, train
+from helpers.optim_db import COAP_KWARGS
 
 LR = 3e-3
 COAP = {k: v for k, v in COAP_KWARGS.items() if k != "lr"}  # T_u 3, lambda 2: Eq. 2 at 3, SVD at 6

@@ -1,4 +1,4 @@
-"""Shared pieces of the FSDP2 tests: a net with every kind of shard, and its training loops."""
+"""Shared pieces of the FSDP2 tests (tests/distributed/test_fsdp.py): a net with every kind of shard, and its training loops."""
 
 from __future__ import annotations
 
