@@ -79,7 +79,9 @@ def _per_parameter(optimizer: torch.optim.Optimizer) -> list[int]:
     for group in optimizer.param_groups:
         for param in group["params"]:
             state = {k: v for k, v in optimizer.state.get(param, {}).items() if not str(k).startswith("qmap")}
-            sizes.append(optimizer_state_nbytes(SimpleNamespace(state={param: state}, param_groups=[{"params": [param]}])))
+            sizes.append(
+                optimizer_state_nbytes(SimpleNamespace(state={param: state}, param_groups=[{"params": [param]}]))
+            )
     return sizes
 
 
@@ -125,10 +127,12 @@ def test_groups_with_a_dense_opt_out_match_the_real_state():
     torch.manual_seed(0)
     model, loss = _mlp()
     named = list(model.named_parameters())
-    estimate = estimate_state_bytes([{"params": named[:2]}, {"params": named[2:], "coap": False}], "coap_adamw",
-                                    **COAP_OPTIONS)
-    optimizer = CoapAdamW([{"params": [p for _, p in named[:2]]}, {"params": [p for _, p in named[2:]], "coap": False}],
-                          **COAP_OPTIONS)
+    estimate = estimate_state_bytes(
+        [{"params": named[:2]}, {"params": named[2:], "coap": False}], "coap_adamw", **COAP_OPTIONS
+    )
+    optimizer = CoapAdamW(
+        [{"params": [p for _, p in named[:2]]}, {"params": [p for _, p in named[2:]], "coap": False}], **COAP_OPTIONS
+    )
     for _ in range(2):
         optimizer.zero_grad()
         loss().backward()

@@ -16,8 +16,9 @@ class MissingExtraError(ImportError):
     """A package the suite needs is not installed."""
 
 
-def require(module: str, *, package: str | None = None, hint: str = BENCH_INSTALL_HINT,
-            names: Sequence[str] = ()) -> ModuleType:
+def require(
+    module: str, *, package: str | None = None, hint: str = BENCH_INSTALL_HINT, names: Sequence[str] = ()
+) -> ModuleType:
     """Import ``module`` or raise :class:`MissingExtraError` naming the package and the install command.
 
     The import is quiet (:func:`~coap_bench._quiet.quiet_import`): what the package prints

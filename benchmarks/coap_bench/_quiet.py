@@ -40,8 +40,11 @@ _REMOTE_CODE = re.compile(r"trust_remote_code|remote[ -]code|allowlist|untrusted
 _KNOWN: tuple[tuple[re.Pattern[str], str, str], ...] = (
     # bitsandbytes' CPU backend tries kernels-community's 4-bit GEMM when it is imported; no benchmark
     # runs a 4-bit layer, so the kernel would never be called.
-    (re.compile(r"gemm_4bit_forward|kernels-community/quantization-bitsandbytes"), "bitsandbytes",
-     "could not load an optional CPU 4-bit kernel; not used here"),
+    (
+        re.compile(r"gemm_4bit_forward|kernels-community/quantization-bitsandbytes"),
+        "bitsandbytes",
+        "could not load an optional CPU 4-bit kernel; not used here",
+    ),
 )
 
 _NOTES: list[str] = []  # this process's notes, in the order they came

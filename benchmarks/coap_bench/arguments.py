@@ -88,5 +88,6 @@ def config_from_args(config_class: type[T], args: argparse.Namespace, argv: list
     flags = vars(args)
     given = {field.name: flags[field.name] for field in dataclasses.fields(config_class) if field.name in flags}
     given["optimizers"] = tuple(args.optimizers)
-    return config_class(**given, isolate=False if args.in_process else None, progress=not args.no_progress,
-                        argv=["coap-bench", *argv])
+    return config_class(
+        **given, isolate=False if args.in_process else None, progress=not args.no_progress, argv=["coap-bench", *argv]
+    )

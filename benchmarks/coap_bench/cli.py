@@ -24,17 +24,26 @@ from .outputs import check_output_paths
 __all__ = ["build_parser", "main"]
 
 #: The commands, in the order ``coap-bench --help`` lists them, and their modules.
-COMMANDS = {"digits": digits, "llama": llama, "memory": memory, "ddpm": ddpm, "step": step,
-            "quantization": quantization, "loss-scale": loss_scale}
+COMMANDS = {
+    "digits": digits,
+    "llama": llama,
+    "memory": memory,
+    "ddpm": ddpm,
+    "step": step,
+    "quantization": quantization,
+    "loss-scale": loss_scale,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coap-bench",
         description="Compare COAP optimizers with their dense counterparts on real data.",
-        epilog=("Without a command, runs `digits` (any options given are passed to it). Exit status: 0 done; 1 done, "
-                "but an optimizer ended with a non-finite loss, every optimizer failed or a result file could not be "
-                "written; 2 a usage error (an option, an output path, a checkpoint that cannot be continued)."),
+        epilog=(
+            "Without a command, runs `digits` (any options given are passed to it). Exit status: 0 done; 1 done, "
+            "but an optimizer ended with a non-finite loss, every optimizer failed or a result file could not be "
+            "written; 2 a usage error (an option, an output path, a checkpoint that cannot be continued)."
+        ),
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS.values():

@@ -148,8 +148,7 @@ def _format_load(value: float | None) -> str:
 
 def load_averages_line(before: float | None, after: float | None) -> str:
     """The line that closes a micro-benchmark: the 1-minute load average before and after it."""
-    return (f"load average (1 min): {_format_load(before)} before, {_format_load(after)} after "
-            f"({os.cpu_count()} CPUs)")
+    return f"load average (1 min): {_format_load(before)} before, {_format_load(after)} after ({os.cpu_count()} CPUs)"
 
 
 def current_rss_bytes() -> int | None:

@@ -95,8 +95,10 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
     mu1, mu2 = mu1.to(torch.float64), mu2.to(torch.float64)
     sigma1, sigma2 = sigma1.to(torch.float64), sigma2.to(torch.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.numel(), mu1.numel()):
-        raise ValueError(f"shapes do not match: mu {tuple(mu1.shape)} / {tuple(mu2.shape)}, "
-                         f"sigma {tuple(sigma1.shape)} / {tuple(sigma2.shape)}")
+        raise ValueError(
+            f"shapes do not match: mu {tuple(mu1.shape)} / {tuple(mu2.shape)}, "
+            f"sigma {tuple(sigma1.shape)} / {tuple(sigma2.shape)}"
+        )
     root1 = _sqrt_psd(sigma1)
     middle = root1 @ sigma2 @ root1
     trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
@@ -147,14 +149,23 @@ def _seeded_init(model: nn.Module, generator: torch.Generator) -> None:
 def _accuracy(model: FeatureClassifier, images: Tensor, labels: Tensor, chunk: int = 1024) -> float | None:
     if len(labels) == 0:
         return None
-    correct = sum(int((model(images[i : i + chunk]).argmax(1) == labels[i : i + chunk]).sum())
-                  for i in range(0, len(labels), chunk))
+    correct = sum(
+        int((model(images[i : i + chunk]).argmax(1) == labels[i : i + chunk]).sum())
+        for i in range(0, len(labels), chunk)
+    )
     return correct / len(labels)
 
 
-def train_feature_classifier(train: Tensor, train_labels: Tensor, num_classes: int, *, seed: int = 0,
-                             steps: int = CLASSIFIER_STEPS, batch_size: int = CLASSIFIER_BATCH,
-                             lr: float = CLASSIFIER_LR) -> FeatureClassifier:
+def train_feature_classifier(
+    train: Tensor,
+    train_labels: Tensor,
+    num_classes: int,
+    *,
+    seed: int = 0,
+    steps: int = CLASSIFIER_STEPS,
+    batch_size: int = CLASSIFIER_BATCH,
+    lr: float = CLASSIFIER_LR,
+) -> FeatureClassifier:
     """A :class:`FeatureClassifier` trained with AdamW on ``(train, train_labels)``; deterministic given ``seed``.
 
     Runs on the CPU (a few seconds for the digits) with the current torch thread count.
@@ -291,12 +302,16 @@ def inception_features(device: torch.device | str = "cpu") -> tuple[str, Callabl
         except MissingExtraError:
             continue
         except Exception as error:
-            raise RunConfigurationError(f"real FID needs the Inception-v3 weights of {name}, which could not be loaded "
-                               f"({type(error).__name__}: {error}); run once with internet access to cache "
-                               "them, or leave out --fid") from error
-    raise MissingExtraError("real FID (--fid) needs torch-fidelity or pytorch-fid, and neither is installed: run "
-                            "`pip install torch-fidelity` (or `pip install torchmetrics[image]`, which includes it) "
-                            "or `pip install pytorch-fid`; the classifier Frechet distance needs neither")
+            raise RunConfigurationError(
+                f"real FID needs the Inception-v3 weights of {name}, which could not be loaded "
+                f"({type(error).__name__}: {error}); run once with internet access to cache "
+                "them, or leave out --fid"
+            ) from error
+    raise MissingExtraError(
+        "real FID (--fid) needs torch-fidelity or pytorch-fid, and neither is installed: run "
+        "`pip install torch-fidelity` (or `pip install torchmetrics[image]`, which includes it) "
+        "or `pip install pytorch-fid`; the classifier Frechet distance needs neither"
+    )
 
 
 @torch.no_grad()
@@ -310,5 +325,6 @@ def inception_fid(generated: Tensor, real: Tensor, extractor: Callable[[Tensor],
     """FID between ``generated`` and ``real`` images (N, C, H, W in [-1, 1]) on Inception-v3 pool features."""
     if extractor is None:
         extractor = inception_features()[1]
-    return feature_frechet_distance(inception_fid_features(generated, extractor),
-                                    inception_fid_features(real, extractor))
+    return feature_frechet_distance(
+        inception_fid_features(generated, extractor), inception_fid_features(real, extractor)
+    )

@@ -135,8 +135,9 @@ def resize_images(images: Tensor, resolution: int, channels: int) -> Tensor:
             raise ValueError(f"cannot convert {images.shape[1]}-channel images to {channels} channels")
     if images.shape[-2:] != (resolution, resolution):
         shrink = images.shape[-1] > resolution
-        images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False,
-                               antialias=shrink)
+        images = F.interpolate(
+            images, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=shrink
+        )
     return images.contiguous()
 
 
@@ -164,8 +165,11 @@ def digit_images(resolution: int = 16, channels: int = 1) -> ImageData:
         heldout=images[heldout_idx].contiguous(),
         heldout_labels=labels[heldout_idx],
         num_classes=10,
-        source={"name": "digits", "origin": "sklearn.datasets.load_digits (8x8 grayscale, bundled)",
-                "split": f"stratified {HELDOUT_FRACTION:g} held out, seed {SPLIT_SEED}"},
+        source={
+            "name": "digits",
+            "origin": "sklearn.datasets.load_digits (8x8 grayscale, bundled)",
+            "split": f"stratified {HELDOUT_FRACTION:g} held out, seed {SPLIT_SEED}",
+        },
     )
 
 
@@ -235,11 +239,19 @@ def folder_images(folder: str | Path, resolution: int, channels: int, *, max_ima
         train_labels, heldout_labels, num_classes = _kmeans_labels(train, heldout, PSEUDO_CLASSES)
         label_source = "kmeans"
     return ImageData(
-        train=train, train_labels=train_labels, heldout=heldout, heldout_labels=heldout_labels,
-        num_classes=num_classes, label_source=label_source,
-        source={"name": "folder", "origin": str(root), "files": len(paths),
-                "split": f"sha256 of the relative path, {HELDOUT_FRACTION:g} held out",
-                **({"classes": names} if label_source == "classes" else {})},
+        train=train,
+        train_labels=train_labels,
+        heldout=heldout,
+        heldout_labels=heldout_labels,
+        num_classes=num_classes,
+        label_source=label_source,
+        source={
+            "name": "folder",
+            "origin": str(root),
+            "files": len(paths),
+            "split": f"sha256 of the relative path, {HELDOUT_FRACTION:g} held out",
+            **({"classes": names} if label_source == "classes" else {}),
+        },
     )
 
 
@@ -269,14 +281,27 @@ def cifar10_images(resolution: int = 32, channels: int = 3, *, max_images: int |
     train, train_labels = _hub_images(splits["train"], resolution, channels, max_images)
     heldout, heldout_labels = _hub_images(splits["test"], resolution, channels, max_images)
     return ImageData(
-        train=train, train_labels=train_labels, heldout=heldout, heldout_labels=heldout_labels, num_classes=10,
-        source={"name": "cifar10", "origin": f"Hugging Face Hub {CIFAR10_DATASET} via datasets",
-                "split": "train / test"},
+        train=train,
+        train_labels=train_labels,
+        heldout=heldout,
+        heldout_labels=heldout_labels,
+        num_classes=10,
+        source={
+            "name": "cifar10",
+            "origin": f"Hugging Face Hub {CIFAR10_DATASET} via datasets",
+            "split": "train / test",
+        },
     )
 
 
-def load_image_data(resolution: int, channels: int, *, image_dir: str | None = None, cifar10: bool = False,
-                    max_images: int | None = None) -> ImageData:
+def load_image_data(
+    resolution: int,
+    channels: int,
+    *,
+    image_dir: str | None = None,
+    cifar10: bool = False,
+    max_images: int | None = None,
+) -> ImageData:
     """The images of a run: ``image_dir``, CIFAR-10, or (default) the bundled digits.
 
     ``max_images`` caps the number of images read (digits: of each split, the first ones).

@@ -195,11 +195,18 @@ class LlamaConfig:
 
     def settings(self) -> LowRankSettings:
         """The :class:`~coap_bench.optimizers.LowRankSettings` of this run (recipe + overrides)."""
-        return recipe_settings(self.recipe, self.preset, rank_ratio=self.rank_ratio,
-                               update_interval=self.update_interval, reproject_factor=self.reproject_factor,
-                               scale=self.scale, proj_gap=self.proj_gap,
-                               correlation_normalize=self.correlation_normalize, weight_decay=self.weight_decay,
-                               seed=self.seed)
+        return recipe_settings(
+            self.recipe,
+            self.preset,
+            rank_ratio=self.rank_ratio,
+            update_interval=self.update_interval,
+            reproject_factor=self.reproject_factor,
+            scale=self.scale,
+            proj_gap=self.proj_gap,
+            correlation_normalize=self.correlation_normalize,
+            weight_decay=self.weight_decay,
+            seed=self.seed,
+        )
 
     def lr_for(self, name: str) -> float:
         """The peak lr of optimizer ``name``: ``lr`` if given, else the recipe's."""
@@ -210,10 +217,19 @@ class LlamaConfig:
         return PAPER_DENSE_LR if self.recipe == "paper" else DROP_IN_LR
 
 
-def recipe_settings(recipe: str, preset: str, *, rank_ratio: float | None = None, update_interval: int | None = None,
-                    reproject_factor: int | None = None, scale: float | None = None, proj_gap: int | None = None,
-                    correlation_normalize: bool = False, weight_decay: float = 0.0,
-                    seed: int = 0) -> LowRankSettings:
+def recipe_settings(
+    recipe: str,
+    preset: str,
+    *,
+    rank_ratio: float | None = None,
+    update_interval: int | None = None,
+    reproject_factor: int | None = None,
+    scale: float | None = None,
+    proj_gap: int | None = None,
+    correlation_normalize: bool = False,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> LowRankSettings:
     """The low-rank settings of ``recipe`` for ``preset``; any argument given overrides the recipe.
 
     ``rank_ratio`` replaces the recipe's rank by ``min(m, n) // rank_ratio`` for every low-rank optimizer.
@@ -223,16 +239,31 @@ def recipe_settings(recipe: str, preset: str, *, rank_ratio: float | None = None
         rank = None if rank_ratio is not None else PAPER_RANKS.get(preset)
         if rank is None and rank_ratio is None:
             rank_ratio = 4.0
-        base = LowRankSettings(rank=rank, rank_ratio=rank_ratio, update_interval=t_u, reproject_factor=factor,
-                               scale=PAPER_SCALE, proj_gap=PAPER_PROJ_GAP)
+        base = LowRankSettings(
+            rank=rank,
+            rank_ratio=rank_ratio,
+            update_interval=t_u,
+            reproject_factor=factor,
+            scale=PAPER_SCALE,
+            proj_gap=PAPER_PROJ_GAP,
+        )
     elif recipe == "drop-in":
         base = LowRankSettings(rank_ratio=rank_ratio or DROP_IN_RANK_RATIO, proj_gap=PAPER_PROJ_GAP)
     else:
         raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
-    overrides = {"update_interval": update_interval, "reproject_factor": reproject_factor, "scale": scale,
-                 "proj_gap": proj_gap}
-    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None},
-                               correlation_normalize=correlation_normalize, weight_decay=weight_decay, seed=seed)
+    overrides = {
+        "update_interval": update_interval,
+        "reproject_factor": reproject_factor,
+        "scale": scale,
+        "proj_gap": proj_gap,
+    }
+    return dataclasses.replace(
+        base,
+        **{k: v for k, v in overrides.items() if v is not None},
+        correlation_normalize=correlation_normalize,
+        weight_decay=weight_decay,
+        seed=seed,
+    )
 
 
 def _loss(model: nn.Module, batch: Tensor, reduction: str = "mean") -> Tensor:
@@ -260,8 +291,9 @@ def _fingerprint(name: str, lr: float, config: LlamaConfig, data: Any) -> dict[s
     return run_fingerprint(name, lr, config, seq_len=config.seq_len, train_sha256=data.train_sha256)
 
 
-def train_one(name: str, lr: float, config: LlamaConfig, data: Any, windows: Tensor,
-              checkpoint: Path | None) -> dict[str, Any]:
+def train_one(
+    name: str, lr: float, config: LlamaConfig, data: Any, windows: Tensor, checkpoint: Path | None
+) -> dict[str, Any]:
     """Train a fresh model (or continue ``checkpoint``) with optimizer ``name`` at peak ``lr``."""
     from .llama_model import build_llama
     from .text import TokenBatches
@@ -277,10 +309,18 @@ def train_one(name: str, lr: float, config: LlamaConfig, data: Any, windows: Ten
     per_layer = config.per_layer and isinstance(optimizer, LowRankOptimizer)
     if per_layer:
         enable_per_layer_updates(optimizer)  # step() then finds nothing left to do
-    batches = TokenBatches(data.train, config.batch_size, config.seq_len, seed=config.seed + _BATCH_STREAM,
-                           device=device)
-    loop = TrainingLoop(model, optimizer, batches, lambda batch: _loss(model, batch), config=config, device=device,
-                        label=name if not config.lr_sweep else f"{name} lr={lr:g}")
+    batches = TokenBatches(
+        data.train, config.batch_size, config.seq_len, seed=config.seed + _BATCH_STREAM, device=device
+    )
+    loop = TrainingLoop(
+        model,
+        optimizer,
+        batches,
+        lambda batch: _loss(model, batch),
+        config=config,
+        device=device,
+        label=name if not config.lr_sweep else f"{name} lr={lr:g}",
+    )
     workarounds = checkpoint_workarounds(spec, checkpoint)
     if checkpoint is not None:
         loop.resume(FileCheckpoint(checkpoint, spec, _fingerprint(name, lr, config, data), _CHECKPOINT_FORMAT))
@@ -288,9 +328,13 @@ def train_one(name: str, lr: float, config: LlamaConfig, data: Any, windows: Ten
 
     heldout_loss = evaluate_heldout(model, windows, config.batch_size)
     return result_row(
-        name, spec, lr, per_layer=per_layer,
-        **loop.measurements(spec, settings, items_per_step=config.batch_size * config.seq_len,
-                            throughput="tokens_per_s"),
+        name,
+        spec,
+        lr,
+        per_layer=per_layer,
+        **loop.measurements(
+            spec, settings, items_per_step=config.batch_size * config.seq_len, throughput="tokens_per_s"
+        ),
         rss_before_model_bytes=baseline_rss if device.type == "cpu" else None,
         heldout_loss=heldout_loss,
         heldout_perplexity=math.exp(heldout_loss) if heldout_loss < 700 else float("inf"),
@@ -334,18 +378,30 @@ def run_llama(config: LlamaConfig) -> dict[str, Any]:
     from .text import heldout_windows, load_token_data
 
     config = config.resolved()
-    data = load_token_data(source="c4" if config.c4 else None, data_dir=config.data_dir,
-                           vocab_size=config.vocab_size, max_documents=config.max_documents)
+    data = load_token_data(
+        source="c4" if config.c4 else None,
+        data_dir=config.data_dir,
+        vocab_size=config.vocab_size,
+        max_documents=config.max_documents,
+    )
     windows = heldout_windows(data, config.seq_len, config.max_heldout_windows)
     if config.batch_size * (config.seq_len + 1) > data.train.numel():
-        raise ValueError(f"{data.train.numel()} training tokens are too few for batch {config.batch_size} x "
-                         f"{config.seq_len + 1}: lower --batch-size or --seq-len, or give more text (--data-dir)")
+        raise ValueError(
+            f"{data.train.numel()} training tokens are too few for batch {config.batch_size} x "
+            f"{config.seq_len + 1}: lower --batch-size or --seq-len, or give more text (--data-dir)"
+        )
     results = run_optimizers(config, train_one, (config, data, windows), _SWEEP_KEYS)
 
     settings = run_settings(config, data, windows)
-    return {"config": settings, "data": data.describe(), "versions": versions(),
-            "hardware": hardware(config.device), "argv": list(config.argv), "results": results,
-            "import_notes": gather_import_notes(results)}
+    return {
+        "config": settings,
+        "data": data.describe(),
+        "versions": versions(),
+        "hardware": hardware(config.device),
+        "argv": list(config.argv),
+        "results": results,
+        "import_notes": gather_import_notes(results),
+    }
 
 
 _NOTES = (
@@ -357,8 +413,22 @@ _NOTES = (
     "ppl = exp(held-out loss)."
 )
 
-_HEADER = ["optimizer", "lr", "state", "vs AdamW", "peak mem", "iter ms", "vs AdamW", "step ms", "refresh ms",
-           "tok/s", "final loss", "held-out loss", "vs AdamW", "ppl"]
+_HEADER = [
+    "optimizer",
+    "lr",
+    "state",
+    "vs AdamW",
+    "peak mem",
+    "iter ms",
+    "vs AdamW",
+    "step ms",
+    "refresh ms",
+    "tok/s",
+    "final loss",
+    "held-out loss",
+    "vs AdamW",
+    "ppl",
+]
 
 
 def _columns(result: dict[str, Any]) -> list[str]:
@@ -382,8 +452,10 @@ def _recipe_line(config: dict[str, Any]) -> str:
 
 def _sweep_edge_remark(result: dict[str, Any]) -> str:
     swept = ", ".join(f"{s['lr']:g}: {_number(s['heldout_loss'], '.4f')}" for s in result["lr_sweep"])
-    return (f"note: {result['name']}: its best lr is at the edge of the sweep ({swept}); the optimum may lie "
-            "outside it (try --lr)")
+    return (
+        f"note: {result['name']}: its best lr is at the edge of the sweep ({swept}); the optimum may lie "
+        "outside it (try --lr)"
+    )
 
 
 def format_llama_table(run: dict[str, Any], *, notes: bool = True) -> str:
@@ -399,13 +471,16 @@ def format_llama_table(run: dict[str, Any], *, notes: bool = True) -> str:
     results = run["results"]
     text = [*textwrap.wrap(title, width=120), *textwrap.wrap(_recipe_line(config), width=120), ""]
     text += markdown_table(_HEADER, [_columns(r) for r in results])
-    remarks = [line for result in results
-               for line in result_remarks(result, config["steps"], sweep_edge=_sweep_edge_remark)]
+    remarks = [
+        line for result in results for line in result_remarks(result, config["steps"], sweep_edge=_sweep_edge_remark)
+    ]
     remarks += import_note_lines(run)  # what peers printed while imported, said once
     if config["recipe"] == "paper" and len({lr for lr in config["lrs"].values()}) > 1:
-        remarks.append("note: as in the papers' scripts, low-rank optimizers also train the dense parameters "
-                       "(embeddings, lm_head, norms) at their own, larger lr: the held-out difference to the dense "
-                       "optimizers mixes method and lr (--recipe drop-in compares the methods at one lr)")
+        remarks.append(
+            "note: as in the papers' scripts, low-rank optimizers also train the dense parameters "
+            "(embeddings, lm_head, norms) at their own, larger lr: the held-out difference to the dense "
+            "optimizers mixes method and lr (--recipe drop-in compares the methods at one lr)"
+        )
     if remarks:
         text += ["", *remarks]
     if notes:

@@ -45,7 +45,9 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "coap_adamw": lambda params, **kw: CoapAdamW(params, lr=1e-2, **COAP, **kw),
     "coap_adamw8bit": lambda params, **kw: CoapAdamW8bit(params, lr=1e-2, min_8bit_size=256, **COAP, **kw),
     "coap_adafactor": lambda params, **kw: CoapAdafactor(params, lr=1e-2, beta1=0.9, **COAP, **kw),
-    "coap_adafactor8bit": lambda params, **kw: CoapAdafactor8bit(params, lr=1e-2, beta1=0.9, min_8bit_size=256, **COAP, **kw),
+    "coap_adafactor8bit": lambda params, **kw: CoapAdafactor8bit(
+        params, lr=1e-2, beta1=0.9, min_8bit_size=256, **COAP, **kw
+    ),
 }
 DIVERGED = 1e6  # a held-out loss this many times the mean run's counts as diverged
 
@@ -99,12 +101,18 @@ def train(name: str, reduction: str, data: dict[str, torch.Tensor], steps: int, 
                 grad_rms = grads.square().mean().sqrt().item()
             before = [p.detach().clone() for p in model.parameters()]
             optimizer.step()
-            largest_jump = max(largest_jump, max((p - b).abs().max().item() for p, b in zip(model.parameters(), before)))
+            largest_jump = max(
+                largest_jump, max((p - b).abs().max().item() for p, b in zip(model.parameters(), before))
+            )
             largest_defect = max(largest_defect, projection_defect(optimizer))
     with torch.no_grad():
         heldout = torch.nn.functional.mse_loss(model(data["heldout_x"]), data["heldout_y"]).item()
-    return {"heldout_loss": heldout, "largest_weight_change": largest_jump, "largest_defect": largest_defect,
-            "first_grad_rms": grad_rms}
+    return {
+        "heldout_loss": heldout,
+        "largest_weight_change": largest_jump,
+        "largest_defect": largest_defect,
+        "first_grad_rms": grad_rms,
+    }
 
 
 def run_loss_scale(args: argparse.Namespace) -> int:
@@ -127,23 +135,52 @@ def run_loss_scale(args: argparse.Namespace) -> int:
             total = train(name, "sum", data, args.steps, **options)
             ratio = total["heldout_loss"] / mean["heldout_loss"]
             diverged = not math.isfinite(ratio) or ratio > DIVERGED
-            results.append({"optimizer": name, "variant": variant, "mean": mean, "sum": total,
-                            "heldout_ratio_sum_to_mean": ratio, "diverged": diverged})
-            rows.append([name, variant, f"{mean['heldout_loss']:.4g}", f"{total['heldout_loss']:.4g}",
-                         "diverged" if diverged else f"{ratio:.3f}", f"{total['largest_weight_change']:.3g}",
-                         f"{max(mean['largest_defect'], total['largest_defect']):.1e}",
-                         f"{total['first_grad_rms']:.3g}"])
+            results.append(
+                {
+                    "optimizer": name,
+                    "variant": variant,
+                    "mean": mean,
+                    "sum": total,
+                    "heldout_ratio_sum_to_mean": ratio,
+                    "diverged": diverged,
+                }
+            )
+            rows.append(
+                [
+                    name,
+                    variant,
+                    f"{mean['heldout_loss']:.4g}",
+                    f"{total['heldout_loss']:.4g}",
+                    "diverged" if diverged else f"{ratio:.3f}",
+                    f"{total['largest_weight_change']:.3g}",
+                    f"{max(mean['largest_defect'], total['largest_defect']):.1e}",
+                    f"{total['first_grad_rms']:.3g}",
+                ]
+            )
     print_table(
         f"Held-out loss, mean- vs sum-reduced training ({args.steps} steps, batch {args.batch}, "
         f"target scale {args.target_scale:g})",
-        ["optimizer", "Eq. 2 step", "mean run", "sum run", "sum / mean", "max dW (sum)", "max |P^T P - I|",
-         "grad RMS (sum)"],
+        [
+            "optimizer",
+            "Eq. 2 step",
+            "mean run",
+            "sum run",
+            "sum / mean",
+            "max dW (sum)",
+            "max |P^T P - I|",
+            "grad RMS (sum)",
+        ],
         rows,
         left=2,
     )
     print(load_averages_line(load_before, load_average()))
-    meta = {**platform_summary(), "steps": args.steps, "batch": args.batch, "target_scale": args.target_scale,
-            "coap": COAP}
+    meta = {
+        **platform_summary(),
+        "steps": args.steps,
+        "batch": args.batch,
+        "target_scale": args.target_scale,
+        "coap": COAP,
+    }
     elapsed = time.perf_counter() - start
     write_json({"meta": meta, "results": results}, args.json)
     print(f"wrote {args.json} ({elapsed:.1f} s)")

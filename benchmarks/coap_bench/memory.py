@@ -83,8 +83,9 @@ SDXL_UNET_CONFIG: dict[str, Any] = {
 
 
 def _diffusers() -> Any:
-    return require("diffusers", hint="pip install diffusers",
-                   names=("UNet2DModel", "UNet2DConditionModel", "ControlNetModel"))
+    return require(
+        "diffusers", hint="pip install diffusers", names=("UNet2DModel", "UNet2DConditionModel", "ControlNetModel")
+    )
 
 
 def _ddpm(config: dict[str, Any]) -> Callable[[], nn.Module]:
@@ -109,7 +110,9 @@ class SiTBlock(nn.Module):
     def __init__(self, hidden: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
         self.attn = nn.ModuleDict({"qkv": nn.Linear(hidden, 3 * hidden), "proj": nn.Linear(hidden, hidden)})
-        self.mlp = nn.ModuleDict({"fc1": nn.Linear(hidden, int(hidden * mlp_ratio)), "fc2": nn.Linear(int(hidden * mlp_ratio), hidden)})
+        self.mlp = nn.ModuleDict(
+            {"fc1": nn.Linear(hidden, int(hidden * mlp_ratio)), "fc2": nn.Linear(int(hidden * mlp_ratio), hidden)}
+        )
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
 
@@ -124,8 +127,12 @@ class SiT(nn.Module):
         super().__init__()
         out_channels = in_channels * 2 if learn_sigma else in_channels
         self.x_embedder = nn.ModuleDict({"proj": nn.Conv2d(in_channels, hidden, patch, stride=patch)})
-        self.t_embedder = nn.ModuleDict({"mlp": nn.Sequential(nn.Linear(256, hidden), nn.SiLU(), nn.Linear(hidden, hidden))})
-        self.y_embedder = nn.ModuleDict({"embedding_table": nn.Embedding(num_classes + 1, hidden)})  # +1: CFG's null class
+        self.t_embedder = nn.ModuleDict(
+            {"mlp": nn.Sequential(nn.Linear(256, hidden), nn.SiLU(), nn.Linear(hidden, hidden))}
+        )
+        self.y_embedder = nn.ModuleDict(
+            {"embedding_table": nn.Embedding(num_classes + 1, hidden)}
+        )  # +1: CFG's null class
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden), requires_grad=False)
         self.blocks = nn.ModuleList(SiTBlock(hidden) for _ in range(depth))
         self.final_layer = nn.ModuleDict({
@@ -366,7 +373,9 @@ def _explain(study: Study, model: nn.Module, estimates: dict[tuple[str, float | 
         at2 = estimates.get(("coap_adafactor8bit", 2))
         notes["controlnet-8bit"] = (
             "The paper prints one decimal and names no rank ratio for this figure; of Table 1's ratios (2, 4, 8) "
-            f"only 8 gives 0.5 GB (ratio 2 gives {at2.total / scale:.2f} {unit})." if at2 is not None else ""
+            f"only 8 gives 0.5 GB (ratio 2 gives {at2.total / scale:.2f} {unit})."
+            if at2 is not None
+            else ""
         )
         notes["galore-controlnet"] = (
             "GaLore here is galore-torch on the matrices only (conv kernels dense) at r = min(m, n) // 2, with its "
@@ -430,8 +439,14 @@ def run_memory(models: Sequence[str] = tuple(MODELS)) -> dict[str, Any]:
         if key.startswith("ddpm"):
             breakdowns[key] = _breakdown(study, model, estimates)
         built[key] = {"title": study.title, "parameters": sum(p.numel() for p in model.parameters())}
-    return {"rows": rows, "notes": notes, "breakdowns": breakdowns, "models": built, "config": {"models": list(models)},
-            "import_notes": import_notes()}
+    return {
+        "rows": rows,
+        "notes": notes,
+        "breakdowns": breakdowns,
+        "models": built,
+        "config": {"models": list(models)},
+        "import_notes": import_notes(),
+    }
 
 
 def _import_peer(optimizer: str) -> None:
@@ -443,9 +458,9 @@ def _import_peer(optimizer: str) -> None:
 
 # -- the report -----------------------------------------------------------------------------------
 _UNITS = (
-    "MB = 10^6 bytes. MiB / GiB = 2^20 / 2^30 bytes: the paper's \"MB\" / \"GB\", as its figures show "
+    'MB = 10^6 bytes. MiB / GiB = 2^20 / 2^30 bytes: the paper\'s "MB" / "GB", as its figures show '
     "(AdamW on the DDPM CIFAR-10 UNet: 35,746,307 values x 2 fp32 moments = 285,970,456 bytes = 272.72 MiB, "
-    "the paper's \"272.72 MB\"; LLaMA-1B: 1,339,082,752 values x 2 bf16 moments = 4.99 GiB, its \"4.99 GB\")."
+    'the paper\'s "272.72 MB"; LLaMA-1B: 1,339,082,752 values x 2 bf16 moments = 4.99 GiB, its "4.99 GB").'
 )
 
 
@@ -468,7 +483,10 @@ def format_memory_report(run: dict[str, Any]) -> str:
         paper = f"{row['paper']:g} {row['unit']}" if row["paper"] is not None else "-"
         lines.append(f"| {row['model']} | {row['optimizer']} | {row['setting']} | {row['bytes'] / 1e6:,.2f} | {ours} | "
                      f"{paper} | {_cell(row['ratio'], '.3f')} | {refs} |")  # fmt: skip
-    lines += ["", *(f"{key}: {m['title']}, {m['parameters']:,} parameters, built on meta." for key, m in run["models"].items())]
+    lines += [
+        "",
+        *(f"{key}: {m['title']}, {m['parameters']:,} parameters, built on meta." for key, m in run["models"].items()),
+    ]
     lines += ["", _UNITS]
     lines += [f"[{i}] {text}" for i, text in enumerate(order, 1)]
     notes = import_note_lines(run)  # what peers printed while imported, said once

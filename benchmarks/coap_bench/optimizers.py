@@ -149,8 +149,9 @@ def _torch_adamw(**flags: Any) -> Factory:
 
 def _transformers_adafactor(projected: Params, dense: Params, lr: float, s: LowRankSettings) -> torch.optim.Optimizer:
     optimization = require("transformers.optimization", package="transformers")
-    return optimization.Adafactor(_everything(projected, dense), lr=lr, weight_decay=s.weight_decay,
-                                  **ADAFACTOR_OPTIONS)
+    return optimization.Adafactor(
+        _everything(projected, dense), lr=lr, weight_decay=s.weight_decay, **ADAFACTOR_OPTIONS
+    )
 
 
 def _bnb_adamw8bit(projected: Params, dense: Params, lr: float, s: LowRankSettings) -> torch.optim.Optimizer:
@@ -168,8 +169,9 @@ def _coap(cls: type[torch.optim.Optimizer], **extra: Any) -> Factory:
     return build
 
 
-def low_rank_groups(projected: Params, dense: Params, settings: LowRankSettings,
-                    **options: Any) -> list[dict[str, Any]]:
+def low_rank_groups(
+    projected: Params, dense: Params, settings: LowRankSettings, **options: Any
+) -> list[dict[str, Any]]:
     """Param groups in the GaLore / APOLLO convention: a group with a ``rank`` key is projected.
 
     The projected set is the one COAP projects from ``projected``: matrices whose smaller side
@@ -201,8 +203,16 @@ def _galore(class_name: str, **extra: Any) -> Factory:
 
 def _apollo(projected: Params, dense: Params, lr: float, s: LowRankSettings) -> torch.optim.Optimizer:
     apollo = require("apollo_torch", package="apollo-torch", hint="pip install apollo-torch (non-commercial licence)")
-    groups = low_rank_groups(projected, dense, s, proj="random", scale_type="channel", scale=s.scale,
-                             update_proj_gap=s.proj_gap, proj_type="std")
+    groups = low_rank_groups(
+        projected,
+        dense,
+        s,
+        proj="random",
+        scale_type="channel",
+        scale=s.scale,
+        update_proj_gap=s.proj_gap,
+        proj_type="std",
+    )
     return apollo.APOLLOAdamW(groups, lr=lr, weight_decay=s.weight_decay)
 
 
@@ -213,26 +223,67 @@ _SPECS = [
     OptimizerSpec("adamw", "dense", "torch.optim.AdamW, default implementation", _torch_adamw()),
     OptimizerSpec("adamw_foreach", "dense", "torch.optim.AdamW(foreach=True)", _torch_adamw(foreach=True)),
     OptimizerSpec("adamw_fused", "dense", "torch.optim.AdamW(fused=True)", _torch_adamw(fused=True)),
-    OptimizerSpec("adamw8bit", "dense", "bitsandbytes.optim.AdamW8bit", _bnb_adamw8bit, "bitsandbytes",
-                  modules=("bitsandbytes",)),
-    OptimizerSpec("adafactor", "dense", "transformers.optimization.Adafactor (beta1=0.9, external lr)",
-                  _transformers_adafactor, "transformers", modules=("transformers.optimization",)),
+    OptimizerSpec(
+        "adamw8bit", "dense", "bitsandbytes.optim.AdamW8bit", _bnb_adamw8bit, "bitsandbytes", modules=("bitsandbytes",)
+    ),
+    OptimizerSpec(
+        "adafactor",
+        "dense",
+        "transformers.optimization.Adafactor (beta1=0.9, external lr)",
+        _transformers_adafactor,
+        "transformers",
+        modules=("transformers.optimization",),
+    ),
     OptimizerSpec("coap_adamw", "coap", "coap_torch.CoapAdamW", _coap(CoapAdamW)),
     OptimizerSpec("coap_adamw8bit", "coap", "coap_torch.CoapAdamW8bit", _coap(CoapAdamW8bit)),
-    OptimizerSpec("coap_adafactor", "coap", "coap_torch.CoapAdafactor (beta1=0.9, external lr)",
-                  _coap(CoapAdafactor, **ADAFACTOR_OPTIONS)),
-    OptimizerSpec("coap_adafactor8bit", "coap", "coap_torch.CoapAdafactor8bit (beta1=0.9, external lr)",
-                  _coap(CoapAdafactor8bit, **ADAFACTOR_OPTIONS)),
-    OptimizerSpec("galore_adamw", "galore", "galore_torch.GaLoreAdamW",
-                  _galore("GaLoreAdamW", no_deprecation_warning=True), "galore-torch", _GALORE_STATE, _GALORE),
-    OptimizerSpec("galore_adamw8bit", "galore", "galore_torch.GaLoreAdamW8bit", _galore("GaLoreAdamW8bit"),
-                  "galore-torch", _GALORE_STATE, _GALORE),
-    OptimizerSpec("galore_adafactor", "galore", "galore_torch.GaLoreAdafactor (beta1=0.9, external lr)",
-                  _galore("GaLoreAdafactor", **ADAFACTOR_OPTIONS), "galore-torch", _GALORE_STATE, _GALORE),
-    OptimizerSpec("apollo_adamw", "apollo", "apollo_torch.APOLLOAdamW (random projection, channel scaling)",
-                  _apollo, "apollo-torch",
-                  ("apollo_torch.random_projector.GradientProjector", "apollo_torch.svd_projector.GaLoreProjector"),
-                  ("apollo_torch",)),
+    OptimizerSpec(
+        "coap_adafactor",
+        "coap",
+        "coap_torch.CoapAdafactor (beta1=0.9, external lr)",
+        _coap(CoapAdafactor, **ADAFACTOR_OPTIONS),
+    ),
+    OptimizerSpec(
+        "coap_adafactor8bit",
+        "coap",
+        "coap_torch.CoapAdafactor8bit (beta1=0.9, external lr)",
+        _coap(CoapAdafactor8bit, **ADAFACTOR_OPTIONS),
+    ),
+    OptimizerSpec(
+        "galore_adamw",
+        "galore",
+        "galore_torch.GaLoreAdamW",
+        _galore("GaLoreAdamW", no_deprecation_warning=True),
+        "galore-torch",
+        _GALORE_STATE,
+        _GALORE,
+    ),
+    OptimizerSpec(
+        "galore_adamw8bit",
+        "galore",
+        "galore_torch.GaLoreAdamW8bit",
+        _galore("GaLoreAdamW8bit"),
+        "galore-torch",
+        _GALORE_STATE,
+        _GALORE,
+    ),
+    OptimizerSpec(
+        "galore_adafactor",
+        "galore",
+        "galore_torch.GaLoreAdafactor (beta1=0.9, external lr)",
+        _galore("GaLoreAdafactor", **ADAFACTOR_OPTIONS),
+        "galore-torch",
+        _GALORE_STATE,
+        _GALORE,
+    ),
+    OptimizerSpec(
+        "apollo_adamw",
+        "apollo",
+        "apollo_torch.APOLLOAdamW (random projection, channel scaling)",
+        _apollo,
+        "apollo-torch",
+        ("apollo_torch.random_projector.GradientProjector", "apollo_torch.svd_projector.GaLoreProjector"),
+        ("apollo_torch",),
+    ),
 ]
 
 #: name -> :class:`OptimizerSpec`. Add an optimizer with one line in ``_SPECS``.
@@ -242,8 +293,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in _SPECS}
 DEFAULT_OPTIMIZERS = ("adamw", "coap_adamw", "coap_adamw8bit", "adafactor", "coap_adafactor", "coap_adafactor8bit")
 
 
-def build_optimizer(name: str, projected: Params, dense: Params, lr: float,
-                    settings: LowRankSettings) -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str, projected: Params, dense: Params, lr: float, settings: LowRankSettings
+) -> torch.optim.Optimizer:
     """The optimizer ``name`` over ``projected`` (what low-rank methods may project) and ``dense`` parameters."""
     try:
         spec = OPTIMIZERS[name]
@@ -262,7 +314,5 @@ def parse_optimizer_names(text: str) -> list[str]:
         raise ValueError(f"no optimizer named in {text!r}; known: {', '.join(OPTIMIZERS)}")
     unknown = [name for name in names if name not in OPTIMIZERS]
     if unknown:
-        raise ValueError(
-            f"unknown optimizer {', '.join(repr(n) for n in unknown)}; known: {', '.join(OPTIMIZERS)}"
-        )
+        raise ValueError(f"unknown optimizer {', '.join(repr(n) for n in unknown)}; known: {', '.join(OPTIMIZERS)}")
     return names

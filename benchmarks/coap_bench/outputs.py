@@ -98,8 +98,7 @@ def _write_plots_reported(run: dict, directory: str, write_plots: Callable[..., 
     try:
         paths = write_plots(run, directory)
     except OSError as error:
-        print(f"coap-bench: error: --plots {directory}: plots not written ({error.strerror or error})",
-              file=sys.stderr)
+        print(f"coap-bench: error: --plots {directory}: plots not written ({error.strerror or error})", file=sys.stderr)
         return False
     if paths is None:
         print("no plots written: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
@@ -109,8 +108,12 @@ def _write_plots_reported(run: dict, directory: str, write_plots: Callable[..., 
     return True
 
 
-def run_and_report(run_job: Callable[[], dict], args: argparse.Namespace, format_table: Callable[[dict], str],
-                   write_plots: Callable[..., Any] | None) -> int:
+def run_and_report(
+    run_job: Callable[[], dict],
+    args: argparse.Namespace,
+    format_table: Callable[[dict], str],
+    write_plots: Callable[..., Any] | None,
+) -> int:
     """Run a job, print its table, write the JSON and plots it was asked for; the exit status.
 
     The status is 1 when an output could not be written, when an optimizer ended with a non-finite

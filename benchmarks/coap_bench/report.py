@@ -67,8 +67,9 @@ def nonfinite_losses(result: dict[str, Any]) -> str:
     if result.get("failed"):
         return ""
     values = {name: result.get(key) for key, name in _LOSS_NAMES.items()}
-    return ", ".join(f"{name} {value}" for name, value in values.items()
-                     if isinstance(value, float) and not math.isfinite(value))
+    return ", ".join(
+        f"{name} {value}" for name, value in values.items() if isinstance(value, float) and not math.isfinite(value)
+    )
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -88,8 +89,9 @@ def text_table(header: Sequence[object], rows: Sequence[Sequence[object]], left:
     the others right-aligned, columns two spaces apart."""
     cells = [[str(h) for h in header]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if i >= left else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in cells]
+    lines = [
+        "  ".join(c.rjust(w) if i >= left else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells
+    ]
     return [lines[0], "  ".join("-" * w for w in widths), *lines[1:]]
 
 
@@ -151,8 +153,10 @@ def format_table(run: dict[str, Any], *, notes: bool = True) -> str:
         if nonfinite_losses(result):
             remarks.append(f"diverged: {result['name']}: ended with a non-finite loss ({nonfinite_losses(result)})")
         if result.get("first_nonfinite_step") is not None:
-            remarks.append(f"warning: {result['name']}: the training loss became non-finite at step "
-                           f"{result['first_nonfinite_step']}")
+            remarks.append(
+                f"warning: {result['name']}: the training loss became non-finite at step "
+                f"{result['first_nonfinite_step']}"
+            )
     remarks += import_note_lines(run)  # what peers printed while imported, said once
     if remarks:
         text += ["", *remarks]
@@ -196,8 +200,16 @@ def _pyplot():
     return plt
 
 
-def plot_loss_curves(plt, run: dict[str, Any], path: Path, *, title: str, label, log_scale: bool = False,
-                     ylabel: str = "training loss (batch cross-entropy)") -> Path:
+def plot_loss_curves(
+    plt,
+    run: dict[str, Any],
+    path: Path,
+    *,
+    title: str,
+    label,
+    log_scale: bool = False,
+    ylabel: str = "training loss (batch cross-entropy)",
+) -> Path:
     """Training loss per step of every optimizer in ``run``, raw and as a 10-step mean."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for result in run["results"]:

@@ -78,8 +78,10 @@ def unreadable_checkpoint(path: Path, error: BaseException | str, run_folder: Pa
     else:
         why = f"it is truncated or corrupted ({type(error).__name__})"
     remove = "it" if run_folder is None else f"the run's folder {run_folder}"
-    return CheckpointError(f"checkpoint {path} cannot be loaded: {why}; delete {remove} to start that run over, "
-                           "or use another --checkpoint-dir")
+    return CheckpointError(
+        f"checkpoint {path} cannot be loaded: {why}; delete {remove} to start that run over, "
+        "or use another --checkpoint-dir"
+    )
 
 
 #: Measurements every result has; a failed run has them all ``None``.
@@ -141,8 +143,9 @@ def _with_import_notes(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[st
     return {**result, "import_notes": notes} if notes else result
 
 
-def run_guarded(fn: Callable[..., dict[str, Any]], args: Sequence[Any], *, name: str, lr: float,
-                isolate: bool) -> dict[str, Any]:
+def run_guarded(
+    fn: Callable[..., dict[str, Any]], args: Sequence[Any], *, name: str, lr: float, isolate: bool
+) -> dict[str, Any]:
     """``fn(*args)``, in a fresh spawned process when ``isolate``; a failed result if it raises or dies.
 
     :class:`RunConfigurationError` (a checkpoint of another configuration, or one that cannot be
@@ -153,8 +156,9 @@ def run_guarded(fn: Callable[..., dict[str, Any]], args: Sequence[Any], *, name:
         if not isolate:
             return _with_import_notes(fn, *args)
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_die_with_parent,
-                                                    initargs=(os.getpid(),)) as pool:
+        with concurrent.futures.ProcessPoolExecutor(
+            max_workers=1, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),)
+        ) as pool:
             return pool.submit(_with_import_notes, fn, *args).result()
     except concurrent.futures.process.BrokenProcessPool:
         return failed_result(name, lr, "the run's process died (a crash in native code, or out of memory)")
@@ -171,11 +175,16 @@ def run_guarded(fn: Callable[..., dict[str, Any]], args: Sequence[Any], *, name:
 def run_problems(results: list[dict[str, Any]]) -> list[str]:
     """Why a finished comparison failed, one line each: every optimizer that ended with a non-finite loss, and
     every optimizer failing. Empty when the comparison is usable (a single failed peer is a row of the table)."""
-    problems = [f"{result['name']} ended with a non-finite loss ({nonfinite_losses(result)}) at lr "
-                f"{result['lr']:g}; a lower --lr may help" for result in results if nonfinite_losses(result)]
+    problems = [
+        f"{result['name']} ended with a non-finite loss ({nonfinite_losses(result)}) at lr "
+        f"{result['lr']:g}; a lower --lr may help"
+        for result in results
+        if nonfinite_losses(result)
+    ]
     if results and all(result.get("failed") for result in results):
-        problems.append(f"every optimizer failed ({', '.join(result['name'] for result in results)}): "
-                        "see the table for why")
+        problems.append(
+            f"every optimizer failed ({', '.join(result['name'] for result in results)}): see the table for why"
+        )
     return problems
 
 
@@ -230,24 +239,33 @@ def checkpoint_workarounds(spec: Any, checkpoint: Path | None) -> list[str]:
     if not spec.state_classes or checkpoint is None:
         return []
     names = ", ".join(c.rpartition(".")[2] for c in spec.state_classes)
-    note = f"checkpoints allowlist {names} (an object the optimizer keeps in its state) for torch.load(weights_only=True)"
+    note = (
+        f"checkpoints allowlist {names} (an object the optimizer keeps in its state) for torch.load(weights_only=True)"
+    )
     return [note]
 
 
 def _differences(saved: Any, expected: Any, prefix: str = "") -> list[str]:
     if isinstance(saved, dict) and isinstance(expected, dict):
-        return [line for key in dict.fromkeys([*expected, *saved])
-                for line in _differences(saved.get(key), expected.get(key), f"{prefix}{key}.")]
+        return [
+            line
+            for key in dict.fromkeys([*expected, *saved])
+            for line in _differences(saved.get(key), expected.get(key), f"{prefix}{key}.")
+        ]
     return [] if saved == expected else [f"{prefix.rstrip('.') or 'fingerprint'} {saved!r} there, {expected!r} here"]
 
 
-def check_fingerprint(checkpoint: Path, saved_format: Any, saved_fingerprint: Any, checkpoint_format: int,
-                      fingerprint: dict[str, Any]) -> None:
+def check_fingerprint(
+    checkpoint: Path, saved_format: Any, saved_fingerprint: Any, checkpoint_format: int, fingerprint: dict[str, Any]
+) -> None:
     """Raise :class:`RunConfigurationError` unless a checkpoint's format and fingerprint are this run's."""
     if saved_format == checkpoint_format and saved_fingerprint == fingerprint:
         return
-    what = (_differences(saved_fingerprint, fingerprint) if saved_format == checkpoint_format
-            else [f"checkpoint format {saved_format!r} there, {checkpoint_format!r} here"])
+    what = (
+        _differences(saved_fingerprint, fingerprint)
+        if saved_format == checkpoint_format
+        else [f"checkpoint format {saved_format!r} there, {checkpoint_format!r} here"]
+    )
     raise RunConfigurationError(
         f"checkpoint {str(checkpoint)!r} was saved by a different run configuration ({'; '.join(what)}); "
         "remove it or use another --checkpoint-dir"
@@ -267,8 +285,9 @@ def check_checkpoint_archive(checkpoint: Path) -> None:
         raise unreadable_checkpoint(checkpoint, error) from None
 
 
-def load_checkpoint(checkpoint: Path | None, spec: Any, fingerprint: dict[str, Any], checkpoint_format: int,
-                    device: torch.device) -> dict[str, Any] | None:
+def load_checkpoint(
+    checkpoint: Path | None, spec: Any, fingerprint: dict[str, Any], checkpoint_format: int, device: torch.device
+) -> dict[str, Any] | None:
     """The checkpoint a run saved (``None`` if there is none yet), loaded with ``weights_only=True``.
 
     The classes ``spec`` keeps in its optimizer state are allowlisted; a checkpoint of another

@@ -80,7 +80,10 @@ def _adafactor_buffers(shape: tuple[int, ...], dtype: torch.dtype, group: dict[s
     """
     buffers = [_buffer("exp_avg", shape, dtype)] if group["beta1"] is not None else []
     if len(shape) >= 2:
-        buffers += [_buffer("exp_avg_sq_row", shape[:-1], dtype), _buffer("exp_avg_sq_col", shape[:-2] + shape[-1:], dtype)]
+        buffers += [
+            _buffer("exp_avg_sq_row", shape[:-1], dtype),
+            _buffer("exp_avg_sq_col", shape[:-2] + shape[-1:], dtype),
+        ]
     else:
         buffers.append(_buffer("exp_avg_sq", shape, dtype))
     return [*buffers, _buffer("RMS", (), dtype)]
@@ -116,7 +119,9 @@ def _galore_projection(
     m, n = shape
     k = min(m, n)
     r = k if rank is None else min(int(rank), k)
-    side = {"std": "right" if m >= n else "left", "reverse_std": "left" if m >= n else "right"}.get(proj_type, proj_type)
+    side = {"std": "right" if m >= n else "left", "reverse_std": "left" if m >= n else "right"}.get(
+        proj_type, proj_type
+    )
     pinned = dtype == torch.float32
     right, left = (k * n, m * k) if pinned else (r * n, m * r)
     numel, projected = {"right": (right, (m, r)), "left": (left, (r, n)), "full": (right + left, (r, r))}[side]
@@ -283,9 +288,9 @@ def _iter_params(optimizer: torch.optim.Optimizer) -> Iterator[tuple[int, int, T
             yield group_index, index, param, group
 
 
-
-
-def estimate_state_bytes(model: nn.Module | Iterable[Any], optimizer_name: str, **optimizer_kwargs: Any) -> StateEstimate:
+def estimate_state_bytes(
+    model: nn.Module | Iterable[Any], optimizer_name: str, **optimizer_kwargs: Any
+) -> StateEstimate:
     """The optimizer-state bytes ``optimizer_name`` will hold for ``model``, without allocating them:
     :func:`coap_torch.estimate_state_bytes` extended to the peers.
 

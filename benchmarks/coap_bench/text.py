@@ -80,8 +80,17 @@ DEFAULT_HELDOUT_PERCENT = 10
 MIN_DOCSTRING_CHARS = 200
 #: Standard-library folders that are not walked (tests, the IDE, third-party packages, old tools).
 SKIPPED_STDLIB_DIRS = frozenset(
-    {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "lib-dynload",
-     "__pycache__"}
+    {
+        "test",
+        "tests",
+        "idlelib",
+        "site-packages",
+        "dist-packages",
+        "lib2to3",
+        "turtledemo",
+        "lib-dynload",
+        "__pycache__",
+    }
 )
 #: Name of the built-in corpus.
 BUILTIN_NAME = "python-docs"
@@ -179,7 +188,8 @@ def _stdlib_docstrings(root: Path) -> tuple[tuple[str, str], ...]:
         here = Path(dirpath)
         # Walk packages only (a folder with an __init__.py), never the skipped ones; sorted for determinism.
         dirnames[:] = sorted(
-            d for d in dirnames
+            d
+            for d in dirnames
             if d not in SKIPPED_STDLIB_DIRS and not d.startswith("config-") and (here / d / "__init__.py").is_file()
         )
         rel = here.relative_to(root)
@@ -402,8 +412,9 @@ class TokenData:
         }
 
 
-def _resolve_corpus(source: str | Corpus | None, data_dir: str | os.PathLike[str] | None,
-                    max_documents: int | None) -> Corpus:
+def _resolve_corpus(
+    source: str | Corpus | None, data_dir: str | os.PathLike[str] | None, max_documents: int | None
+) -> Corpus:
     if isinstance(source, Corpus):
         if data_dir is not None:
             raise ValueError("give either a Corpus or data_dir, not both")
@@ -560,9 +571,18 @@ def _load_c4(cache_root: Path, train_documents: int, heldout_documents: int) -> 
             cached = _read_tokens(tokens_file, meta["corpus_sha256"])
             if cached is not None:
                 train, heldout = cached
-                return TokenData(train, heldout, meta["vocab_size"], meta["eos_id"], CorpusInfo(**meta["corpus"]),
-                                 meta["corpus_sha256"], tensor_sha256(train), tensor_sha256(heldout), C4_TOKENIZER,
-                                 from_cache=True)
+                return TokenData(
+                    train,
+                    heldout,
+                    meta["vocab_size"],
+                    meta["eos_id"],
+                    CorpusInfo(**meta["corpus"]),
+                    meta["corpus_sha256"],
+                    tensor_sha256(train),
+                    tensor_sha256(heldout),
+                    C4_TOKENIZER,
+                    from_cache=True,
+                )
         except (OSError, ValueError, KeyError, TypeError):  # a damaged meta.json: stream and tokenize again
             pass
 
@@ -598,14 +618,33 @@ def _load_c4(cache_root: Path, train_documents: int, heldout_documents: int) -> 
         return _concat(ids, eos_id)
 
     train, heldout = encode(train_docs), encode(heldout_docs)
-    info = CorpusInfo(C4_NAME, len(train_docs), len(heldout_docs), sum(len(d.text) for d in train_docs),
-                      sum(len(d.text) for d in heldout_docs), heldout_percent=None)
+    info = CorpusInfo(
+        C4_NAME,
+        len(train_docs),
+        len(heldout_docs),
+        sum(len(d.text) for d in train_docs),
+        sum(len(d.text) for d in heldout_docs),
+        heldout_percent=None,
+    )
     _write_tokens(tokens_file, corpus_sha, train, heldout)
-    meta = {"corpus_sha256": corpus_sha, "vocab_size": len(tokenizer), "eos_id": eos_id,
-            "corpus": dataclasses.asdict(info)}
+    meta = {
+        "corpus_sha256": corpus_sha,
+        "vocab_size": len(tokenizer),
+        "eos_id": eos_id,
+        "corpus": dataclasses.asdict(info),
+    }
     _atomic_write(meta_file, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
-    return TokenData(train, heldout, len(tokenizer), eos_id, info, corpus_sha, tensor_sha256(train),
-                     tensor_sha256(heldout), C4_TOKENIZER)
+    return TokenData(
+        train,
+        heldout,
+        len(tokenizer),
+        eos_id,
+        info,
+        corpus_sha,
+        tensor_sha256(train),
+        tensor_sha256(heldout),
+        C4_TOKENIZER,
+    )
 
 
 # -------------------------------------------------------------------------------------------- batches
@@ -621,8 +660,15 @@ class TokenBatches:
     exactly those the saved run would have drawn.
     """
 
-    def __init__(self, tokens: Tensor | TokenData, batch_size: int, seq_len: int, *, seed: int = 0,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        tokens: Tensor | TokenData,
+        batch_size: int,
+        seq_len: int,
+        *,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+    ) -> None:
         if isinstance(tokens, TokenData):
             tokens = tokens.train
         if tokens.dim() != 1:
@@ -691,7 +737,9 @@ def heldout_windows(token_data: TokenData | Tensor, seq_len: int, max_windows: i
             raise ValueError(f"max_windows must be positive, got {max_windows}")
         count = min(count, max_windows)
     if count == 0:
-        raise ValueError(f"{tokens.numel()} held-out tokens are too few for one window of seq_len + 1 = {width}: "
-                         "use a shorter sequence (coap-bench llama --seq-len) or more text (a --data-dir folder "
-                         "with more *.txt / *.md files)")
+        raise ValueError(
+            f"{tokens.numel()} held-out tokens are too few for one window of seq_len + 1 = {width}: "
+            "use a shorter sequence (coap-bench llama --seq-len) or more text (a --data-dir folder "
+            "with more *.txt / *.md files)"
+        )
     return tokens[: count * width].long().reshape(count, width).clone()

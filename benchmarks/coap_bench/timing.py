@@ -23,8 +23,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_step(compute_loss: Callable[[], Tensor], optimizer: torch.optim.Optimizer,
-               device: torch.device) -> tuple[Tensor, float, float]:
+def timed_step(
+    compute_loss: Callable[[], Tensor], optimizer: torch.optim.Optimizer, device: torch.device
+) -> tuple[Tensor, float, float]:
     """Zero the gradients, backpropagate ``compute_loss()`` and step.
 
     Returns ``(loss, iteration seconds, optimizer.step() seconds)``; on CUDA the device is

@@ -92,12 +92,44 @@ LR_SWEEP_FACTORS = (0.5, 1.0, 2.0)
 
 #: The order of the keys of a result row (keys not listed follow, in the order given).
 _RESULT_KEYS = (
-    "name", "optimizer", "family", "lr", "failed", "per_layer", "state_bytes", "state_bytes_by_kind", "projected",
-    "peak_memory_bytes", "peak_memory_kind", "rss_before_model_bytes", "iteration_ms", "step_ms", "tokens_per_s",
-    "images_per_s", "refresh", "p_step_rel_change", "p_step_rel_changes", "final_loss", "last_batch_loss",
-    "heldout_loss", "heldout_perplexity", "heldout_curve", "classifier_frechet_distance", "fid", "samples",
-    "sampling_seconds", "sample_grid", "first_nonfinite_step", "steps_done", "completed", "resumed_from_step",
-    "workarounds", "warnings", "wall_seconds", "process_id", "loss_curve",
+    "name",
+    "optimizer",
+    "family",
+    "lr",
+    "failed",
+    "per_layer",
+    "state_bytes",
+    "state_bytes_by_kind",
+    "projected",
+    "peak_memory_bytes",
+    "peak_memory_kind",
+    "rss_before_model_bytes",
+    "iteration_ms",
+    "step_ms",
+    "tokens_per_s",
+    "images_per_s",
+    "refresh",
+    "p_step_rel_change",
+    "p_step_rel_changes",
+    "final_loss",
+    "last_batch_loss",
+    "heldout_loss",
+    "heldout_perplexity",
+    "heldout_curve",
+    "classifier_frechet_distance",
+    "fid",
+    "samples",
+    "sampling_seconds",
+    "sample_grid",
+    "first_nonfinite_step",
+    "steps_done",
+    "completed",
+    "resumed_from_step",
+    "workarounds",
+    "warnings",
+    "wall_seconds",
+    "process_id",
+    "loss_curve",
 )
 _RESULT_ORDER = {key: index for index, key in enumerate(_RESULT_KEYS)}
 
@@ -133,10 +165,20 @@ class TrainingLoop:
     subclass appends to; they are saved with the checkpoint under their keys and restored in place.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, batches: Any,
-                 compute_loss: Callable[[Any], Tensor], *, config: Any, device: torch.device, label: str,
-                 next_batch: Callable[[], Any] | None = None, logs: dict[str, list[Any]] | None = None,
-                 show_progress: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        batches: Any,
+        compute_loss: Callable[[Any], Tensor],
+        *,
+        config: Any,
+        device: torch.device,
+        label: str,
+        next_batch: Callable[[], Any] | None = None,
+        logs: dict[str, list[Any]] | None = None,
+        show_progress: bool = True,
+    ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.batches = batches
@@ -181,8 +223,12 @@ class TrainingLoop:
         self.batches.load_state_dict(state["batches"])
         set_rng_state(state["rng"], self.device)
         self.start_step = int(state["step"])
-        for log, key in ((self.losses, "losses"), (self.iteration_s, "iteration_s"), (self.step_s, "step_s"),
-                         *((log, key) for key, log in self.logs.items())):
+        for log, key in (
+            (self.losses, "losses"),
+            (self.iteration_s, "iteration_s"),
+            (self.step_s, "step_s"),
+            *((log, key) for key, log in self.logs.items()),
+        ):
             log[:] = state[key]
         self.probe.changes = list(state["eq2_changes"])
 
@@ -218,15 +264,22 @@ class TrainingLoop:
         tqdm = require("tqdm").tqdm
         end_step = self.steps if self.stop_after is None else min(self.steps, self.start_step + self.stop_after)
         started = time.perf_counter()
-        with tqdm(total=self.steps, initial=self.start_step, desc=self.label, file=sys.stderr,
-                  disable=not self.progress, unit="step") as bar:
+        with tqdm(
+            total=self.steps,
+            initial=self.start_step,
+            desc=self.label,
+            file=sys.stderr,
+            disable=not self.progress,
+            unit="step",
+        ) as bar:
             self.before_steps()
             for step in range(self.start_step + 1, end_step + 1):
                 batch = self.next_batch()
                 self.probe.before_step()
                 with self.step_context(step):
-                    loss, iteration, step_time = timed_step(lambda batch=batch: self.compute_loss(batch),
-                                                            self.optimizer, self.device)
+                    loss, iteration, step_time = timed_step(
+                        lambda batch=batch: self.compute_loss(batch), self.optimizer, self.device
+                    )
                 self.probe.after_step(step)
                 self.scheduler.step()
                 self.iteration_s.append(iteration)
@@ -258,8 +311,7 @@ class TrainingLoop:
             "p_step_rel_changes": self.probe.changes,
             "final_loss": sum(tail) / len(tail) if tail else None,
             "last_batch_loss": self.losses[-1] if self.losses else None,
-            "first_nonfinite_step": next((i for i, v in enumerate(self.losses, start=1) if not math.isfinite(v)),
-                                         None),
+            "first_nonfinite_step": next((i for i, v in enumerate(self.losses, start=1) if not math.isfinite(v)), None),
             "steps_done": len(self.losses),
             "completed": len(self.losses) == self.steps,
             "resumed_from_step": self.start_step or None,
@@ -314,8 +366,16 @@ class FileCheckpoint:
         loop.load_state_dict(saved)
 
     def save(self, loop: TrainingLoop, step: int) -> None:
-        atomic_save({"format": self.format, "fingerprint": self.fingerprint, "model": loop.model.state_dict(),
-                     "optimizer": loop.optimizer.state_dict(), **loop.state_dict(step)}, self.path)
+        atomic_save(
+            {
+                "format": self.format,
+                "fingerprint": self.fingerprint,
+                "model": loop.model.state_dict(),
+                "optimizer": loop.optimizer.state_dict(),
+                **loop.state_dict(step),
+            },
+            self.path,
+        )
 
 
 def best_of_sweep(runs: list[dict[str, Any]], sweep: bool, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -404,8 +464,9 @@ def _checkpoints(config: Any, seeds: list[int]) -> dict[tuple[str, float, int], 
     return checkpoints
 
 
-def run_optimizers(config: Any, train: Callable[..., dict[str, Any]], args: tuple[Any, ...],
-                   sweep_keys: tuple[str, ...]) -> list[dict[str, Any]]:
+def run_optimizers(
+    config: Any, train: Callable[..., dict[str, Any]], args: tuple[Any, ...], sweep_keys: tuple[str, ...]
+) -> list[dict[str, Any]]:
     """Each optimizer's result: ``train(name, lr, *args, checkpoint)`` for every lr of :func:`sweep_lrs`
     and every seed, through :func:`~coap_bench.runner.run_guarded` (a fresh process each with
     ``config.isolate``; a run that raises is a failed result naming the package to install, but a
@@ -477,8 +538,9 @@ def measurement_columns(result: dict[str, Any], throughput: str) -> list[str]:
     ]
 
 
-def result_remarks(result: dict[str, Any], steps: int, *, sweep_edge: Callable[[dict[str, Any]], str],
-                   more: Sequence[str | None] = ()) -> list[str]:
+def result_remarks(
+    result: dict[str, Any], steps: int, *, sweep_edge: Callable[[dict[str, Any]], str], more: Sequence[str | None] = ()
+) -> list[str]:
     """The lines below the table about one result: its failure (with the package to install), a
     non-finite loss, an unfinished run, ``sweep_edge(result)`` when its best lr is at the edge of the
     sweep, the lines of ``more`` that are not ``None``, its Eq. 2 steps and refreshes, workarounds and warnings."""
@@ -490,29 +552,34 @@ def result_remarks(result: dict[str, Any], steps: int, *, sweep_edge: Callable[[
     if nonfinite_losses(result):
         remarks.append(f"diverged: {name}: ended with a non-finite loss ({nonfinite_losses(result)})")
     if result.get("first_nonfinite_step") is not None:
-        remarks.append(f"warning: {name}: the training loss became non-finite at step "
-                       f"{result['first_nonfinite_step']}")
+        remarks.append(f"warning: {name}: the training loss became non-finite at step {result['first_nonfinite_step']}")
     if not result.get("completed", True):
         remarks.append(f"note: {name}: stopped after {result['steps_done']} of {steps} steps")
     if result.get("lr_at_sweep_edge"):
         remarks.append(sweep_edge(result))
     if result.get("heldout_loss_per_seed"):
         seeds = result["seeds"]
-        line = (f"{name}: held-out loss over seeds {seeds[0]}-{seeds[-1]}: mean {result['heldout_loss']:.4f}, "
-                f"std {result['heldout_loss_std']:.4f} (per seed: "
-                f"{', '.join(f'{value:.4f}' for value in result['heldout_loss_per_seed'])})")
+        line = (
+            f"{name}: held-out loss over seeds {seeds[0]}-{seeds[-1]}: mean {result['heldout_loss']:.4f}, "
+            f"std {result['heldout_loss_std']:.4f} (per seed: "
+            f"{', '.join(f'{value:.4f}' for value in result['heldout_loss_per_seed'])})"
+        )
         paired = next((value for key, value in result.items() if key.endswith("_per_seed") and "_rel_to_" in key), None)
         if paired and result["name"] != "adamw":
             line += f"; vs AdamW seed by seed: {', '.join(percent(value) for value in paired)}"
         remarks.append(line)
     remarks += [line for line in more if line is not None]
     if result.get("p_step_rel_change") is not None:
-        remarks.append(f"{name}: median |dP|/|P| of an Eq. 2 step: {result['p_step_rel_change']:.3g} "
-                       f"({len(result['p_step_rel_changes'])} projection updates)")
+        remarks.append(
+            f"{name}: median |dP|/|P| of an Eq. 2 step: {result['p_step_rel_change']:.3g} "
+            f"({len(result['p_step_rel_changes'])} projection updates)"
+        )
     if result.get("refresh"):
         refresh = result["refresh"]
-        remarks.append(f"{name}: {refresh['count']} projection refresh{'es' if refresh['count'] > 1 else ''}, "
-                       f"{refresh['total_ms']:.0f} ms in all, {100 * refresh['share']:.1f}% of optimizer-step time")
+        remarks.append(
+            f"{name}: {refresh['count']} projection refresh{'es' if refresh['count'] > 1 else ''}, "
+            f"{refresh['total_ms']:.0f} ms in all, {100 * refresh['share']:.1f}% of optimizer-step time"
+        )
     remarks += [f"workaround: {name}: {w}" for w in result.get("workarounds", [])]
     remarks += [f"warning: {name}: {textwrap.shorten(w, 200)}" for w in result.get("warnings", [])]
     return remarks

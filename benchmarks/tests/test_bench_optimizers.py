@@ -21,9 +21,13 @@ from coap_bench.optimizers import (
 
 def _params() -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     gen = torch.Generator().manual_seed(0)
-    projected = [nn.Parameter(torch.randn(48, 32, generator=gen)), nn.Parameter(torch.randn(16, 40, generator=gen)),
-                 nn.Parameter(torch.randn(6, 40, generator=gen)), nn.Parameter(torch.randn(32, generator=gen)),
-                 nn.Parameter(torch.randn(8, 4, 3, 3, generator=gen))]
+    projected = [
+        nn.Parameter(torch.randn(48, 32, generator=gen)),
+        nn.Parameter(torch.randn(16, 40, generator=gen)),
+        nn.Parameter(torch.randn(6, 40, generator=gen)),
+        nn.Parameter(torch.randn(32, generator=gen)),
+        nn.Parameter(torch.randn(8, 4, 3, 3, generator=gen)),
+    ]
     dense = [nn.Parameter(torch.randn(50, 32, generator=gen))]
     return projected, dense
 

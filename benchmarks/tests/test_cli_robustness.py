@@ -42,8 +42,9 @@ def _env(cache: Path) -> dict[str, str]:
 
 def _cli(cache: Path, *args: str, python: tuple[str, ...] = ("-m", "coap_bench.cli")):
     """``coap-bench ARGS`` in a fresh interpreter, with ``cache`` as tokenizer cache."""
-    return subprocess.run([sys.executable, *python, *args], check=False, capture_output=True, text=True,
-                          env=_env(cache), timeout=TIMEOUT)
+    return subprocess.run(
+        [sys.executable, *python, *args], check=False, capture_output=True, text=True, env=_env(cache), timeout=TIMEOUT
+    )
 
 
 def _errors(stderr: str) -> list[str]:
@@ -72,20 +73,38 @@ def cache(tmp_path_factory, corpus) -> Path:
 
 
 def _llama(corpus: Path, *extra: str) -> list[str]:
-    return ["llama", "--preset", "micro", "--vocab-size", "300", "--data-dir", str(corpus), "--max-heldout-windows",
-            "4", "--steps", "2", "--optimizers", "adamw", "--no-progress", *extra]
+    return [
+        "llama",
+        "--preset",
+        "micro",
+        "--vocab-size",
+        "300",
+        "--data-dir",
+        str(corpus),
+        "--max-heldout-windows",
+        "4",
+        "--steps",
+        "2",
+        "--optimizers",
+        "adamw",
+        "--no-progress",
+        *extra,
+    ]
 
 
 # ---------------------------------------------------------------------------------------- output paths
 
 
-@pytest.mark.parametrize(("command", "flag", "where", "reason"), [
-    ("llama", "--json", "file/r.json", "{file} is a file, not a folder"),
-    ("llama", "--checkpoint-dir", "file", "it is a file, not a folder"),
-    ("ddpm", "--checkpoint-dir", "file/sub", "{file} is a file, not a folder"),
-    ("digits", "--plots", "file/plots", "{file} is a file, not a folder"),
-    ("memory", "--json", "folder", "it is a folder; give a file name"),
-])
+@pytest.mark.parametrize(
+    ("command", "flag", "where", "reason"),
+    [
+        ("llama", "--json", "file/r.json", "{file} is a file, not a folder"),
+        ("llama", "--checkpoint-dir", "file", "it is a file, not a folder"),
+        ("ddpm", "--checkpoint-dir", "file/sub", "{file} is a file, not a folder"),
+        ("digits", "--plots", "file/plots", "{file} is a file, not a folder"),
+        ("memory", "--json", "folder", "it is a folder; give a file name"),
+    ],
+)
 def test_an_unusable_output_path_stops_the_command_before_it_starts(tmp_path, corpus, command, flag, where, reason):
     (tmp_path / "folder").mkdir()
     (tmp_path / "file").write_text("a user's file\n")
@@ -94,8 +113,9 @@ def test_an_unusable_output_path_stops_the_command_before_it_starts(tmp_path, co
     extra = _llama(corpus)[1:] if command == "llama" else []
     done = _cli(tmp_path / "cache", command, *extra, flag, str(path))
     assert done.returncode == 2, done.stderr[-3000:]
-    assert done.stderr.splitlines() == [
-        f"coap-bench: error: {flag} {path}: {reason.format(file=tmp_path / 'file')}"], done.stderr
+    assert done.stderr.splitlines() == [f"coap-bench: error: {flag} {path}: {reason.format(file=tmp_path / 'file')}"], (
+        done.stderr
+    )
     assert done.stdout == ""  # no table: nothing ran
     assert not (tmp_path / "cache").exists()  # no data loaded (the tokenizer cache is made first)
     assert sorted(tmp_path.rglob("*")) == before  # no probe file or folder left
@@ -134,8 +154,9 @@ def test_a_read_only_folder_is_refused(tmp_path, corpus):
 
 def test_usable_output_paths_pass_and_leave_nothing_behind(tmp_path):
     (tmp_path / "r.json").write_text("old results\n")
-    check_output_paths(_namespace(json=str(tmp_path / "r.json"), plots=str(tmp_path / "a" / "b"),
-                                  checkpoint_dir=str(tmp_path / "c")))
+    check_output_paths(
+        _namespace(json=str(tmp_path / "r.json"), plots=str(tmp_path / "a" / "b"), checkpoint_dir=str(tmp_path / "c"))
+    )
     check_output_paths(_namespace(json=str(tmp_path / "new" / "r.json"), plots=str(tmp_path)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
     assert (tmp_path / "r.json").read_text() == "old results\n"
@@ -160,15 +181,19 @@ def test_results_that_cannot_be_written_after_the_run_exit_non_zero_after_the_ta
 def _float_flags() -> list[tuple[str, str]]:
     """(command, flag) of every option of every command that takes a real number."""
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return [(command, action.option_strings[0]) for command, sub in commands.choices.items()
-            for action in sub._actions
-            if "float_at_least" in getattr(action.type, "__qualname__", "")]
+    return [
+        (command, action.option_strings[0])
+        for command, sub in commands.choices.items()
+        for action in sub._actions
+        if "float_at_least" in getattr(action.type, "__qualname__", "")
+    ]
 
 
 def test_every_real_number_option_refuses_inf_and_nan(capsys):
     flags = _float_flags()
     assert {("llama", "--lr"), ("ddpm", "--scale"), ("digits", "--rank-ratio"), ("llama", "--weight-decay")} <= set(
-        flags)
+        flags
+    )
     for command, flag in flags:
         for text in ("inf", "nan", "-inf", "1e999"):
             with pytest.raises(SystemExit) as exit_info:
@@ -181,8 +206,9 @@ def test_every_real_number_option_refuses_inf_and_nan(capsys):
 def test_a_non_finite_setting_is_a_usage_error(tmp_path, command, flag, value):
     done = _cli(tmp_path / "cache", command, flag, value)
     assert done.returncode == 2
-    assert done.stderr.splitlines()[-1] == (f"coap-bench {command}: error: argument {flag}: expected a finite "
-                                            f"number, got {value!r}")
+    assert done.stderr.splitlines()[-1] == (
+        f"coap-bench {command}: error: argument {flag}: expected a finite number, got {value!r}"
+    )
 
 
 # ---------------------------------------------------------------------------------- runs that fail
@@ -191,15 +217,21 @@ def test_a_non_finite_setting_is_a_usage_error(tmp_path, command, flag, value):
 @pytest.mark.parametrize("command", ["digits", pytest.param("llama", marks=pytest.mark.slow)])
 def test_a_run_that_ends_non_finite_exits_non_zero_with_its_results_written(tmp_path, corpus, cache, command):
     path = tmp_path / "r.json"
-    args = (["digits", "--steps", "2", "--batch-size", "16", "--optimizers", "adamw", "--no-progress"]
-            if command == "digits" else _llama(corpus, "--in-process"))
+    args = (
+        ["digits", "--steps", "2", "--batch-size", "16", "--optimizers", "adamw", "--no-progress"]
+        if command == "digits"
+        else _llama(corpus, "--in-process")
+    )
     done = _cli(cache, *args, "--lr", "1e30", "--json", str(path))
     assert done.returncode == 1, done.stderr[-3000:]
     (result,) = json.loads(path.read_text())["results"]
     assert result["final_loss"] != result["final_loss"]  # nan
     assert "diverged: adamw: ended with a non-finite loss (final loss nan" in done.stdout
-    losses = ", ".join(f"{name} nan" for key, name in (("final_loss", "final loss"), ("heldout_loss", "held-out loss"))
-                       if result[key] != result[key])
+    losses = ", ".join(
+        f"{name} nan"
+        for key, name in (("final_loss", "final loss"), ("heldout_loss", "held-out loss"))
+        if result[key] != result[key]
+    )
     expected = f"coap-bench: error: adamw ended with a non-finite loss ({losses}) at lr 1e+30; a lower --lr may help"
     assert _errors(done.stderr) == [expected]
 
@@ -286,8 +318,17 @@ def test_stale_temporary_files_of_killed_saves_are_removed_on_start(tmp_path, co
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     ours = [folder / ".adamw.pt.k3x_9a0q.tmp", folder / ".adamw.pt.abcdefgh.tmp"]
-    others = [folder / name for name in (".notes.tmp", ".adamw.pt.tmp", ".adamw.pt.ABCDEFGH.tmp",
-                                         ".adamw.pt.abcdefghi.tmp", ".other.pt.abcdefgh.tmp", "adamw.pt.x.tmp")]
+    others = [
+        folder / name
+        for name in (
+            ".notes.tmp",
+            ".adamw.pt.tmp",
+            ".adamw.pt.ABCDEFGH.tmp",
+            ".adamw.pt.abcdefghi.tmp",
+            ".other.pt.abcdefgh.tmp",
+            "adamw.pt.x.tmp",
+        )
+    ]
     for path in ours + others:
         path.write_bytes(b"half a checkpoint")
     done = _cli(cache, *_llama(corpus, "--in-process", "--checkpoint-dir", str(folder)))
@@ -383,8 +424,12 @@ def _wait_for(condition, timeout: float, what: str):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_killed_command_takes_its_run_process_with_it(tmp_path, corpus, cache):
     folder = tmp_path / "checkpoints"
-    command = [sys.executable, "-m", "coap_bench.cli",
-               *_llama(corpus, "--steps", "100000", "--checkpoint-dir", str(folder), "--checkpoint-every", "1")]
+    command = [
+        sys.executable,
+        "-m",
+        "coap_bench.cli",
+        *_llama(corpus, "--steps", "100000", "--checkpoint-dir", str(folder), "--checkpoint-every", "1"),
+    ]
     parent = subprocess.Popen(command, env=_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     children: list[int] = []
     try:

@@ -28,8 +28,21 @@ HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 # One thread (steady on a busy machine), a short COAP refresh schedule so that a few steps include
 # Eq. 2 updates and SVDs, a quick feature classifier.
-_SMALL = ["--preset", "micro", "--threads", "1", "--update-interval", "2", "--reproject-factor", "2",
-          "--proj-gap", "3", "--classifier-steps", "40", "--no-progress"]
+_SMALL = [
+    "--preset",
+    "micro",
+    "--threads",
+    "1",
+    "--update-interval",
+    "2",
+    "--reproject-factor",
+    "2",
+    "--proj-gap",
+    "3",
+    "--classifier-steps",
+    "40",
+    "--no-progress",
+]
 
 
 def _run(tmp_path, *extra: str, name: str = "r.json", in_process: bool = True) -> dict:
@@ -41,13 +54,21 @@ def _run(tmp_path, *extra: str, name: str = "r.json", in_process: bool = True) -
 
 def test_ddpm_compares_adamw_and_coap(tmp_path, capsys):
     plots = tmp_path / "plots"
-    run = _run(tmp_path, "--steps", "6", "--optimizers", "adamw,coap_adamw", "--eval-every", "3",
-               "--plots", str(plots))
+    run = _run(tmp_path, "--steps", "6", "--optimizers", "adamw,coap_adamw", "--eval-every", "3", "--plots", str(plots))
     results = {r["name"]: r for r in run["results"]}
     assert list(results) == ["adamw", "coap_adamw"]
     for result in results.values():
-        for key in ("lr", "state_bytes", "heldout_loss", "iteration_ms", "step_ms", "images_per_s", "final_loss",
-                    "peak_memory_bytes", "classifier_frechet_distance"):
+        for key in (
+            "lr",
+            "state_bytes",
+            "heldout_loss",
+            "iteration_ms",
+            "step_ms",
+            "images_per_s",
+            "final_loss",
+            "peak_memory_bytes",
+            "classifier_frechet_distance",
+        ):
             assert math.isfinite(result[key]), (result["name"], key)
         assert len(result["loss_curve"]) == 6 and result["completed"] and not result["failed"]
         assert [p["step"] for p in result["heldout_curve"]] == [0, 3, 6]
@@ -81,8 +102,13 @@ def test_ddpm_compares_adamw_and_coap(tmp_path, capsys):
     assert "| coap_adamw" in out.out and "held-out loss" in out.out and "clf-FD" in out.out
     assert "NOT FID" in out.out and "Tucker-2 kernels" in out.out
     if HAS_MATPLOTLIB:
-        for png in ("ddpm_loss.png", "ddpm_heldout_vs_state.png", "ddpm_samples.png", "ddpm_samples_adamw.png",
-                    "ddpm_samples_coap_adamw.png"):
+        for png in (
+            "ddpm_loss.png",
+            "ddpm_heldout_vs_state.png",
+            "ddpm_samples.png",
+            "ddpm_samples_adamw.png",
+            "ddpm_samples_coap_adamw.png",
+        ):
             assert (plots / png).stat().st_size > 0, png
         assert coap["sample_grid"] == str(plots / "ddpm_samples_coap_adamw.png")
     else:
@@ -102,23 +128,41 @@ def _boom(*args, **kwargs):
 
 
 def test_a_crashing_peer_is_a_failed_row(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(registry.OPTIMIZERS, "adamw_fused",
-                        registry.OptimizerSpec("adamw_fused", "dense", "broken", _boom, package="torch"))
+    monkeypatch.setitem(
+        registry.OPTIMIZERS,
+        "adamw_fused",
+        registry.OptimizerSpec("adamw_fused", "dense", "broken", _boom, package="torch"),
+    )
     run = _run(tmp_path, "--steps", "2", "--optimizers", "adamw,adamw_fused,coap_adafactor")
     results = {r["name"]: r for r in run["results"]}
     assert results["adamw_fused"]["failed"] and results["adamw_fused"]["error"] == (
-        "RuntimeError: kernel not available on this machine")
+        "RuntimeError: kernel not available on this machine"
+    )
     assert not results["coap_adafactor"]["failed"] and results["coap_adafactor"]["state_ratio_to_adamw"] < 1
     out = capsys.readouterr().out
     assert "| adamw_fused" in out and "failed: adamw_fused: RuntimeError: kernel not available" in out
 
 
-@pytest.mark.parametrize("optimizers", ["adamw,coap_adamw",
-                                        pytest.param("galore_adamw", marks=pytest.mark.skipif(
-                                            not HAS_GALORE, reason="galore-torch not installed"))])
+@pytest.mark.parametrize(
+    "optimizers",
+    [
+        "adamw,coap_adamw",
+        pytest.param("galore_adamw", marks=pytest.mark.skipif(not HAS_GALORE, reason="galore-torch not installed")),
+    ],
+)
 def test_resumed_run_ends_with_the_same_numbers(tmp_path, optimizers):
-    common = ["--steps", "10", "--checkpoint-every", "4", "--warmup-steps", "2", "--eval-every", "5",
-              "--optimizers", optimizers]
+    common = [
+        "--steps",
+        "10",
+        "--checkpoint-every",
+        "4",
+        "--warmup-steps",
+        "2",
+        "--eval-every",
+        "5",
+        "--optimizers",
+        optimizers,
+    ]
     whole = _run(tmp_path, *common, "--checkpoint-dir", str(tmp_path / "a"), name="whole.json")
     # Interrupted after 6 steps (the last checkpoint is at step 4), then started again.
     part = _run(tmp_path, *common, "--checkpoint-dir", str(tmp_path / "b"), "--stop-after", "6", name="part.json")
@@ -127,16 +171,35 @@ def test_resumed_run_ends_with_the_same_numbers(tmp_path, optimizers):
     for a, b in zip(whole["results"], resumed["results"], strict=True):
         assert not a["failed"] and not b["failed"], (a.get("error"), b.get("error"))
         assert b["resumed_from_step"] == 4
-        for key in ("loss_curve", "heldout_loss", "heldout_curve", "classifier_frechet_distance", "state_bytes",
-                    "p_step_rel_changes"):
+        for key in (
+            "loss_curve",
+            "heldout_loss",
+            "heldout_curve",
+            "classifier_frechet_distance",
+            "state_bytes",
+            "p_step_rel_changes",
+        ):
             assert a[key] == b[key], (a["name"], key)
 
 
 def test_a_checkpoint_of_another_configuration_is_refused(tmp_path, capsys):
     _run(tmp_path, "--steps", "2", "--optimizers", "adamw", "--checkpoint-dir", str(tmp_path / "c"))
     with pytest.raises(SystemExit) as exit_info:
-        main(["ddpm", *_SMALL, "--steps", "2", "--optimizers", "adamw", "--lr", "0.5", "--in-process",
-              "--checkpoint-dir", str(tmp_path / "c")])
+        main(
+            [
+                "ddpm",
+                *_SMALL,
+                "--steps",
+                "2",
+                "--optimizers",
+                "adamw",
+                "--lr",
+                "0.5",
+                "--in-process",
+                "--checkpoint-dir",
+                str(tmp_path / "c"),
+            ]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     # What differs, and only that (the first run trained at the preset's lr).
@@ -192,16 +255,19 @@ def test_image_folder_with_class_subfolders(tmp_path):
         for i in range(24):
             pixels = (torch.rand(12, 10, generator=generator) * 255).to(torch.uint8).numpy()
             image.fromarray(pixels, mode="L").save(tmp_path / "images" / label / f"{i}.png")
-    run = _run(tmp_path, "--steps", "2", "--optimizers", "adamw", "--batch-size", "4",
-               "--image-dir", str(tmp_path / "images"))
+    run = _run(
+        tmp_path, "--steps", "2", "--optimizers", "adamw", "--batch-size", "4", "--image-dir", str(tmp_path / "images")
+    )
     data = run["data"]
     assert data["name"] == "folder" and data["classes"] == ["a", "b"] and data["label_source"] == "classes"
     assert data["train_images"] + data["heldout_images"] == 48 and data["resolution"] == 8
     assert not run["results"][0]["failed"], run["results"][0].get("error")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch_fidelity") is not None
-                    or importlib.util.find_spec("pytorch_fid") is not None, reason="a FID backend is installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch_fidelity") is not None or importlib.util.find_spec("pytorch_fid") is not None,
+    reason="a FID backend is installed",
+)
 def test_fid_without_a_backend_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["ddpm", *_SMALL, "--steps", "1", "--optimizers", "adamw", "--fid", "--in-process"])
@@ -221,7 +287,11 @@ def test_unknown_optimizer_and_dataset_clash_are_errors(capsys):
 def test_defaults_and_presets():
     args = build_parser().parse_args(["ddpm"])
     assert (args.command, args.preset, args.optimizers, args.recipe) == (
-        "ddpm", "small", list(DEFAULT_DDPM_OPTIMIZERS), "paper")
+        "ddpm",
+        "small",
+        list(DEFAULT_DDPM_OPTIMIZERS),
+        "paper",
+    )
     config = DdpmConfig().resolved()
     assert config.isolate and (config.steps, config.batch_size, config.samples) == (500, 32, 256)
     assert config.sampler == "ddim" and config.warmup_steps == 50
@@ -243,13 +313,34 @@ def test_cifar10_preset_is_the_ddpm_cifar10_unet():
 
 def test_table_of_a_run_with_only_failures():
     run = {
-        "config": {"preset": "micro", "parameters": 1, "steps": 1, "batch_size": 1, "warmup_steps": 0,
-                   "final_lr_fraction": 0.1, "seed": 0, "device": "cpu", "torch_threads": 1, "recipe": "paper",
-                   "lrs": {"x": 0.1}, "samples": 2, "sampler": "ddim", "sample_steps": 1, "heldout_evaluations": 1,
-                   "unet": {"block_out_channels": [1], "sample_size": 8, "in_channels": 1},
-                   "frechet": {"heldout_accuracy": None, "label_source": "classes", "real_train_vs_heldout": 0.0},
-                   "low_rank": {"rank": None, "rank_ratio": 1.5, "update_interval": 1, "reproject_factor": 1,
-                                "proj_gap": 1, "scale": 1.0, "weight_decay": 0.0}},
+        "config": {
+            "preset": "micro",
+            "parameters": 1,
+            "steps": 1,
+            "batch_size": 1,
+            "warmup_steps": 0,
+            "final_lr_fraction": 0.1,
+            "seed": 0,
+            "device": "cpu",
+            "torch_threads": 1,
+            "recipe": "paper",
+            "lrs": {"x": 0.1},
+            "samples": 2,
+            "sampler": "ddim",
+            "sample_steps": 1,
+            "heldout_evaluations": 1,
+            "unet": {"block_out_channels": [1], "sample_size": 8, "in_channels": 1},
+            "frechet": {"heldout_accuracy": None, "label_source": "classes", "real_train_vs_heldout": 0.0},
+            "low_rank": {
+                "rank": None,
+                "rank_ratio": 1.5,
+                "update_interval": 1,
+                "reproject_factor": 1,
+                "proj_gap": 1,
+                "scale": 1.0,
+                "weight_decay": 0.0,
+            },
+        },
         "data": {"name": "digits", "train_images": 1, "heldout_images": 1},
         "results": [{"name": "x", "lr": 0.1, "failed": True, "error": "E: no"}],
     }

@@ -23,8 +23,17 @@ def _run(tmp_path, *extra: str, name: str = "r.json") -> dict:
 
 def test_digits_compares_adamw_and_coap(tmp_path, capsys):
     # Short refresh schedule so that 20 steps include Eq. 2 steps (4, 8, 16, 20) and an SVD (12).
-    run = _run(tmp_path, "--optimizers", "adamw,coap_adamw", "--update-interval", "4", "--reproject-factor", "3",
-               "--plots", str(tmp_path / "plots"))
+    run = _run(
+        tmp_path,
+        "--optimizers",
+        "adamw,coap_adamw",
+        "--update-interval",
+        "4",
+        "--reproject-factor",
+        "3",
+        "--plots",
+        str(tmp_path / "plots"),
+    )
     results = {r["name"]: r for r in run["results"]}
     assert list(results) == ["adamw", "coap_adamw"]
     adamw, coap = results["adamw"], results["coap_adamw"]
@@ -56,7 +65,14 @@ def test_digits_compares_adamw_and_coap(tmp_path, capsys):
 def test_default_run_has_every_optimizer_next_to_its_dense_counterpart(tmp_path):
     pytest.importorskip("transformers")
     results = {r["name"]: r for r in _run(tmp_path, "--steps", "6")["results"]}
-    assert list(results) == ["adamw", "coap_adamw", "coap_adamw8bit", "adafactor", "coap_adafactor", "coap_adafactor8bit"]
+    assert list(results) == [
+        "adamw",
+        "coap_adamw",
+        "coap_adamw8bit",
+        "adafactor",
+        "coap_adafactor",
+        "coap_adafactor8bit",
+    ]
     bytes_ = {name: r["state_bytes"] for name, r in results.items()}
     assert bytes_["coap_adamw8bit"] < bytes_["coap_adamw"] < bytes_["adamw"]
     assert bytes_["coap_adafactor8bit"] < bytes_["coap_adafactor"] < bytes_["adafactor"]

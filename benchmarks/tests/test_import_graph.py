@@ -58,7 +58,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for target in sorted(graph[node]):
             if state.get(target) == "open":
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state and (found := visit(target)):
                 return found
         state[node] = "done"
@@ -82,7 +82,10 @@ def test_no_module_of_the_suite_imports_itself_back():
 
 def test_every_relative_import_names_a_module_of_the_suite():
     modules = _modules()
-    unresolved = [f"{name}:{node.lineno}: {base}" for name, (path, is_package) in modules.items()
-                  for node, base in _relative_bases(name, path, is_package)
-                  if node.level and base not in modules and not all(f"{base}.{a.name}" in modules for a in node.names)]
+    unresolved = [
+        f"{name}:{node.lineno}: {base}"
+        for name, (path, is_package) in modules.items()
+        for node, base in _relative_bases(name, path, is_package)
+        if node.level and base not in modules and not all(f"{base}.{a.name}" in modules for a in node.names)
+    ]
     assert unresolved == []

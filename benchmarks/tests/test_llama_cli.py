@@ -21,8 +21,23 @@ from coap_bench.llama import DEFAULT_LLAMA_OPTIMIZERS, LlamaConfig, format_llama
 HAS_GALORE = importlib.util.find_spec("galore_torch") is not None
 
 # Short COAP refresh schedule so that a few steps include Eq. 2 updates and SVDs on both sides of a resume.
-_SMALL = ["--preset", "micro", "--vocab-size", "512", "--max-documents", "300", "--max-heldout-windows", "16",
-          "--update-interval", "2", "--reproject-factor", "2", "--proj-gap", "3", "--no-progress"]
+_SMALL = [
+    "--preset",
+    "micro",
+    "--vocab-size",
+    "512",
+    "--max-documents",
+    "300",
+    "--max-heldout-windows",
+    "16",
+    "--update-interval",
+    "2",
+    "--reproject-factor",
+    "2",
+    "--proj-gap",
+    "3",
+    "--no-progress",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -42,8 +57,17 @@ def test_llama_compares_adamw_and_coap(tmp_path, capsys):
     results = {r["name"]: r for r in run["results"]}
     assert list(results) == ["adamw", "coap_adamw"]
     for result in results.values():
-        for key in ("lr", "state_bytes", "heldout_loss", "iteration_ms", "step_ms", "tokens_per_s", "final_loss",
-                    "heldout_perplexity", "peak_memory_bytes"):
+        for key in (
+            "lr",
+            "state_bytes",
+            "heldout_loss",
+            "iteration_ms",
+            "step_ms",
+            "tokens_per_s",
+            "final_loss",
+            "heldout_perplexity",
+            "peak_memory_bytes",
+        ):
             assert math.isfinite(result[key]), (result["name"], key)
         assert len(result["loss_curve"]) == 8 and result["completed"] and not result["failed"]
         assert result["heldout_perplexity"] == pytest.approx(math.exp(result["heldout_loss"]))
@@ -53,7 +77,8 @@ def test_llama_compares_adamw_and_coap(tmp_path, capsys):
     assert results["coap_adamw"]["state_bytes"] < results["adamw"]["state_bytes"]
     assert results["coap_adamw"]["state_ratio_to_adamw"] < 1 == results["adamw"]["state_ratio_to_adamw"]
     assert results["coap_adamw"]["iteration_ratio_to_adamw"] == pytest.approx(
-        results["coap_adamw"]["iteration_ms"] / results["adamw"]["iteration_ms"])
+        results["coap_adamw"]["iteration_ms"] / results["adamw"]["iteration_ms"]
+    )
     # Our optimizers report their refreshes and the size of their Eq. 2 steps.
     refresh = results["coap_adamw"]["refresh"]
     assert refresh["count"] == 1 + 8 // 2 and refresh["total_ms"] >= 0
@@ -87,12 +112,16 @@ def _boom(*args, **kwargs):
 
 
 def test_a_crashing_peer_is_a_failed_row(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(registry.OPTIMIZERS, "adamw_fused",
-                        registry.OptimizerSpec("adamw_fused", "dense", "broken", _boom, package="torch"))
+    monkeypatch.setitem(
+        registry.OPTIMIZERS,
+        "adamw_fused",
+        registry.OptimizerSpec("adamw_fused", "dense", "broken", _boom, package="torch"),
+    )
     run = _run(tmp_path, "--steps", "2", "--optimizers", "adamw,adamw_fused,coap_adamw")
     results = {r["name"]: r for r in run["results"]}
     assert results["adamw_fused"]["failed"] and results["adamw_fused"]["error"] == (
-        "RuntimeError: kernel not available on this machine")
+        "RuntimeError: kernel not available on this machine"
+    )
     assert results["adamw_fused"]["state_bytes"] is None and results["adamw_fused"]["heldout_loss"] is None
     assert not results["coap_adamw"]["failed"] and results["coap_adamw"]["state_ratio_to_adamw"] < 1
     out = capsys.readouterr().out
@@ -106,16 +135,26 @@ def test_a_missing_peer_says_how_to_install_it(tmp_path, capsys, monkeypatch):
     def missing(*args, **kwargs):
         raise MissingExtraError("coap-bench needs apollo-torch, which is not installed: run `pip install apollo-torch`")
 
-    monkeypatch.setitem(registry.OPTIMIZERS, "apollo_adamw",
-                        registry.OptimizerSpec("apollo_adamw", "apollo", "APOLLO", missing, package="apollo-torch"))
+    monkeypatch.setitem(
+        registry.OPTIMIZERS,
+        "apollo_adamw",
+        registry.OptimizerSpec("apollo_adamw", "apollo", "APOLLO", missing, package="apollo-torch"),
+    )
     run = _run(tmp_path, "--steps", "2", "--optimizers", "adamw,apollo_adamw")
     assert run["results"][1]["failed"] and "not installed" in run["results"][1]["error"]
     assert "pip install apollo-torch" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("optimizers", ["adamw,coap_adamw,coap_adafactor8bit",
-                                        pytest.param("galore_adamw", marks=[pytest.mark.slow, pytest.mark.skipif(
-                                            not HAS_GALORE, reason="galore-torch not installed")])])
+@pytest.mark.parametrize(
+    "optimizers",
+    [
+        "adamw,coap_adamw,coap_adafactor8bit",
+        pytest.param(
+            "galore_adamw",
+            marks=[pytest.mark.slow, pytest.mark.skipif(not HAS_GALORE, reason="galore-torch not installed")],
+        ),
+    ],
+)
 def test_resumed_run_ends_with_the_same_numbers(tmp_path, optimizers):
     common = ["--steps", "10", "--checkpoint-every", "4", "--warmup-steps", "2", "--optimizers", optimizers]
     whole = _run(tmp_path, *common, "--checkpoint-dir", str(tmp_path / "a"), name="whole.json")
@@ -137,8 +176,21 @@ def test_resumed_run_ends_with_the_same_numbers(tmp_path, optimizers):
 def test_a_checkpoint_of_another_configuration_is_refused(tmp_path, capsys):
     _run(tmp_path, "--steps", "4", "--optimizers", "adamw", "--checkpoint-dir", str(tmp_path / "c"))
     with pytest.raises(SystemExit) as exit_info:
-        main(["llama", *_SMALL, "--steps", "4", "--optimizers", "adamw", "--lr", "0.5", "--in-process",
-              "--checkpoint-dir", str(tmp_path / "c")])
+        main(
+            [
+                "llama",
+                *_SMALL,
+                "--steps",
+                "4",
+                "--optimizers",
+                "adamw",
+                "--lr",
+                "0.5",
+                "--in-process",
+                "--checkpoint-dir",
+                str(tmp_path / "c"),
+            ]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "different run configuration (lr 0.001 there, 0.5 here)" in err, err  # what differs, and only that
@@ -159,8 +211,7 @@ def test_drop_in_state_at_rank_ratio_4_is_the_readme_formula(tmp_path):
     """Every matrix projected at r = min(m, n) // 4: 4 (2 m r + n r) bytes each (m >= n), 8 bytes per other entry."""
     from coap_bench.llama_model import build_llama
 
-    run = _run(tmp_path, "--steps", "2", "--optimizers", "adamw,coap_adamw", "--recipe", "drop-in",
-               "--rank-ratio", "4")
+    run = _run(tmp_path, "--steps", "2", "--optimizers", "adamw,coap_adamw", "--recipe", "drop-in", "--rank-ratio", "4")
     model = build_llama(llama_module.LLAMA_PRESETS["micro"], run["data"]["vocab_size"], seed=0, device="meta")
     expected = 0
     for param in model.parameters():
@@ -188,7 +239,11 @@ def test_defaults():
     assert args.command == "digits"
     args = build_parser().parse_args(["llama"])
     assert (args.command, args.preset, args.optimizers, args.recipe) == (
-        "llama", "tiny", list(DEFAULT_LLAMA_OPTIMIZERS), "paper")
+        "llama",
+        "tiny",
+        list(DEFAULT_LLAMA_OPTIMIZERS),
+        "paper",
+    )
     assert {"adamw", "coap_adamw", "galore_adamw"} <= set(DEFAULT_LLAMA_OPTIMIZERS)
     config = LlamaConfig().resolved()
     assert config.isolate and config.steps == 400 and config.batch_size == 16 and config.seq_len == 128
@@ -197,11 +252,29 @@ def test_defaults():
 
 def test_table_of_a_run_with_only_failures():
     run = {
-        "config": {"preset": "micro", "parameters": 1, "steps": 1, "batch_size": 1, "seq_len": 2, "warmup_steps": 0,
-                   "final_lr_fraction": 0.1, "seed": 0, "device": "cpu", "torch_threads": 1, "recipe": "paper",
-                   "lrs": {"x": 0.1}, "low_rank": {"rank": 2, "rank_ratio": None, "update_interval": 1,
-                                                    "reproject_factor": 1, "proj_gap": 1, "scale": 1.0,
-                                                    "weight_decay": 0.0}},
+        "config": {
+            "preset": "micro",
+            "parameters": 1,
+            "steps": 1,
+            "batch_size": 1,
+            "seq_len": 2,
+            "warmup_steps": 0,
+            "final_lr_fraction": 0.1,
+            "seed": 0,
+            "device": "cpu",
+            "torch_threads": 1,
+            "recipe": "paper",
+            "lrs": {"x": 0.1},
+            "low_rank": {
+                "rank": 2,
+                "rank_ratio": None,
+                "update_interval": 1,
+                "reproject_factor": 1,
+                "proj_gap": 1,
+                "scale": 1.0,
+                "weight_decay": 0.0,
+            },
+        },
         "data": {"vocab_size": 3, "corpus": {"name": "c"}, "train_tokens": 1, "heldout_tokens": 1},
         "results": [{"name": "x", "lr": 0.1, "failed": True, "error": "E: no"}],
     }

@@ -24,8 +24,23 @@ from coap_bench.llama_distributed import measure_per_layer_saving, run_llama_dis
 TIMEOUT = 240
 STEPS = 6
 # T_u 2, lambda 2: refreshes at steps 1, 2, 4 and 6 (Eq. 2 or SVD), steady steps 3 and 5.
-_SMALL = ["--preset", "micro", "--vocab-size", "512", "--max-documents", "300", "--max-heldout-windows", "16",
-          "--update-interval", "2", "--reproject-factor", "2", "--steps", str(STEPS), "--no-progress"]
+_SMALL = [
+    "--preset",
+    "micro",
+    "--vocab-size",
+    "512",
+    "--max-documents",
+    "300",
+    "--max-heldout-windows",
+    "16",
+    "--update-interval",
+    "2",
+    "--reproject-factor",
+    "2",
+    "--steps",
+    str(STEPS),
+    "--no-progress",
+]
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -44,12 +59,26 @@ def _launch(folder, cache: str, *args: str, nproc: int = 2) -> tuple[int, str, o
     """``coap-bench llama`` on ``nproc`` ranks: exit status, output and the JSON path. Killed with its workers
     after TIMEOUT s."""
     path = folder / f"run{len(list(folder.glob('*.json')))}.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               "-m", "coap_bench.cli", "llama", *_SMALL, "--json", str(path), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "coap_bench.cli",
+        "llama",
+        *_SMALL,
+        "--json",
+        str(path),
+        *args,
+    ]
     env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
     env.update(COAP_TORCH_CACHE=cache, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -83,8 +112,17 @@ def fsdp2_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fsdp2_run(fsdp2_folder, cache):
     # Checkpointed as it goes: the uninterrupted run the resume tests compare with.
-    return _torchrun(fsdp2_folder, cache, "--distributed", "fsdp2", "--optimizers", "adamw,coap_adamw",
-                     *_CHECKPOINTS, "--checkpoint-dir", str(fsdp2_folder / "checkpoints"))
+    return _torchrun(
+        fsdp2_folder,
+        cache,
+        "--distributed",
+        "fsdp2",
+        "--optimizers",
+        "adamw,coap_adamw",
+        *_CHECKPOINTS,
+        "--checkpoint-dir",
+        str(fsdp2_folder / "checkpoints"),
+    )
 
 
 def test_fsdp2_shards_the_state_and_coap_steady_steps_are_silent(fsdp2_run):
@@ -117,8 +155,20 @@ def test_fsdp2_shards_the_state_and_coap_steady_steps_are_silent(fsdp2_run):
 @pytest.mark.slow
 def test_ddp_matches_one_process_and_replicates_the_state(tmp_path, cache, fsdp2_run):
     run = _torchrun(tmp_path, cache, "--distributed", "ddp", "--optimizers", "adamw,coap_adamw")
-    assert main(["llama", *_SMALL, "--optimizers", "adamw,coap_adamw", "--in-process",
-                 "--json", str(tmp_path / "single.json")]) == 0
+    assert (
+        main(
+            [
+                "llama",
+                *_SMALL,
+                "--optimizers",
+                "adamw,coap_adamw",
+                "--in-process",
+                "--json",
+                str(tmp_path / "single.json"),
+            ]
+        )
+        == 0
+    )
     single = _results(json.loads((tmp_path / "single.json").read_text()))
     ddp, fsdp2 = _results(run), _results(fsdp2_run)
     for name in ("adamw", "coap_adamw"):
@@ -222,19 +272,35 @@ def test_interrupted_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path
         for key in ("loss_curve", "heldout_loss", "final_loss", "p_step_rel_changes"):
             assert a[key] == b[key], (a["name"], key)
         for ra, rb in zip(a["ranks"], b["ranks"], strict=True):
-            for key in ("state_bytes", "optimizer_comm_calls", "optimizer_comm_bytes", "optimizer_comm_bytes_by_step",
-                        "engine_bytes_per_step", "engine_collectives"):
+            for key in (
+                "state_bytes",
+                "optimizer_comm_calls",
+                "optimizer_comm_bytes",
+                "optimizer_comm_bytes_by_step",
+                "engine_bytes_per_step",
+                "engine_collectives",
+            ):
                 assert ra[key] == rb[key], (a["name"], ra["rank"], key)
         # The final weights and optimizer state, as saved at the last step.
-        _assert_identical(_final_checkpoint(whole_folder, a["name"]), _final_checkpoint(folder, a["name"]),
-                          a["name"])
+        _assert_identical(_final_checkpoint(whole_folder, a["name"]), _final_checkpoint(folder, a["name"]), a["name"])
 
 
 def test_a_checkpoint_of_other_settings_is_refused(tmp_path, cache, fsdp2_folder, fsdp2_run):
     folder = fsdp2_folder / "checkpoints"
     before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
-    returncode, out, _ = _launch(tmp_path, cache, "--distributed", "ddp", "--optimizers", "adamw,coap_adamw",
-                                 "--lr", "0.5", *_CHECKPOINTS, "--checkpoint-dir", str(folder))
+    returncode, out, _ = _launch(
+        tmp_path,
+        cache,
+        "--distributed",
+        "ddp",
+        "--optimizers",
+        "adamw,coap_adamw",
+        "--lr",
+        "0.5",
+        *_CHECKPOINTS,
+        "--checkpoint-dir",
+        str(folder),
+    )
     assert returncode != 0
     errors = [line for line in out.splitlines() if "coap-bench: error:" in line]
     assert len(errors) == 2, out[-4000:]  # every rank says why, and stops
@@ -249,21 +315,41 @@ def test_a_damaged_checkpoint_stops_every_rank_with_one_line_naming_it(tmp_path,
     shutil.copytree(fsdp2_folder / "checkpoints", folder)
     marker = folder / "adamw" / "latest.json"
     marker.write_text(marker.read_text()[:20])  # as a copy cut short leaves it
-    returncode, out, _ = _launch(tmp_path, cache, "--distributed", "fsdp2", "--optimizers", "adamw,coap_adamw",
-                                 *_CHECKPOINTS, "--checkpoint-dir", str(folder))
+    returncode, out, _ = _launch(
+        tmp_path,
+        cache,
+        "--distributed",
+        "fsdp2",
+        "--optimizers",
+        "adamw,coap_adamw",
+        *_CHECKPOINTS,
+        "--checkpoint-dir",
+        str(folder),
+    )
     assert returncode != 0
     errors = [line for line in out.splitlines() if "coap-bench: error:" in line]
     assert len(errors) == 2, out[-4000:]  # every rank says why, and stops
     for line in errors:
-        assert line.endswith(f"coap-bench: error: checkpoint {marker} cannot be loaded: it is truncated or corrupted "
-                             f"(JSONDecodeError); delete the run's folder {folder / 'adamw'} to start that run over, "
-                             "or use another --checkpoint-dir"), line
+        assert line.endswith(
+            f"coap-bench: error: checkpoint {marker} cannot be loaded: it is truncated or corrupted "
+            f"(JSONDecodeError); delete the run's folder {folder / 'adamw'} to start that run over, "
+            "or use another --checkpoint-dir"
+        ), line
     assert "weights_only" not in out
 
 
 def _tiny_config(**options) -> LlamaConfig:
-    return LlamaConfig(preset="micro", steps=4, vocab_size=512, max_documents=300, update_interval=2,
-                       reproject_factor=2, optimizers=("adamw", "coap_adamw"), progress=False, **options)
+    return LlamaConfig(
+        preset="micro",
+        steps=4,
+        vocab_size=512,
+        max_documents=300,
+        update_interval=2,
+        reproject_factor=2,
+        optimizers=("adamw", "coap_adamw"),
+        progress=False,
+        **options,
+    )
 
 
 def test_per_layer_updates_lower_the_peak_and_keep_the_loss_curve():

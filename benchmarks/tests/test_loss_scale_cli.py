@@ -14,8 +14,23 @@ def test_a_short_run_writes_both_reductions_per_optimizer(tmp_path, capsys):
     threads = torch.get_num_threads()
     path = tmp_path / "l.json"
 
-    assert main(["loss-scale", "--steps", "4", "--batch", "32", "--optimizers", "adamw,coap_adamw", "--faithful",
-                 "--json", str(path)]) == 0
+    assert (
+        main(
+            [
+                "loss-scale",
+                "--steps",
+                "4",
+                "--batch",
+                "32",
+                "--optimizers",
+                "adamw,coap_adamw",
+                "--faithful",
+                "--json",
+                str(path),
+            ]
+        )
+        == 0
+    )
 
     assert torch.get_num_threads() == threads  # the thread setting is restored
     out = capsys.readouterr().out
@@ -27,8 +42,11 @@ def test_a_short_run_writes_both_reductions_per_optimizer(tmp_path, capsys):
     adamw = run["results"][0]
     assert adamw["heldout_ratio_sum_to_mean"] == pytest.approx(1.0, abs=1e-3)  # AdamW ignores the gradient's scale
     for result in run["results"]:
-        assert set(result["mean"]) == set(result["sum"]) == {"heldout_loss", "largest_weight_change",
-                                                             "largest_defect", "first_grad_rms"}
+        assert (
+            set(result["mean"])
+            == set(result["sum"])
+            == {"heldout_loss", "largest_weight_change", "largest_defect", "first_grad_rms"}
+        )
 
 
 def test_an_unknown_optimizer_is_a_usage_error(tmp_path, capsys):

@@ -39,7 +39,9 @@ def test_the_difference_is_the_1x1_kernels_layer_by_layer(cifar):
             assert row["coap_adamw"] == row["coap_adamw_release"]
             assert row["coap_adafactor"] + 4 * row["tensors"] == row["coap_adafactor_release"]  # + RMS scalars
     # With the release's rules the whole model reproduces the paper within 0.5%.
-    release = {key: sum(row[key + "_release"] for row in table.values()) / 2**20 for key in ("coap_adamw", "coap_adafactor")}
+    release = {
+        key: sum(row[key + "_release"] for row in table.values()) / 2**20 for key in ("coap_adamw", "coap_adafactor")
+    }
     assert abs(release["coap_adamw"] / 214.66 - 1) < 0.005
     assert abs(release["coap_adafactor"] / 180.87 - 1) < 0.005
 

@@ -16,8 +16,14 @@ from coap_bench._quiet import describe, import_note_lines
 from coap_bench.runner import run_guarded
 
 PEERS = ("bitsandbytes", "galore_torch", "transformers", "diffusers", "apollo_torch", "kernels")
-FOREIGN = ("trust_remote_code", "allowlist", "kernels-community", "Skipping publisher trust check",
-           "gemm_4bit_forward", "pip install kernels")
+FOREIGN = (
+    "trust_remote_code",
+    "allowlist",
+    "kernels-community",
+    "Skipping publisher trust check",
+    "gemm_4bit_forward",
+    "pip install kernels",
+)
 KERNEL_NOTE = "bitsandbytes could not load an optional CPU 4-bit kernel; not used here"
 
 # A package that talks in every way a peer can while imported: print to both streams, logging, a
@@ -49,8 +55,9 @@ def run(module):
 
 
 def _python(code: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300,
-                          **kwargs)
+    return subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300, **kwargs
+    )
 
 
 def _loaded_peers(statement: str) -> tuple[subprocess.CompletedProcess, list[str]]:
@@ -97,8 +104,10 @@ def test_what_an_import_writes_becomes_notes(chatty):
     assert done.returncode == 0, done.stderr
     notes = json.loads(done.stdout)
     assert notes[0] == KERNEL_NOTE
-    assert notes[1].startswith("chatty-peer printed a message while being imported, which did not stop the run: "
-                               "FutureWarning: chatty_peer: a future change (and 4 more)")
+    assert notes[1].startswith(
+        "chatty-peer printed a message while being imported, which did not stop the run: "
+        "FutureWarning: chatty_peer: a future change (and 4 more)"
+    )
     assert len(notes) == 2
     # The package's handler, made during the import, writes to the real stderr afterwards.
     assert done.stderr == "after the import\n"
@@ -114,8 +123,12 @@ def test_notes_and_errors_come_back_from_a_runs_process(chatty, capfd):
 
     broken = run_guarded(run, ("chatty_broken",), name="broken", lr=0.1, isolate=True)
     assert broken["failed"] and broken["error"] == "RuntimeError: chatty_broken cannot start here"
-    assert broken["import_notes"] == [("chatty_broken printed a message while being imported, and then failed to "
-                                       "import: chatty_broken: about to fail")]
+    assert broken["import_notes"] == [
+        (
+            "chatty_broken printed a message while being imported, and then failed to "
+            "import: chatty_broken: about to fail"
+        )
+    ]
     out, err = capfd.readouterr()
     assert "chatty" not in out + err
 
@@ -123,11 +136,16 @@ def test_notes_and_errors_come_back_from_a_runs_process(chatty, capfd):
 def test_remote_code_advice_is_never_shown():
     advice = "Kernel foo could not verify publisher trust status. Set trust_remote_code=True to allow it."
     assert describe("foo", [(None, advice)]) == [
-        ("foo printed a message while being imported, which did not stop the run: Kernel foo could not verify "
-         "publisher trust status.")]
+        (
+            "foo printed a message while being imported, which did not stop the run: Kernel foo could not verify "
+            "publisher trust status."
+        )
+    ]
     assert describe("foo", [(None, "Set trust_remote_code=True or add it to the allowlist.")]) == []
-    run = {"import_notes": [KERNEL_NOTE, "x: use trust_remote_code"],
-           "results": [{"import_notes": [KERNEL_NOTE]}, {"name": "adamw"}]}
+    run = {
+        "import_notes": [KERNEL_NOTE, "x: use trust_remote_code"],
+        "results": [{"import_notes": [KERNEL_NOTE]}, {"name": "adamw"}],
+    }
     assert import_note_lines(run) == [f"note: {KERNEL_NOTE}"]
 
 
@@ -145,11 +163,28 @@ def test_the_main_job_starts_with_its_own_header(tmp_path_factory, bitsandbytes_
     pytest.importorskip("galore_torch")
     tmp_path = tmp_path_factory.mktemp("quiet-llama")
     env = {**os.environ, "COAP_TORCH_CACHE": str(tmp_path_factory.getbasetemp() / "coap-cache")}
-    command = [sys.executable, "-m", "coap_bench.cli", "llama", "--preset", "micro", "--steps", "2",
-               "--vocab-size", "512", "--max-documents", "300", "--max-heldout-windows", "16", "--no-progress",
-               "--json", str(tmp_path / "run.json")]
-    done = subprocess.run(command, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=env, timeout=600)
+    command = [
+        sys.executable,
+        "-m",
+        "coap_bench.cli",
+        "llama",
+        "--preset",
+        "micro",
+        "--steps",
+        "2",
+        "--vocab-size",
+        "512",
+        "--max-documents",
+        "300",
+        "--max-heldout-windows",
+        "16",
+        "--no-progress",
+        "--json",
+        str(tmp_path / "run.json"),
+    ]
+    done = subprocess.run(
+        command, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=600
+    )
     assert done.returncode == 0, done.stdout
     lines = done.stdout.splitlines()
     assert next(line for line in lines if line.strip()).startswith("llama micro: ")
@@ -168,8 +203,14 @@ def test_the_main_job_starts_with_its_own_header(tmp_path_factory, bitsandbytes_
 
 def test_the_memory_job_starts_with_its_table(bitsandbytes_talks):
     pytest.importorskip("galore_torch")
-    done = subprocess.run([sys.executable, "-m", "coap_bench.cli", "memory", "--models", "sit-xl-2"],
-                          check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "coap_bench.cli", "memory", "--models", "sit-xl-2"],
+        check=False,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout
     lines = done.stdout.splitlines()
     assert lines[0].startswith("| model | optimizer |")

@@ -126,7 +126,9 @@ def _per_parameter(optimizer: torch.optim.Optimizer) -> list[int]:
     for group in optimizer.param_groups:
         for param in group["params"]:
             state = {k: v for k, v in optimizer.state.get(param, {}).items() if not str(k).startswith("qmap")}
-            sizes.append(optimizer_state_nbytes(SimpleNamespace(state={param: state}, param_groups=[{"params": [param]}])))
+            sizes.append(
+                optimizer_state_nbytes(SimpleNamespace(state={param: state}, param_groups=[{"params": [param]}]))
+            )
     return sizes
 
 

@@ -39,8 +39,13 @@ def test_quick_run_writes_json_with_state_bytes_equal_to_formula(tmp_path, capsy
 
     assert torch.get_num_threads() == threads  # the thread setting is restored
     out = capsys.readouterr().out
-    for title in ("1. Optimizer-state bytes", "2a. Step time", "2b. Step time ratios",
-                  "2c. Step time of the four COAP optimizers", "3. Refresh cost"):
+    for title in (
+        "1. Optimizer-state bytes",
+        "2a. Step time",
+        "2b. Step time ratios",
+        "2c. Step time of the four COAP optimizers",
+        "3. Refresh cost",
+    ):
         assert title in out
 
     run = json.loads(path.read_text())
@@ -74,19 +79,36 @@ def test_quick_run_writes_json_with_state_bytes_equal_to_formula(tmp_path, capsy
     assert run["summary"]["state_bytes_equal_formula"] is True
 
     # Section 2: every timing and ratio is there and positive; the amortised time is the stated mix.
-    ms_keys = {"coap_steady", "coap_eq2_refresh", "coap_svd_refresh", "coap_amortised", "adamw_foreach_false",
-               "adamw_foreach_true", "floor", "floor_matmuls", "floor_adam_elementwise"}
-    ratio_keys = {"steady_over_floor", "amortised_over_floor", "steady_over_adamw_foreach_false",
-                  "steady_over_adamw_foreach_true", "amortised_over_adamw_foreach_false",
-                  "amortised_over_adamw_foreach_true"}
+    ms_keys = {
+        "coap_steady",
+        "coap_eq2_refresh",
+        "coap_svd_refresh",
+        "coap_amortised",
+        "adamw_foreach_false",
+        "adamw_foreach_true",
+        "floor",
+        "floor_matmuls",
+        "floor_adam_elementwise",
+    }
+    ratio_keys = {
+        "steady_over_floor",
+        "amortised_over_floor",
+        "steady_over_adamw_foreach_false",
+        "steady_over_adamw_foreach_true",
+        "amortised_over_adamw_foreach_false",
+        "amortised_over_adamw_foreach_true",
+    }
     for row in run["step_time"]:
         assert ms_keys <= set(row["ms"])
         assert ratio_keys <= set(row["ratios"])
         assert all(row["ms"][k] > 0 for k in ms_keys)
         assert all(row["ratios"][k] > 0 for k in ratio_keys)
-        assert set(row["targets"]) == {"steady_le_1.25x_floor", "amortised_le_1.5x_floor",
-                                       "CoapAdamW8bit_amortised_le_1.5x_CoapAdamW",
-                                       "CoapAdafactor8bit_amortised_le_1.5x_CoapAdafactor"}
+        assert set(row["targets"]) == {
+            "steady_le_1.25x_floor",
+            "amortised_le_1.5x_floor",
+            "CoapAdamW8bit_amortised_le_1.5x_CoapAdamW",
+            "CoapAdafactor8bit_amortised_le_1.5x_CoapAdafactor",
+        }
         ms = row["ms"]
         expected = (155 * ms["coap_steady"] + 4 * ms["coap_eq2_refresh"] + ms["coap_svd_refresh"]) / 160
         assert abs(ms["coap_amortised"] - expected) <= 1e-9 * expected
@@ -104,7 +126,10 @@ def test_quick_run_writes_json_with_state_bytes_equal_to_formula(tmp_path, capsy
         assert set(row["eight_bit_over_32bit"]) == {"CoapAdamW8bit", "CoapAdafactor8bit"}
         for eight, e in row["eight_bit_over_32bit"].items():
             twin = e["over"]
-            assert e["amortised"] == row["optimizers"][eight]["ms"]["amortised"] / row["optimizers"][twin]["ms"]["amortised"]
+            assert (
+                e["amortised"]
+                == row["optimizers"][eight]["ms"]["amortised"] / row["optimizers"][twin]["ms"]["amortised"]
+            )
             assert e["steady"] > 0 and e["amortised_from_min"] > 0
             assert e["target"] is (e["amortised"] <= 1.5)
 
@@ -112,12 +137,21 @@ def test_quick_run_writes_json_with_state_bytes_equal_to_formula(tmp_path, capsy
     refresh = run["refresh"]
     assert tuple(refresh["shape"]) == tuple(QUICK_REFRESH_SHAPE)
     assert {"full_svd", "correlation_aware_step", "low_cost_svd_warm", "autograd_eq2_step"} <= set(refresh["ms"])
-    assert {"correlation_aware_step_over_full_svd", "low_cost_svd_over_full_svd",
-            "correlation_aware_step_over_autograd"} <= set(refresh["ratios"])
+    assert {
+        "correlation_aware_step_over_full_svd",
+        "low_cost_svd_over_full_svd",
+        "correlation_aware_step_over_autograd",
+    } <= set(refresh["ratios"])
     assert refresh["closed_form_vs_autograd_step_rel_err"] < 1e-3
-    for key in ("steady_le_1.25x_floor", "amortised_le_1.5x_floor", "correlation_aware_step_le_0.1x_full_svd",
-                "low_cost_svd_le_0.1x_full_svd", "closed_form_faster_than_autograd",
-                "CoapAdamW8bit_amortised_le_1.5x_CoapAdamW", "CoapAdafactor8bit_amortised_le_1.5x_CoapAdafactor"):
+    for key in (
+        "steady_le_1.25x_floor",
+        "amortised_le_1.5x_floor",
+        "correlation_aware_step_le_0.1x_full_svd",
+        "low_cost_svd_le_0.1x_full_svd",
+        "closed_form_faster_than_autograd",
+        "CoapAdamW8bit_amortised_le_1.5x_CoapAdamW",
+        "CoapAdafactor8bit_amortised_le_1.5x_CoapAdafactor",
+    ):
         assert isinstance(run["summary"][key], bool)
 
 
@@ -135,4 +169,7 @@ def test_state_bytes_formulas_quantize_large_accumulators():
     state = opt.state[param]  # CoapAdafactor8bit
     assert state["exp_avg_sq_row_codes"].dtype == torch.uint8 and state["exp_avg_sq_row_codes"].shape == (4608,)
     assert state["exp_avg_sq_col"].dtype == torch.float32  # (64,): below min_8bit_size
-    assert formulas.coap_adafactor8bit_bytes(shape, rank) == 4 * 256 * 64 + (4608 * 64 + 4 * 1152) + (4608 + 4 * 18) + 4 * 64
+    assert (
+        formulas.coap_adafactor8bit_bytes(shape, rank)
+        == 4 * 256 * 64 + (4608 * 64 + 4 * 1152) + (4608 + 4 * 18) + 4 * 64
+    )

@@ -64,8 +64,16 @@ def _run(name, mesh, rank, world_size, *, accumulation=1, per_layer=False):
     opt = OPTIMIZERS[name](model.parameters())
     updates = enable_per_layer_updates(opt) if per_layer else None
     calls = []
-    train(model, opt, STEPS, rank=rank, world_size=world_size, accumulation=accumulation, updates=updates,
-          on_step=lambda step: calls.append(opt.communication.calls))
+    train(
+        model,
+        opt,
+        STEPS,
+        rank=rank,
+        world_size=world_size,
+        accumulation=accumulation,
+        updates=updates,
+        on_step=lambda step: calls.append(opt.communication.calls),
+    )
     return {**snapshot(model, opt), "calls": calls, "sharded_keys": _sharded_keys(opt)}
 
 
@@ -179,9 +187,21 @@ def _coalescing(name, mesh, rank, world_size):
         opt = OPTIMIZERS[name](model.parameters())
         updates = enable_per_layer_updates(opt) if per_layer else None
         calls = []
-        train(model, opt, STEPS, rank=rank, world_size=world_size, dtype=torch.float32, updates=updates,
-              on_step=lambda step, calls=calls, log=opt.communication: calls.append(log.calls))
-        results[depth, per_layer] = {**snapshot(model, opt), "calls": _per_step(calls), "bytes": opt.communication.bytes}
+        train(
+            model,
+            opt,
+            STEPS,
+            rank=rank,
+            world_size=world_size,
+            dtype=torch.float32,
+            updates=updates,
+            on_step=lambda step, calls=calls, log=opt.communication: calls.append(log.calls),
+        )
+        results[depth, per_layer] = {
+            **snapshot(model, opt),
+            "calls": _per_step(calls),
+            "bytes": opt.communication.bytes,
+        }
     return results
 
 

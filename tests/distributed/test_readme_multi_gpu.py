@@ -22,7 +22,9 @@ SCRIPTS = [
     script
     for page in PAGES
     if page.is_file()
-    for script in re.findall(r"```py\n# torchrun --nproc-per-node (\d+) (\S+)\n(.*?)```", page.read_text(), flags=re.DOTALL)
+    for script in re.findall(
+        r"```py\n# torchrun --nproc-per-node (\d+) (\S+)\n(.*?)```", page.read_text(), flags=re.DOTALL
+    )
 ]
 
 
@@ -34,8 +36,14 @@ def test_the_docs_have_ddp_and_fsdp2_scripts():
 def test_torchrun_script_runs(tmp_path, nproc, name, code):
     script = tmp_path / name
     script.write_text(code)
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--master-port={free_port()}", str(script)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}",
+        str(script),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=180, env=env, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

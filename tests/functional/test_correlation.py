@@ -407,4 +407,6 @@ def test_tiny_but_live_moment_rows_keep_their_direction():
     M = torch.randn(10, 3, generator=gen)
     M_small = M.clone()
     M_small[2] *= 1e-30
-    torch.testing.assert_close(coap_objective_grad(P, G, M_small)[0], coap_objective_grad(P, G, M)[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        coap_objective_grad(P, G, M_small)[0], coap_objective_grad(P, G, M)[0], rtol=1e-4, atol=1e-6
+    )

@@ -67,7 +67,9 @@ def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.mse_loss(model(x), y)
 
 
-def train(model, opt, steps, *, rank=0, world_size=1, start=0, accumulation=1, updates=None, on_step=None, dtype=DTYPE) -> None:
+def train(
+    model, opt, steps, *, rank=0, world_size=1, start=0, accumulation=1, updates=None, on_step=None, dtype=DTYPE
+) -> None:
     """``steps`` steps on this rank's share of each batch, in ``accumulation`` micro-batches.
 
     ``updates``: per-layer mode (no ``step()`` needed); non-final micro-batches run under its

@@ -54,7 +54,9 @@ def launch(fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout: flo
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as folder:
         port = free_port()
-        procs = [ctx.Process(target=_entry, args=(fn, rank, world_size, port, folder, args)) for rank in range(world_size)]
+        procs = [
+            ctx.Process(target=_entry, args=(fn, rank, world_size, port, folder, args)) for rank in range(world_size)
+        ]
         for proc in procs:
             proc.start()
         deadline = time.monotonic() + timeout

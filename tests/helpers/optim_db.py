@@ -21,8 +21,14 @@ __all__ = ["COAP_KWARGS", "OPTIMIZERS", "OPTIM_DB", "ErrorInput", "OptimizerInfo
 
 #: COAP options that make a few steps of the small net exercise everything: Tucker-2 on the conv
 #: kernel, Eq. 2 steps at 3 and 9, low-cost SVD refreshes at 6 and 12.
-COAP_KWARGS = {"lr": 3e-3, "rank_ratio_matrix": 2, "rank_ratio_cnn": 2, "update_interval": 3, "reproject_factor": 2,
-               "min_conv_numel": 0}
+COAP_KWARGS = {
+    "lr": 3e-3,
+    "rank_ratio_matrix": 2,
+    "rank_ratio_cnn": 2,
+    "update_interval": 3,
+    "reproject_factor": 2,
+    "min_conv_numel": 0,
+}
 _COAP_ONLY = {k: v for k, v in COAP_KWARGS.items() if k != "lr"}
 
 
@@ -118,7 +124,9 @@ _ADAMW_ERRORS = (
 _ADAFACTOR_ERRORS = (
     ErrorInput({"lr": 1e-3, "relative_step": True}, r"Cannot combine manual lr=0\.001 and relative_step=True"),
     ErrorInput({"relative_step": False}, r"lr=None requires relative_step=True"),
-    ErrorInput({"lr": 1e-3, "relative_step": False, "warmup_init": True}, r"warmup_init=True requires relative_step=True"),
+    ErrorInput(
+        {"lr": 1e-3, "relative_step": False, "warmup_init": True}, r"warmup_init=True requires relative_step=True"
+    ),
     ErrorInput({"lr": 1e-3, "warmup_init": True}, r"warmup_init=True requires relative_step=True"),
     ErrorInput({"relative_step": 1}, r"relative_step: 1"),
     ErrorInput({"lr": -1e-3, "relative_step": False}, r"lr: -0\.001"),
@@ -166,26 +174,52 @@ _ADAFACTOR_FEATURES = frozenset({"relative_step", "tensor_lr"})
 
 OPTIM_DB: tuple[OptimizerInfo, ...] = (
     OptimizerInfo(
-        "CoapAdamW", CoapAdamW, dict(COAP_KWARGS), "adam",
-        constructor_inputs=_ADAMW_INPUTS, error_inputs=_COAP_ERRORS + _ADAMW_ERRORS, supports=_ADAM_FEATURES,
-    ),
-    OptimizerInfo(
-        "CoapAdafactor", CoapAdafactor, dict(_COAP_ONLY), "adafactor", first_moment=False,
-        constructor_inputs=_ADAFACTOR_INPUTS, error_inputs=_COAP_ERRORS + _ADAFACTOR_ERRORS, supports=_ADAFACTOR_FEATURES,
-    ),
-    OptimizerInfo(
-        "CoapAdafactor-beta1", CoapAdafactor, {**_COAP_ONLY, "beta1": 0.9, "lr": 1e-2, "relative_step": False}, "adafactor",
-        constructor_inputs=_ADAFACTOR_INPUTS[3:], error_inputs=_COAP_ERRORS, supports=_ADAFACTOR_FEATURES,
-    ),
-    OptimizerInfo(
-        "CoapAdamW8bit", CoapAdamW8bit, {**COAP_KWARGS, "min_8bit_size": 256}, "adam", eight_bit=True,
-        constructor_inputs=_ADAMW_INPUTS[:3] + _8BIT_INPUTS, error_inputs=_COAP_ERRORS + _ADAMW_ERRORS + _8BIT_ERRORS,
+        "CoapAdamW",
+        CoapAdamW,
+        dict(COAP_KWARGS),
+        "adam",
+        constructor_inputs=_ADAMW_INPUTS,
+        error_inputs=_COAP_ERRORS + _ADAMW_ERRORS,
         supports=_ADAM_FEATURES,
     ),
     OptimizerInfo(
-        "CoapAdafactor8bit", CoapAdafactor8bit, {**_COAP_ONLY, "beta1": 0.9, "min_8bit_size": 256}, "adafactor",
-        eight_bit=True, constructor_inputs=_ADAFACTOR_INPUTS[:3] + _8BIT_INPUTS,
-        error_inputs=_COAP_ERRORS + _ADAFACTOR_ERRORS + _8BIT_ERRORS, supports=_ADAFACTOR_FEATURES,
+        "CoapAdafactor",
+        CoapAdafactor,
+        dict(_COAP_ONLY),
+        "adafactor",
+        first_moment=False,
+        constructor_inputs=_ADAFACTOR_INPUTS,
+        error_inputs=_COAP_ERRORS + _ADAFACTOR_ERRORS,
+        supports=_ADAFACTOR_FEATURES,
+    ),
+    OptimizerInfo(
+        "CoapAdafactor-beta1",
+        CoapAdafactor,
+        {**_COAP_ONLY, "beta1": 0.9, "lr": 1e-2, "relative_step": False},
+        "adafactor",
+        constructor_inputs=_ADAFACTOR_INPUTS[3:],
+        error_inputs=_COAP_ERRORS,
+        supports=_ADAFACTOR_FEATURES,
+    ),
+    OptimizerInfo(
+        "CoapAdamW8bit",
+        CoapAdamW8bit,
+        {**COAP_KWARGS, "min_8bit_size": 256},
+        "adam",
+        eight_bit=True,
+        constructor_inputs=_ADAMW_INPUTS[:3] + _8BIT_INPUTS,
+        error_inputs=_COAP_ERRORS + _ADAMW_ERRORS + _8BIT_ERRORS,
+        supports=_ADAM_FEATURES,
+    ),
+    OptimizerInfo(
+        "CoapAdafactor8bit",
+        CoapAdafactor8bit,
+        {**_COAP_ONLY, "beta1": 0.9, "min_8bit_size": 256},
+        "adafactor",
+        eight_bit=True,
+        constructor_inputs=_ADAFACTOR_INPUTS[:3] + _8BIT_INPUTS,
+        error_inputs=_COAP_ERRORS + _ADAFACTOR_ERRORS + _8BIT_ERRORS,
+        supports=_ADAFACTOR_FEATURES,
     ),
 )
 

@@ -95,11 +95,23 @@ def _args(tmp_path, max_steps: int, **overrides):
 
 OPTIMIZERS = {
     "CoapAdamW": coap_optimizer_cls_and_kwargs(
-        ["proj", "conv"], CoapAdamW, lr=3e-3, rank_ratio_matrix=2, rank_ratio_cnn=2, update_interval=3, reproject_factor=2,
+        ["proj", "conv"],
+        CoapAdamW,
+        lr=3e-3,
+        rank_ratio_matrix=2,
+        rank_ratio_cnn=2,
+        update_interval=3,
+        reproject_factor=2,
         min_conv_numel=0,
     ),
     "CoapAdafactor": coap_optimizer_cls_and_kwargs(
-        "all-linear", CoapAdafactor, lr=3e-3, relative_step=False, beta1=0.9, rank_ratio_matrix=2, update_interval=3,
+        "all-linear",
+        CoapAdafactor,
+        lr=3e-3,
+        relative_step=False,
+        beta1=0.9,
+        rank_ratio_matrix=2,
+        update_interval=3,
         reproject_factor=2,
     ),
 }
@@ -109,7 +121,9 @@ OPTIMIZERS = {
 def test_trainer_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, name):
     factory = OPTIMIZERS[name]
     full = make_model()
-    trainer = transformers.Trainer(full, _args(tmp_path / "full", 8), train_dataset=Data(), optimizer_cls_and_kwargs=factory)
+    trainer = transformers.Trainer(
+        full, _args(tmp_path / "full", 8), train_dataset=Data(), optimizer_cls_and_kwargs=factory
+    )
     trainer.train()
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # Accelerate's wrapper
     assert isinstance(optimizer, factory[1]["optimizer_cls"])
@@ -118,12 +132,18 @@ def test_trainer_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, name)
 
     first = make_model()
     interrupted = transformers.Trainer(
-        first, _args(tmp_path / "split", 8), train_dataset=Data(), optimizer_cls_and_kwargs=factory, callbacks=[StopAt(4)]
+        first,
+        _args(tmp_path / "split", 8),
+        train_dataset=Data(),
+        optimizer_cls_and_kwargs=factory,
+        callbacks=[StopAt(4)],
     )
     interrupted.train()
     assert (tmp_path / "split" / "checkpoint-4").is_dir() and not (tmp_path / "split" / "checkpoint-8").exists()
     resumed = make_model()
-    resumer = transformers.Trainer(resumed, _args(tmp_path / "split", 8), train_dataset=Data(), optimizer_cls_and_kwargs=factory)
+    resumer = transformers.Trainer(
+        resumed, _args(tmp_path / "split", 8), train_dataset=Data(), optimizer_cls_and_kwargs=factory
+    )
     resumer.train(resume_from_checkpoint=str(tmp_path / "split" / "checkpoint-4"))
     for (key, p), q in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(p, q), key

@@ -48,7 +48,14 @@ def train(model, opt, steps: int, start: int = 0, dtype: torch.dtype = torch.flo
     return losses
 
 
-COAP_KWARGS = {"lr": 3e-3, "rank_ratio_matrix": 2, "rank_ratio_cnn": 2, "update_interval": 3, "reproject_factor": 2, "min_conv_numel": 0}
+COAP_KWARGS = {
+    "lr": 3e-3,
+    "rank_ratio_matrix": 2,
+    "rank_ratio_cnn": 2,
+    "update_interval": 3,
+    "reproject_factor": 2,
+    "min_conv_numel": 0,
+}
 
 _COAP_ONLY = {k: v for k, v in COAP_KWARGS.items() if k != "lr"}
 

@@ -26,8 +26,9 @@ def test_state_layout(name):
     _, eight_bit, kwargs = PAIRS[name]
     model = make_net()
     others = [p for p in model.parameters() if p is not model.head.weight]
-    opt = eight_bit([{"params": others}, {"params": [model.head.weight], "coap": False}],
-                    min_8bit_size=256, **COMMON, **kwargs)
+    opt = eight_bit(
+        [{"params": others}, {"params": [model.head.weight], "coap": False}], min_8bit_size=256, **COMMON, **kwargs
+    )
     train(model, opt, 1)
     fc1 = opt.state[model.fc1.weight]  # projected moments (192, 20): 3840 entries, 15 blocks
     assert fc1["exp_avg_codes"].dtype == torch.uint8 and fc1["exp_avg_codes"].shape == (192, 20)
@@ -104,8 +105,9 @@ def test_second_moment_uses_the_unsigned_map():
 
 def test_block_size_is_a_group_option():
     model = make_net()
-    opt = CoapAdamW8bit([{"params": [model.fc1.weight], "block_size": 64}, {"params": [model.fc2.weight]}],
-                        min_8bit_size=256, **COMMON)
+    opt = CoapAdamW8bit(
+        [{"params": [model.fc1.weight], "block_size": 64}, {"params": [model.fc2.weight]}], min_8bit_size=256, **COMMON
+    )
     train(model, opt, 1)
     assert opt.state[model.fc1.weight]["exp_avg_absmax"].shape == (192 * 20 // 64,)
     assert opt.state[model.fc2.weight]["exp_avg_absmax"].shape == (-(-48 * 20 // 256),)

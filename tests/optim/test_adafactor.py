@@ -42,8 +42,14 @@ def test_unprojected_params_follow_transformers_adafactor(config):
 
 def test_beta1_none_keeps_no_first_moment_across_refreshes():
     model = make_net()
-    opt = CoapAdafactor(model.parameters(), rank_ratio_matrix=2, rank_ratio_cnn=2, update_interval=2,
-                        reproject_factor=3, min_conv_numel=0)
+    opt = CoapAdafactor(
+        model.parameters(),
+        rank_ratio_matrix=2,
+        rank_ratio_cnn=2,
+        update_interval=2,
+        reproject_factor=3,
+        min_conv_numel=0,
+    )
     proj_history = []
     for step in range(13):  # Eq. 2 steps at 2, 4, 8, 10; SVD refreshes at 6 and 12
         train(model, opt, 1, start=step)
@@ -71,7 +77,16 @@ def test_defaults_match_transformers():
 
     ours = inspect.signature(CoapAdafactor.__init__).parameters
     theirs = inspect.signature(transformers_optimization.Adafactor.__init__).parameters
-    for name in ("lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay", "scale_parameter", "warmup_init"):
+    for name in (
+        "lr",
+        "eps",
+        "clip_threshold",
+        "decay_rate",
+        "beta1",
+        "weight_decay",
+        "scale_parameter",
+        "warmup_init",
+    ):
         assert ours[name].default == theirs[name].default, name
     # relative_step=None means "exactly when no lr is given": transformers' True at its default lr=None.
     assert theirs["relative_step"].default is True and theirs["lr"].default is None

@@ -15,8 +15,15 @@ from helpers.optim_db import COAP_KWARGS, OPTIMIZERS
 
 def test_project_page_call_works_and_routes_every_kind():
     model = make_net()
-    opt = CoapAdamW(params=model.parameters(), lr=1e-3, rank_ratio_matrix=2, rank_ratio_cnn=2,
-                    update_interval=32, reproject_factor=5, min_conv_numel=0)
+    opt = CoapAdamW(
+        params=model.parameters(),
+        lr=1e-3,
+        rank_ratio_matrix=2,
+        rank_ratio_cnn=2,
+        update_interval=32,
+        reproject_factor=5,
+        min_conv_numel=0,
+    )
     train(model, opt, 1)
     state = opt.state
     assert state[model.conv.weight]["proj_out"].shape == (16, 11)  # floor(16 / sqrt 2)
@@ -192,8 +199,13 @@ def test_converges_like_adamw_on_a_real_small_task():
 
     def fit(make_opt):
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128),
-                                    torch.nn.ReLU(), torch.nn.Linear(128, 10))
+        model = torch.nn.Sequential(
+            torch.nn.Linear(64, 128),
+            torch.nn.ReLU(),
+            torch.nn.Linear(128, 128),
+            torch.nn.ReLU(),
+            torch.nn.Linear(128, 10),
+        )
         opt = make_opt(model.parameters())
         g = torch.Generator().manual_seed(0)
         for _ in range(300):

@@ -85,8 +85,12 @@ def test_cuda_state_dict_roundtrip_to_cpu_and_back():
     opt.step()
     sd = opt.state_dict()
     opt2 = CoapAdamW(model.parameters(), **COAP_KWARGS)
-    opt2.load_state_dict({"state": {k: {n: t.cpu() for n, t in s.items()} for k, s in sd["state"].items()},
-                          "param_groups": sd["param_groups"]})
+    opt2.load_state_dict(
+        {
+            "state": {k: {n: t.cpu() for n, t in s.items()} for k, s in sd["state"].items()},
+            "param_groups": sd["param_groups"],
+        }
+    )
     for p in model.parameters():
         for key, value in opt2.state[p].items():
             assert value.device.type == ("cpu" if key == "step" else "cuda")

@@ -102,7 +102,11 @@ def test_damaged_state_is_refused_at_load_and_changes_nothing(kind, message):
         ("CoapAdamW8bit", "CoapAdamW", r"unexpected \['exp_avg_absmax', 'exp_avg_codes'.*8-bit"),
         ("CoapAdamW", "CoapAdamW8bit", r"missing \['exp_avg_absmax', 'exp_avg_codes'"),
         ("CoapAdafactor-beta1", "CoapAdamW", r"unexpected \['exp_avg_sq_col', 'exp_avg_sq_row'\].*Adafactor"),
-        ("CoapAdamW", "CoapAdafactor-beta1", r"missing \['exp_avg_sq_col', 'exp_avg_sq_row'\].*unexpected \['exp_avg_sq'\]"),
+        (
+            "CoapAdamW",
+            "CoapAdafactor-beta1",
+            r"missing \['exp_avg_sq_col', 'exp_avg_sq_row'\].*unexpected \['exp_avg_sq'\]",
+        ),
     ],
 )
 def test_state_of_another_optimizer_is_refused(source, target, message):
@@ -139,7 +143,9 @@ class _WiderNet(SmallNet):
 def test_state_of_a_model_of_another_shape_with_the_same_projection_is_refused():
     _, written = _trained()
     opt = OPTIMIZERS["CoapAdamW"](_WiderNet().parameters())
-    with pytest.raises(ValueError, match=r"parameter 6 of shape \(60, 40\): state 'exp_avg' has shape \(48, 20\), expected \(60, 20\)"):
+    with pytest.raises(
+        ValueError, match=r"parameter 6 of shape \(60, 40\): state 'exp_avg' has shape \(48, 20\), expected \(60, 20\)"
+    ):
         opt.load_state_dict(_roundtrip(written.state_dict()))
     assert len(opt.state) == 0
 
@@ -162,8 +168,10 @@ def test_floating_state_of_another_dtype_is_converted(name, dtype):
         for key, value in state.items():
             if key != "step" and value.is_floating_point():
                 state[key] = value.to(dtype)
-    expected = {p: {k: v.to(dtype).float() if k != "step" and v.is_floating_point() else v for k, v in s.items()}
-                for p, s in opt.state.items()}
+    expected = {
+        p: {k: v.to(dtype).float() if k != "step" and v.is_floating_point() else v for k, v in s.items()}
+        for p, s in opt.state.items()
+    }
     opt2 = OPTIMIZERS[name](model.parameters())
     opt2.load_state_dict(converted)
     for p, state in opt2.state.items():
@@ -174,8 +182,11 @@ def test_floating_state_of_another_dtype_is_converted(name, dtype):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("as_saved", [lambda v: int(v), lambda v: float(v), lambda v: torch.tensor(float(v))],
-                         ids=["python-int", "python-float", "float32-tensor"])
+@pytest.mark.parametrize(
+    "as_saved",
+    [lambda v: int(v), lambda v: float(v), lambda v: torch.tensor(float(v))],
+    ids=["python-int", "python-float", "float32-tensor"],
+)
 def test_a_step_saved_as_a_number_or_a_float_tensor_resumes_bitwise(as_saved):
     model, opt = _trained()
     sd = _roundtrip(opt.state_dict())
@@ -226,8 +237,9 @@ def test_transformers_adafactor_state_loads_into_dense_coap_adafactor():
     assert isinstance(sd["state"][0]["step"], int) and "RMS" in sd["state"][0]  # transformers' layout
     from coap_torch import CoapAdafactor
 
-    ours = CoapAdafactor([torch.nn.Parameter(w.detach().clone()) for w in weights], lr=1e-2, scale_parameter=False,
-                         beta1=0.9, coap=False)
+    ours = CoapAdafactor(
+        [torch.nn.Parameter(w.detach().clone()) for w in weights], lr=1e-2, scale_parameter=False, beta1=0.9, coap=False
+    )
     ours.load_state_dict(sd)
     state = ours.state[ours.param_groups[0]["params"][0]]
     assert int(state["step"]) == 3 and "RMS" not in state

@@ -20,7 +20,9 @@ SHAPES = [(40, 24), (16, 8, 3, 3), (24,), (30, 50)]  # matrix, Tucker-2 kernel, 
 
 
 def _params() -> list[torch.nn.Parameter]:
-    return [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(SHAPES)]
+    return [
+        torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(SHAPES)
+    ]
 
 
 def _grad(shape, step: int, index: int) -> torch.Tensor:
@@ -115,8 +117,11 @@ def test_dense_parameters_follow_torch_adamw_through_non_finite_gradients(value)
             torch.testing.assert_close(p, q, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("make_opt", [CoapAdamW8bit, lambda p, **kw: CoapAdafactor8bit(p, beta1=0.9, **kw)],
-                         ids=["CoapAdamW8bit", "CoapAdafactor8bit"])
+@pytest.mark.parametrize(
+    "make_opt",
+    [CoapAdamW8bit, lambda p, **kw: CoapAdafactor8bit(p, beta1=0.9, **kw)],
+    ids=["CoapAdamW8bit", "CoapAdafactor8bit"],
+)
 def test_8bit_block_stays_finite_on_one_huge_gradient_entry(make_opt):
     # 1e25 squares to inf in float32: torch's AdamW then never moves that entry again, and the
     # other entries are untouched. A quantization block holding that inf must not turn into NaN.

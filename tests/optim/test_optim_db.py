@@ -70,8 +70,13 @@ def test_every_listed_dtype_trains_with_state_of_the_expected_dtype(entry: Optim
     assert all(p.dtype == dtype and torch.isfinite(p).all() for p in model.parameters())
     for p in model.parameters():
         for key, value in opt.state[p].items():
-            expected = torch.int64 if key == "step" else torch.uint8 if key.endswith("_codes") else (
-                torch.float32 if key.endswith("_absmax") else float_state)
+            expected = (
+                torch.int64
+                if key == "step"
+                else torch.uint8
+                if key.endswith("_codes")
+                else (torch.float32 if key.endswith("_absmax") else float_state)
+            )
             assert value.dtype == expected, key
     with torch.no_grad():
         assert torch.nn.functional.cross_entropy(model(x).float(), y).item() < first  # it trains
@@ -92,8 +97,10 @@ def test_maximize_steps_like_minimizing_the_negated_gradient(entry: OptimizerInf
     models = [make_net(), make_net()]
     opts = [entry.make(models[0].parameters(), maximize=True), entry.make(models[1].parameters())]
     for step in range(7):
-        grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i))
-                 for i, p in enumerate(models[0].parameters())]
+        grads = [
+            torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i))
+            for i, p in enumerate(models[0].parameters())
+        ]
         for sign, model in zip((1, -1), models):
             for p, g in zip(model.parameters(), grads):
                 p.grad = sign * g
@@ -128,6 +135,8 @@ def test_state_dict_round_trips_through_torch_save_weights_only(entry: Optimizer
     for index, state in saved["state"].items():
         assert state.keys() == loaded["state"][index].keys()
         for key, value in state.items():
-            assert torch.equal(value, loaded["state"][index][key]) and value.dtype == loaded["state"][index][key].dtype, key
+            assert (
+                torch.equal(value, loaded["state"][index][key]) and value.dtype == loaded["state"][index][key].dtype
+            ), key
     x, y = batch(0)
     assert torch.isfinite(torch.nn.functional.cross_entropy(model(x), y))

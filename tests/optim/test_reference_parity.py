@@ -47,7 +47,9 @@ def test_coap_adamw_matrix_follows_the_reference(shape, scale):
     for g in grads:
         reference.step(g)
     weight = torch.nn.Parameter(W0.clone())
-    ours = _run_ours(CoapAdamW([weight], rank=6, update_interval=T_U, reproject_factor=LAMBDA, **options), weight, grads)
+    ours = _run_ours(
+        CoapAdamW([weight], rank=6, update_interval=T_U, reproject_factor=LAMBDA, **options), weight, grads
+    )
     torch.testing.assert_close(ours, reference.weight, rtol=0, atol=1e-9)
 
 
@@ -60,7 +62,9 @@ def test_coap_adamw_conv_kernel_follows_the_reference():
     for g in grads:
         reference.step(g)
     weight = torch.nn.Parameter(W0.clone())
-    opt = CoapAdamW([weight], rank_ratio_cnn=4, min_conv_numel=0, update_interval=T_U, reproject_factor=LAMBDA, **options)
+    opt = CoapAdamW(
+        [weight], rank_ratio_cnn=4, min_conv_numel=0, update_interval=T_U, reproject_factor=LAMBDA, **options
+    )
     ours = _run_ours(opt, weight, grads)
     assert [tuple(opt.state[weight][k].shape) for k in ("proj_out", "proj_in")] == [(16, 8), (12, 6)]
     torch.testing.assert_close(ours, reference.weight, rtol=0, atol=1e-9)

@@ -93,7 +93,9 @@ def test_the_step_counter_is_exact_past_2_to_the_24(name):
 @pytest.mark.parametrize("optimizer", [CoapAdamW, CoapAdafactor])
 def test_complex_parameters_are_refused_at_construction_saying_why(optimizer):
     weight = torch.nn.Parameter(torch.randn(8, 6, dtype=torch.complex64))
-    with pytest.raises(ValueError, match=r"parameter 0 of shape \(8, 6\) has dtype torch.complex64: complex parameters"):
+    with pytest.raises(
+        ValueError, match=r"parameter 0 of shape \(8, 6\) has dtype torch.complex64: complex parameters"
+    ):
         optimizer([weight])
     opt = optimizer([torch.nn.Parameter(torch.randn(8, 6))])
     with pytest.raises(ValueError, match=r"param group 1: parameter 1 .*complex parameters are not supported"):

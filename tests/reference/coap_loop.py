@@ -196,7 +196,9 @@ class Adafactor:
         self.col = beta2t * self.col + (1 - beta2t) * U.mean(dim=0)
         delta = Gp / torch.outer(self.row / self.row.mean(), self.col).sqrt()
         delta = delta / max(1.0, (delta.norm() / math.sqrt(m * n) / self.clip_threshold).item())
-        rho = self.lr * (max(self.eps[1], (self.weight.norm() / math.sqrt(m * n)).item()) if self.scale_parameter else 1.0)
+        rho = self.lr * (
+            max(self.eps[1], (self.weight.norm() / math.sqrt(m * n)).item()) if self.scale_parameter else 1.0
+        )
         delta = rho * delta
         if self.beta1 is not None:
             self.M = self.beta1 * self.M + (1 - self.beta1) * delta

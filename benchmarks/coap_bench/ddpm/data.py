@@ -74,4 +74,3 @@ def heldout_set(images: Tensor, repeats: int, num_timesteps: int, *, seed: int =
     timesteps = strata[torch.randperm(n, generator=generator)]
     noise = torch.randn(tiled.shape, generator=generator)
     return HeldoutSet(tiled, timesteps, noise, repeats)
-

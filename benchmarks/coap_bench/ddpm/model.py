@@ -44,9 +44,9 @@ def noise_scheduler() -> Any:
     return diffusers.DDPMScheduler(**SCHEDULER_CONFIG, variance_type=DDPM_VARIANCE)
 
 
-
-def denoising_loss(model: nn.Module, scheduler: Any, x0: Tensor, noise: Tensor, timesteps: Tensor,
-                    reduction: str = "mean") -> Tensor:
+def denoising_loss(
+    model: nn.Module, scheduler: Any, x0: Tensor, noise: Tensor, timesteps: Tensor, reduction: str = "mean"
+) -> Tensor:
     noisy = scheduler.add_noise(x0, noise, timesteps)
     prediction = model(noisy, timesteps).sample
     return F.mse_loss(prediction.float(), noise.float(), reduction=reduction)
@@ -61,15 +61,29 @@ def evaluate_heldout(model: nn.Module, scheduler: Any, heldout: HeldoutSet, batc
     total = 0.0
     for start in range(0, len(heldout.images), batch_size):
         chunk = slice(start, start + batch_size)
-        total += denoising_loss(model, scheduler, heldout.images[chunk].to(device), heldout.noise[chunk].to(device),
-                                 heldout.timesteps[chunk].to(device), reduction="sum").item()
+        total += denoising_loss(
+            model,
+            scheduler,
+            heldout.images[chunk].to(device),
+            heldout.noise[chunk].to(device),
+            heldout.timesteps[chunk].to(device),
+            reduction="sum",
+        ).item()
     model.train(was_training)
     return total / heldout.images.numel()
 
 
 @torch.no_grad()
-def generate_samples(model: nn.Module, count: int, *, sampler: str = "ddim", steps: int = 50, seed: int = 0,
-                     batch_size: int = 256, progress: Any = None) -> Tensor:
+def generate_samples(
+    model: nn.Module,
+    count: int,
+    *,
+    sampler: str = "ddim",
+    steps: int = 50,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: Any = None,
+) -> Tensor:
     """``count`` images (CPU, ``[-1, 1]``) sampled from ``model`` with DDIM (eta 0) or DDPM in ``steps`` steps.
 
     The initial noise (and DDPM's per-step noise) comes from a CPU generator seeded with ``seed``,
@@ -123,4 +137,3 @@ def projection_summary(optimizer: torch.optim.Optimizer, family: str) -> dict[st
             entry["tensors"] += 1
             entry["parameters"] += param.numel()
     return summary
-

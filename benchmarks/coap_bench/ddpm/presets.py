@@ -48,8 +48,12 @@ class DdpmPreset:
 
     def unet_config(self) -> dict[str, Any]:
         """The keyword arguments of ``diffusers.UNet2DModel``."""
-        return {"sample_size": self.resolution, "in_channels": self.channels, "out_channels": self.channels,
-                **self.unet}
+        return {
+            "sample_size": self.resolution,
+            "in_channels": self.channels,
+            "out_channels": self.channels,
+            **self.unet,
+        }
 
     def num_parameters(self) -> int:
         """Parameter count, from a model built on the meta device (no memory, no weights)."""
@@ -75,22 +79,50 @@ CIFAR10_UNET = {
 #: Presets of ``coap-bench ddpm``.
 DDPM_PRESETS: dict[str, DdpmPreset] = {
     "micro": DdpmPreset(
-        8, 1,
-        {"block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8,
-         "down_block_types": ("DownBlock2D", "AttnDownBlock2D"), "up_block_types": ("AttnUpBlock2D", "UpBlock2D")},
-        lr=1e-3, batch_size=16, steps=20, samples=32, sample_steps=4, eval_batch_size=128,
+        8,
+        1,
+        {
+            "block_out_channels": (16, 32),
+            "layers_per_block": 1,
+            "norm_num_groups": 8,
+            "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+            "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+        },
+        lr=1e-3,
+        batch_size=16,
+        steps=20,
+        samples=32,
+        sample_steps=4,
+        eval_batch_size=128,
         notes="smoke tests only: 8x8, a few seconds on a CPU",
     ),
     "small": DdpmPreset(
-        16, 1,
-        {"block_out_channels": (24, 32, 64), "layers_per_block": 1, "norm_num_groups": 8,
-         "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-         "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")},
-        lr=6e-3, batch_size=32, steps=500, samples=256, sample_steps=50, heldout_repeats=4,
+        16,
+        1,
+        {
+            "block_out_channels": (24, 32, 64),
+            "layers_per_block": 1,
+            "norm_num_groups": 8,
+            "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+            "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        },
+        lr=6e-3,
+        batch_size=32,
+        steps=500,
+        samples=256,
+        sample_steps=50,
+        heldout_repeats=4,
         notes="the default: 16x16 grayscale, 742K parameters, a few minutes per optimizer on 2 CPU cores",
     ),
     "cifar10": DdpmPreset(
-        32, 3, CIFAR10_UNET, lr=2e-4, batch_size=128, steps=800_000, samples=10_000, sample_steps=100,
+        32,
+        3,
+        CIFAR10_UNET,
+        lr=2e-4,
+        batch_size=128,
+        steps=800_000,
+        samples=10_000,
+        sample_steps=100,
         eval_batch_size=500,
         notes="the paper's DDPM CIFAR-10 UNet (35.7M parameters), for GPU runs",
     ),
@@ -108,8 +140,13 @@ PROJ_GAP = 200
 #: The library defaults, for ``drop-in``.
 DROP_IN_RANK_RATIO = 2.0
 #: The noise schedule of DDPM (and of ``google/ddpm-cifar10-32``): 1000 linear betas, fixed_large variance.
-SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
-                    "clip_sample": True}
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "clip_sample": True,
+}
 DDPM_VARIANCE = "fixed_large"
 
 
@@ -211,20 +248,35 @@ class DdpmConfig:
 
     def settings(self) -> LowRankSettings:
         """The :class:`~coap_bench.optimizers.LowRankSettings` of this run (recipe + overrides)."""
-        return recipe_settings(self.recipe, rank_ratio=self.rank_ratio, update_interval=self.update_interval,
-                               reproject_factor=self.reproject_factor, scale=self.scale, proj_gap=self.proj_gap,
-                               correlation_normalize=self.correlation_normalize, weight_decay=self.weight_decay,
-                               seed=self.seed)
+        return recipe_settings(
+            self.recipe,
+            rank_ratio=self.rank_ratio,
+            update_interval=self.update_interval,
+            reproject_factor=self.reproject_factor,
+            scale=self.scale,
+            proj_gap=self.proj_gap,
+            correlation_normalize=self.correlation_normalize,
+            weight_decay=self.weight_decay,
+            seed=self.seed,
+        )
 
     def lr_for(self, name: str) -> float:
         """The peak lr of optimizer ``name``: ``lr`` if given, else the preset's (the same for every optimizer)."""
         return self.lr if self.lr is not None else DDPM_PRESETS[self.preset].lr
 
 
-def recipe_settings(recipe: str, *, rank_ratio: float | None = None, update_interval: int | None = None,
-                    reproject_factor: int | None = None, scale: float | None = None, proj_gap: int | None = None,
-                    correlation_normalize: bool = False, weight_decay: float = 0.0,
-                    seed: int = 0) -> LowRankSettings:
+def recipe_settings(
+    recipe: str,
+    *,
+    rank_ratio: float | None = None,
+    update_interval: int | None = None,
+    reproject_factor: int | None = None,
+    scale: float | None = None,
+    proj_gap: int | None = None,
+    correlation_normalize: bool = False,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> LowRankSettings:
     """The low-rank settings of ``recipe`` (``"paper"`` or ``"drop-in"``); any argument given overrides it.
 
     >>> s = recipe_settings("paper")
@@ -232,17 +284,31 @@ def recipe_settings(recipe: str, *, rank_ratio: float | None = None, update_inte
     (1.5, 16, 10, 1.0)
     """
     if recipe == "paper":
-        base = LowRankSettings(rank_ratio=PAPER_RANK_RATIO, update_interval=PAPER_UPDATE_INTERVAL,
-                               reproject_factor=PAPER_REPROJECT_FACTOR, scale=1.0, proj_gap=PROJ_GAP)
+        base = LowRankSettings(
+            rank_ratio=PAPER_RANK_RATIO,
+            update_interval=PAPER_UPDATE_INTERVAL,
+            reproject_factor=PAPER_REPROJECT_FACTOR,
+            scale=1.0,
+            proj_gap=PROJ_GAP,
+        )
     elif recipe == "drop-in":
         base = LowRankSettings(rank_ratio=DROP_IN_RANK_RATIO, proj_gap=PROJ_GAP)
     else:
         raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(DDPM_RECIPES)}")
-    overrides = {"rank_ratio": rank_ratio, "update_interval": update_interval, "reproject_factor": reproject_factor,
-                 "scale": scale, "proj_gap": proj_gap}
-    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None},
-                               correlation_normalize=correlation_normalize, weight_decay=weight_decay, seed=seed)
-
+    overrides = {
+        "rank_ratio": rank_ratio,
+        "update_interval": update_interval,
+        "reproject_factor": reproject_factor,
+        "scale": scale,
+        "proj_gap": proj_gap,
+    }
+    return dataclasses.replace(
+        base,
+        **{k: v for k, v in overrides.items() if v is not None},
+        correlation_normalize=correlation_normalize,
+        weight_decay=weight_decay,
+        seed=seed,
+    )
 
 
 def meta_unet(preset: DdpmPreset) -> nn.Module:

@@ -29,7 +29,9 @@ def save_sample_grid(images: Tensor, path: str | Path, *, columns: int = 8, min_
     grid = torch.ones(c, rows * (h + pad) + pad, columns * (w + pad) + pad)
     for i, image in enumerate((images.float().clamp(-1, 1) + 1) / 2):
         r, col = divmod(i, columns)
-        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = image
+        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = (
+            image
+        )
     factor = max(1, math.ceil(min_side / max(grid.shape[1:])))
     grid = grid.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
     path = Path(path)
@@ -37,7 +39,6 @@ def save_sample_grid(images: Tensor, path: str | Path, *, columns: int = 8, min_
     array = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
     plt.imsave(path, array, cmap="gray" if c == 1 else None, vmin=0.0, vmax=1.0)
     return path
-
 
 
 _NOTES = (
@@ -51,8 +52,22 @@ _NOTES = (
     "floor {floor}){fid}."
 )
 
-_HEADER = ["optimizer", "lr", "state", "vs AdamW", "peak mem", "iter ms", "vs AdamW", "step ms", "refresh ms",
-           "img/s", "final loss", "held-out loss", "vs AdamW", "clf-FD"]
+_HEADER = [
+    "optimizer",
+    "lr",
+    "state",
+    "vs AdamW",
+    "peak mem",
+    "iter ms",
+    "vs AdamW",
+    "step ms",
+    "refresh ms",
+    "img/s",
+    "final loss",
+    "held-out loss",
+    "vs AdamW",
+    "clf-FD",
+]
 
 
 def _columns(result: dict[str, Any], with_fid: bool) -> list[str]:
@@ -72,8 +87,10 @@ def _projection_line(result: dict[str, Any]) -> str | None:
     if not parts:
         return None
     dense = summary.get("dense", {"tensors": 0, "parameters": 0})
-    return (f"{result['name']} projects {' and '.join(parts)}; {dense['tensors']} tensors "
-            f"({dense['parameters']:,} parameters) dense")
+    return (
+        f"{result['name']} projects {' and '.join(parts)}; {dense['tensors']} tensors "
+        f"({dense['parameters']:,} parameters) dense"
+    )
 
 
 def _recipe_line(config: dict[str, Any]) -> str:
@@ -111,24 +128,42 @@ def format_ddpm_table(run: dict[str, Any], *, notes: bool = True) -> str:
     with_fid = bool(config.get("fid"))
     header = [*_HEADER, "FID"] if with_fid else _HEADER
     results = run["results"]
-    text = [*textwrap.wrap(title, width=120), *textwrap.wrap(_recipe_line(config), width=120),
-            *textwrap.wrap(sampling, width=120), ""]
+    text = [
+        *textwrap.wrap(title, width=120),
+        *textwrap.wrap(_recipe_line(config), width=120),
+        *textwrap.wrap(sampling, width=120),
+        "",
+    ]
     text += markdown_table(header, [_columns(r, with_fid) for r in results])
-    remarks = [line for result in results
-               for line in result_remarks(result, config["steps"], more=[_projection_line(result)],
-                                          sweep_edge=lambda r: f"note: {r['name']}: the best lr {r['lr']:g} is at "
-                                                             "the edge of the sweep")]
+    remarks = [
+        line
+        for result in results
+        for line in result_remarks(
+            result,
+            config["steps"],
+            more=[_projection_line(result)],
+            sweep_edge=lambda r: f"note: {r['name']}: the best lr {r['lr']:g} is at the edge of the sweep",
+        )
+    ]
     remarks += import_note_lines(run)  # what peers printed while imported, said once
     if remarks:
         text += ["", *remarks]
     if notes:
         finished = [r for r in results if not r.get("failed")]
         peak = finished[0]["peak_memory_kind"] if finished else ""
-        fid = (f"; FID: Frechet Inception Distance ({config['fid']['backend']}) of the samples against "
-               f"{config['fid']['reference']}") if with_fid else ""
+        fid = (
+            (
+                f"; FID: Frechet Inception Distance ({config['fid']['backend']}) of the samples against "
+                f"{config['fid']['reference']}"
+            )
+            if with_fid
+            else ""
+        )
         floor = f"{frechet['real_train_vs_heldout']:.3f}"
-        text += ["", *textwrap.wrap(_NOTES.format(window=FINAL_LOSS_WINDOW, peak=peak, floor=floor, fid=fid),
-                                    width=120)]
+        text += [
+            "",
+            *textwrap.wrap(_NOTES.format(window=FINAL_LOSS_WINDOW, peak=peak, floor=floor, fid=fid), width=120),
+        ]
     return "\n".join(text)
 
 
@@ -144,25 +179,29 @@ def write_ddpm_plots(run: dict[str, Any], directory: str | Path) -> list[Path] |
         return None
     directory = Path(directory)
     finished = [r for r in run["results"] if not r.get("failed")]
-    paths = [plot_loss_curves(
-        plt,
-        {**run, "results": finished},
-        directory / "ddpm_loss.png",
-        title=f"ddpm {run['config']['preset']}, {seed_label(run['config'])}",
-        label=lambda result: f"{result['name']} lr={result['lr']:g}",
-        log_scale=True,
-        ylabel="training loss (batch MSE of the predicted noise)",
-    )]
-    paths.append(plot_heldout_vs_state(plt, finished, directory / "ddpm_heldout_vs_state.png",
-                                       "held-out denoising loss"))
+    paths = [
+        plot_loss_curves(
+            plt,
+            {**run, "results": finished},
+            directory / "ddpm_loss.png",
+            title=f"ddpm {run['config']['preset']}, {seed_label(run['config'])}",
+            label=lambda result: f"{result['name']} lr={result['lr']:g}",
+            log_scale=True,
+            ylabel="training loss (batch MSE of the predicted noise)",
+        )
+    ]
+    paths.append(
+        plot_heldout_vs_state(plt, finished, directory / "ddpm_heldout_vs_state.png", "held-out denoising loss")
+    )
 
     grids = [r for r in finished if r.get("sample_grid") and Path(r["sample_grid"]).is_file()]
     if grids:
         fig, axes = plt.subplots(1, len(grids), figsize=(4 * len(grids), 4.4), squeeze=False)
         for ax, result in zip(axes[0], grids, strict=True):
             ax.imshow(plt.imread(result["sample_grid"]), cmap="gray")
-            ax.set_title(f"{result['name']} lr={result['lr']:g}\nclf-FD {result['classifier_frechet_distance']:.3f}",
-                         fontsize=9)
+            ax.set_title(
+                f"{result['name']} lr={result['lr']:g}\nclf-FD {result['classifier_frechet_distance']:.3f}", fontsize=9
+            )
             ax.axis("off")
         fig.tight_layout()
         fig.savefig(directory / "ddpm_samples.png", dpi=120)
@@ -170,4 +209,3 @@ def write_ddpm_plots(run: dict[str, Any], directory: str | Path) -> list[Path] |
         paths.append(directory / "ddpm_samples.png")
         paths += [Path(r["sample_grid"]) for r in grids]
     return paths
-

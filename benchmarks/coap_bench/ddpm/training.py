@@ -53,9 +53,16 @@ def _fingerprint(name: str, lr: float, config: DdpmConfig, data: ImageData) -> d
     return run_fingerprint(name, lr, config, train_sha256=data.describe()["train_sha256"])
 
 
-def train_one(name: str, lr: float, config: DdpmConfig, data: ImageData, heldout: HeldoutSet,
-              scorer: FrechetScorer, fid_reference: tuple[Tensor, Tensor] | None,
-              checkpoint: Path | None) -> dict[str, Any]:
+def train_one(
+    name: str,
+    lr: float,
+    config: DdpmConfig,
+    data: ImageData,
+    heldout: HeldoutSet,
+    scorer: FrechetScorer,
+    fid_reference: tuple[Tensor, Tensor] | None,
+    checkpoint: Path | None,
+) -> dict[str, Any]:
     """Train a fresh UNet (or continue ``checkpoint``) with optimizer ``name`` at peak ``lr``, then score it."""
     with torch_threads(config.threads):
         return _train_one(name, lr, config, data, heldout, scorer, fid_reference, checkpoint)
@@ -84,9 +91,16 @@ class _DdpmLoop(TrainingLoop):
             self.evaluate(step)
 
 
-def _train_one(name: str, lr: float, config: DdpmConfig, data: ImageData, heldout: HeldoutSet,
-               scorer: FrechetScorer, fid_reference: tuple[Tensor, Tensor] | None,
-               checkpoint: Path | None) -> dict[str, Any]:
+def _train_one(
+    name: str,
+    lr: float,
+    config: DdpmConfig,
+    data: ImageData,
+    heldout: HeldoutSet,
+    scorer: FrechetScorer,
+    fid_reference: tuple[Tensor, Tensor] | None,
+    checkpoint: Path | None,
+) -> dict[str, Any]:
     tqdm = require("tqdm").tqdm
     spec = OPTIMIZERS[name]
     settings = config.settings()
@@ -96,12 +110,22 @@ def _train_one(name: str, lr: float, config: DdpmConfig, data: ImageData, heldou
     model.train()
     scheduler_ = noise_scheduler()
     optimizer = build_optimizer(name, list(model.parameters()), [], lr, settings)
-    batches = ImageBatches(data.train, config.batch_size, scheduler_.config.num_train_timesteps,
-                           seed=config.seed + _BATCH_STREAM)
+    batches = ImageBatches(
+        data.train, config.batch_size, scheduler_.config.num_train_timesteps, seed=config.seed + _BATCH_STREAM
+    )
     label = name if not config.lr_sweep else f"{name} lr={lr:g}"
-    loop = _DdpmLoop(model, optimizer, batches, lambda batch: denoising_loss(model, scheduler_, *batch),
-                     noise=scheduler_, heldout=heldout, config=config, device=device, label=label,
-                     next_batch=lambda: tuple(t.to(device) for t in batches.next()))
+    loop = _DdpmLoop(
+        model,
+        optimizer,
+        batches,
+        lambda batch: denoising_loss(model, scheduler_, *batch),
+        noise=scheduler_,
+        heldout=heldout,
+        config=config,
+        device=device,
+        label=label,
+        next_batch=lambda: tuple(t.to(device) for t in batches.next()),
+    )
     workarounds = checkpoint_workarounds(spec, checkpoint)
     if checkpoint is not None:
         loop.resume(FileCheckpoint(checkpoint, spec, _fingerprint(name, lr, config, data), _CHECKPOINT_FORMAT))
@@ -115,11 +139,23 @@ def _train_one(name: str, lr: float, config: DdpmConfig, data: ImageData, heldou
 
     sampling_started = time.perf_counter()
     chunks = math.ceil(config.samples / config.eval_batch_size)
-    with tqdm(total=chunks * config.sample_steps, desc=f"{label} sampling", file=sys.stderr, leave=False,
-              disable=not config.progress, unit="step") as bar:
-        samples = generate_samples(model, config.samples, sampler=config.sampler, steps=config.sample_steps,
-                                   seed=config.seed + _SAMPLE_STREAM, batch_size=config.eval_batch_size,
-                                   progress=bar)
+    with tqdm(
+        total=chunks * config.sample_steps,
+        desc=f"{label} sampling",
+        file=sys.stderr,
+        leave=False,
+        disable=not config.progress,
+        unit="step",
+    ) as bar:
+        samples = generate_samples(
+            model,
+            config.samples,
+            sampler=config.sampler,
+            steps=config.sample_steps,
+            seed=config.seed + _SAMPLE_STREAM,
+            batch_size=config.eval_batch_size,
+            progress=bar,
+        )
     sampling_seconds = time.perf_counter() - sampling_started
     finite = bool(torch.isfinite(samples).all())
     frechet = scorer.score(samples) if finite else float("nan")
@@ -131,12 +167,15 @@ def _train_one(name: str, lr: float, config: DdpmConfig, data: ImageData, heldou
         fid = frechet_distance(*gaussian_statistics(features), *fid_reference)
     grid = None
     if config.plots:
-        grid = save_sample_grid(samples[:GRID_SAMPLES],
-                                Path(config.plots) / f"ddpm_samples_{run_stem(name, lr, config.lr_sweep)}.png")
+        grid = save_sample_grid(
+            samples[:GRID_SAMPLES], Path(config.plots) / f"ddpm_samples_{run_stem(name, lr, config.lr_sweep)}.png"
+        )
 
     messages = list(dict.fromkeys(f"{w.category.__name__}: {str(w.message).strip()}" for w in caught))
     return result_row(
-        name, spec, lr,
+        name,
+        spec,
+        lr,
         **loop.measurements(spec, settings, items_per_step=config.batch_size, throughput="images_per_s"),
         state_bytes_by_kind=state_nbytes_by_kind(optimizer),
         projected=projection_summary(optimizer, spec.family),
@@ -177,8 +216,13 @@ def _run_ddpm(config: DdpmConfig) -> dict[str, Any]:
         from ..frechet import inception_features
 
         backend, _ = inception_features(config.device)
-    data = load_image_data(preset.resolution, preset.channels, image_dir=config.image_dir, cifar10=config.cifar10,
-                           max_images=config.max_images)
+    data = load_image_data(
+        preset.resolution,
+        preset.channels,
+        image_dir=config.image_dir,
+        cifar10=config.cifar10,
+        max_images=config.max_images,
+    )
     if config.batch_size > len(data.train):
         raise ValueError(f"batch size {config.batch_size} exceeds the {len(data.train)} training images")
     num_timesteps = SCHEDULER_CONFIG["num_train_timesteps"]
@@ -198,7 +242,8 @@ def _run_ddpm(config: DdpmConfig) -> dict[str, Any]:
     for result in results:
         if base is not None and not result.get("failed") and base.get("classifier_frechet_distance"):
             result["classifier_frechet_distance_ratio_to_adamw"] = (
-                result["classifier_frechet_distance"] / base["classifier_frechet_distance"])
+                result["classifier_frechet_distance"] / base["classifier_frechet_distance"]
+            )
 
     settings = dataclasses.asdict(config)
     settings["optimizers"] = list(config.optimizers)
@@ -215,9 +260,15 @@ def _run_ddpm(config: DdpmConfig) -> dict[str, Any]:
         frechet=scorer.info,
         fid=fid_info,
     )
-    return {"config": settings, "data": data.describe(), "versions": versions(),
-            "hardware": hardware(config.device), "argv": list(config.argv), "results": results,
-            "import_notes": gather_import_notes(results)}
+    return {
+        "config": settings,
+        "data": data.describe(),
+        "versions": versions(),
+        "hardware": hardware(config.device),
+        "argv": list(config.argv),
+        "results": results,
+        "import_notes": gather_import_notes(results),
+    }
 
 
 def _jsonable(value: Any) -> Any:
@@ -226,4 +277,3 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return [_jsonable(v) for v in value]
     return value
-

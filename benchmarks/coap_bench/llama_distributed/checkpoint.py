@@ -72,8 +72,9 @@ class DistributedCheckpoint:
         latest = self._latest()
         if latest is None:
             return
-        check_fingerprint(self.folder, latest.get("format"), latest.get("fingerprint"), _CHECKPOINT_FORMAT,
-                          self.fingerprint)
+        check_fingerprint(
+            self.folder, latest.get("format"), latest.get("fingerprint"), _CHECKPOINT_FORMAT, self.fingerprint
+        )
         directory = self.folder / latest["directory"]
         # On an optimizer without state yet, get_state_dict creates it (a step on zero gradients, at lr 0).
         model_state, optimizer_state = get_state_dict(loop.model, loop.optimizer)
@@ -104,8 +105,13 @@ class DistributedCheckpoint:
         dist.barrier()  # every rank's files are complete
         if rank != 0:
             return
-        marker = {"format": _CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "step": step,
-                  "directory": directory.name, "world_size": dist.get_world_size()}
+        marker = {
+            "format": _CHECKPOINT_FORMAT,
+            "fingerprint": self.fingerprint,
+            "step": step,
+            "directory": directory.name,
+            "world_size": dist.get_world_size(),
+        }
         atomic_write_text(json.dumps(marker, indent=1), self.folder / self.MARKER)
         for old in self.folder.glob("step-*"):
             if old.name != directory.name:

@@ -72,8 +72,10 @@ class EngineCollectives:
         return self._log.bytes if self._log is not None else 0
 
     def __enter__(self) -> Self:
-        self._handles = [self.optimizer.register_step_pre_hook(self._pause),
-                         self.optimizer.register_step_post_hook(self._resume)]
+        self._handles = [
+            self.optimizer.register_step_pre_hook(self._pause),
+            self.optimizer.register_step_post_hook(self._resume),
+        ]
         self._mark = self._logged()
         self.counted.__enter__()
         return self

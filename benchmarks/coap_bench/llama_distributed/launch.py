@@ -19,8 +19,9 @@ ENGINES = ("ddp", "fsdp2")
 
 def launch_environment() -> tuple[int, int, int]:
     """``(rank, world size, local rank)`` from the variables ``torchrun`` sets; ``ValueError`` without them."""
-    missing = [name for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-               if name not in os.environ]
+    missing = [
+        name for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ
+    ]
     if missing:
         raise ValueError(
             f"--distributed needs the environment torchrun sets ({', '.join(missing)} missing); launch it as "
@@ -68,4 +69,3 @@ def wrap_model(model: nn.Module, engine: str, device: torch.device) -> nn.Module
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)  # embeddings, final norm and lm_head
     return model
-

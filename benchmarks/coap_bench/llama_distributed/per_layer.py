@@ -22,16 +22,18 @@ __all__ = ["PER_LAYER_STEPS", "measure_per_layer_saving"]
 PER_LAYER_STEPS = 2
 
 
-def _train_measured(name: str, config: LlamaConfig, data: Any, per_layer: bool, steps: int,
-                    batch_size: int) -> tuple[int, list[float]]:
+def _train_measured(
+    name: str, config: LlamaConfig, data: Any, per_layer: bool, steps: int, batch_size: int
+) -> tuple[int, list[float]]:
     from ..text import TokenBatches
 
     device = torch.device(config.device)
     model = build_llama(LLAMA_PRESETS[config.preset], data.vocab_size, seed=config.seed, device=device)
     model.train()
     split = projected_parameter_groups(model, config.recipe)
-    optimizer = build_optimizer(name, [p for _, p in split.projected], [p for _, p in split.dense],
-                                config.lr_for(name), config.settings())
+    optimizer = build_optimizer(
+        name, [p for _, p in split.projected], [p for _, p in split.dense], config.lr_for(name), config.settings()
+    )
     batches = TokenBatches(data.train, batch_size, config.seq_len, seed=config.seed + _BATCH_STREAM, device=device)
 
     def step() -> float:
@@ -58,9 +60,14 @@ def _train_measured(name: str, config: LlamaConfig, data: Any, per_layer: bool, 
     return peak, losses
 
 
-def measure_per_layer_saving(config: LlamaConfig, names: tuple[str, ...] | None = None, *,
-                             steps: int = PER_LAYER_STEPS, batch_sizes: tuple[int, ...] | None = None,
-                             data: Any = None) -> dict[str, Any]:
+def measure_per_layer_saving(
+    config: LlamaConfig,
+    names: tuple[str, ...] | None = None,
+    *,
+    steps: int = PER_LAYER_STEPS,
+    batch_sizes: tuple[int, ...] | None = None,
+    data: Any = None,
+) -> dict[str, Any]:
     """Peak allocated tensor bytes of ``steps`` training steps without and with per-layer updates.
 
     For each COAP optimizer of ``names`` (default: those of ``config.optimizers``) and each batch
@@ -78,8 +85,12 @@ def measure_per_layer_saving(config: LlamaConfig, names: tuple[str, ...] | None 
 
     config = config.resolved()
     if data is None:
-        data = load_token_data(source="c4" if config.c4 else None, data_dir=config.data_dir,
-                               vocab_size=config.vocab_size, max_documents=config.max_documents)
+        data = load_token_data(
+            source="c4" if config.c4 else None,
+            data_dir=config.data_dir,
+            vocab_size=config.vocab_size,
+            max_documents=config.max_documents,
+        )
     names = tuple(n for n in (names or config.optimizers) if OPTIMIZERS[n].family == "coap")
     batch_sizes = tuple(dict.fromkeys(batch_sizes or (config.batch_size, 1)))
     model = build_llama(LLAMA_PRESETS[config.preset], data.vocab_size, seed=config.seed, device="meta")
@@ -92,17 +103,22 @@ def measure_per_layer_saving(config: LlamaConfig, names: tuple[str, ...] | None 
             warnings.filterwarnings("ignore", message=".*numerical rank", category=RuntimeWarning)
             regular, regular_losses = _train_measured(name, config, data, False, steps, batch_size)
             per_layer, per_layer_losses = _train_measured(name, config, data, True, steps, batch_size)
-        rows.append({
-            "name": name,
-            "batch_size": batch_size,
-            "regular_peak_bytes": regular,
-            "per_layer_peak_bytes": per_layer,
-            "saving_bytes": regular - per_layer,
-            "gradient_bytes": gradient_bytes,
-            "regular_losses": regular_losses,
-            "per_layer_losses": per_layer_losses,
-            "max_loss_difference": max(abs(a - b) for a, b in zip(regular_losses, per_layer_losses)),
-        })
-    kind = ("torch.cuda.max_memory_allocated" if torch.device(config.device).type == "cuda"
-            else "peak allocated tensor bytes, PeakAllocations")
+        rows.append(
+            {
+                "name": name,
+                "batch_size": batch_size,
+                "regular_peak_bytes": regular,
+                "per_layer_peak_bytes": per_layer,
+                "saving_bytes": regular - per_layer,
+                "gradient_bytes": gradient_bytes,
+                "regular_losses": regular_losses,
+                "per_layer_losses": per_layer_losses,
+                "max_loss_difference": max(abs(a - b) for a, b in zip(regular_losses, per_layer_losses)),
+            }
+        )
+    kind = (
+        "torch.cuda.max_memory_allocated"
+        if torch.device(config.device).type == "cuda"
+        else "peak allocated tensor bytes, PeakAllocations"
+    )
     return {"steps": steps, "seq_len": config.seq_len, "kind": kind, "results": rows}

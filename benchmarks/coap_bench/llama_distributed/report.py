@@ -23,10 +23,20 @@ def _rank_rows(result: dict[str, Any]) -> list[list[str]]:
     rows = []
     for r in result.get("ranks", []):
         share = r["optimizer_comm_bytes_per_step"]
-        ratio = "n/a" if share is None or not r["engine_bytes_per_step"] else f"{share / r['engine_bytes_per_step']:.2%}"
-        rows.append([result["name"], str(r["rank"]), format_bytes(r["state_bytes"]), _maybe_bytes(share),
-                     _maybe_bytes(r["optimizer_comm_steady_step_bytes"]), _maybe_bytes(r["engine_bytes_per_step"]),
-                     ratio])
+        ratio = (
+            "n/a" if share is None or not r["engine_bytes_per_step"] else f"{share / r['engine_bytes_per_step']:.2%}"
+        )
+        rows.append(
+            [
+                result["name"],
+                str(r["rank"]),
+                format_bytes(r["state_bytes"]),
+                _maybe_bytes(share),
+                _maybe_bytes(r["optimizer_comm_steady_step_bytes"]),
+                _maybe_bytes(r["engine_bytes_per_step"]),
+                ratio,
+            ]
+        )
     return rows
 
 
@@ -36,16 +46,20 @@ def format_distributed_table(run: dict[str, Any]) -> str:
     text = [format_llama_table(run, notes=True)]
     per_layer = [r["name"] for r in run["results"] if r.get("per_layer")]
     if per_layer:
-        remark = (f"per-layer updates: {', '.join(per_layer)} updated each parameter inside backward, so their "
-                  "step ms is the empty optimizer.step() and iter ms includes the updates")
+        remark = (
+            f"per-layer updates: {', '.join(per_layer)} updated each parameter inside backward, so their "
+            "step ms is the empty optimizer.step() and iter ms includes the updates"
+        )
         text += ["", remark]
     if "per_layer_saving" in run:
         text += ["", format_per_layer_saving(run["per_layer_saving"])]
     if config.get("engine") is None:
         return "\n".join(text)
     rows = [row for result in run["results"] for row in _rank_rows(result)]
-    title = (f"per rank: {config['engine']} on {config['world_size']} ranks ({config['backend']}), "
-             f"{config['batch_per_rank']} sequences per rank and step")
+    title = (
+        f"per rank: {config['engine']} on {config['world_size']} ranks ({config['backend']}), "
+        f"{config['batch_per_rank']} sequences per rank and step"
+    )
     text += ["", title, ""]
     text += markdown_table(_RANK_HEADER, rows)
     notes = (

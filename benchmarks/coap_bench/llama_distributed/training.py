@@ -31,8 +31,9 @@ from .launch import check_options, launch_environment, start_process_group, wrap
 __all__ = ["run_llama_distributed", "train_distributed"]
 
 
-def _heldout_on_rank0(model: nn.Module, engine: str, config: LlamaConfig, vocab_size: int, windows: Tensor,
-                      device: torch.device) -> float | None:
+def _heldout_on_rank0(
+    model: nn.Module, engine: str, config: LlamaConfig, vocab_size: int, windows: Tensor, device: torch.device
+) -> float | None:
     """Held-out loss of the full model, computed on rank 0 (a collective under FSDP2: every rank calls it)."""
     if engine == "ddp":
         return evaluate_heldout(model.module, windows, config.batch_size) if dist.get_rank() == 0 else None
@@ -44,7 +45,6 @@ def _heldout_on_rank0(model: nn.Module, engine: str, config: LlamaConfig, vocab_
     full = build_llama(LLAMA_PRESETS[config.preset], vocab_size, seed=config.seed, device=device)
     full.load_state_dict(state)
     return evaluate_heldout(full, windows, config.batch_size)
-
 
 
 class _DistributedLoop(TrainingLoop):
@@ -96,12 +96,23 @@ class _DistributedLoop(TrainingLoop):
 
 def _fingerprint(name: str, lr: float, config: LlamaConfig, data: Any, world_size: int) -> dict[str, Any]:
     """What must match for a distributed checkpoint to be continued: the one-process run's, and the layout."""
-    return {**llama_fingerprint(name, lr, config, data), "engine": config.distributed, "world_size": world_size,
-            "per_layer": config.per_layer}
+    return {
+        **llama_fingerprint(name, lr, config, data),
+        "engine": config.distributed,
+        "world_size": world_size,
+        "per_layer": config.per_layer,
+    }
 
 
-def train_distributed(name: str, lr: float, config: LlamaConfig, data: Any, windows: Tensor,
-                      device: torch.device, checkpoint: Path | None = None) -> dict[str, Any]:
+def train_distributed(
+    name: str,
+    lr: float,
+    config: LlamaConfig,
+    data: Any,
+    windows: Tensor,
+    device: torch.device,
+    checkpoint: Path | None = None,
+) -> dict[str, Any]:
     """One optimizer's run on this rank (continuing ``checkpoint``, a folder, when it holds one); the
     held-out figures are filled in on rank 0 only."""
     from ..text import TokenBatches
@@ -117,13 +128,24 @@ def train_distributed(name: str, lr: float, config: LlamaConfig, data: Any, wind
     optimizer = build_optimizer(name, [p for _, p in split.projected], [p for _, p in split.dense], lr, settings)
     batches = TokenBatches(data.train, config.batch_size, config.seq_len, seed=config.seed + _BATCH_STREAM)
     share = config.batch_size // world_size
-    loop = _DistributedLoop(model, optimizer, batches, lambda batch: _loss(model, batch), config=config,
-                            device=device, label=name if not config.lr_sweep else f"{name} lr={lr:g}",
-                            next_batch=lambda: batches.next()[rank * share : (rank + 1) * share].to(device),
-                            show_progress=rank == 0, world_size=world_size)
+    loop = _DistributedLoop(
+        model,
+        optimizer,
+        batches,
+        lambda batch: _loss(model, batch),
+        config=config,
+        device=device,
+        label=name if not config.lr_sweep else f"{name} lr={lr:g}",
+        next_batch=lambda: batches.next()[rank * share : (rank + 1) * share].to(device),
+        show_progress=rank == 0,
+        world_size=world_size,
+    )
     # Loaded before per-layer updates are enabled: loading may step the optimizer once to create its state.
-    loop.resume(DistributedCheckpoint(checkpoint, _fingerprint(name, lr, config, data, world_size))
-                if checkpoint is not None else None)
+    loop.resume(
+        DistributedCheckpoint(checkpoint, _fingerprint(name, lr, config, data, world_size))
+        if checkpoint is not None
+        else None
+    )
     per_layer = config.per_layer and isinstance(optimizer, LowRankOptimizer)
     updates = enable_per_layer_updates(optimizer) if per_layer else None
     loop.run()
@@ -135,9 +157,13 @@ def train_distributed(name: str, lr: float, config: LlamaConfig, data: Any, wind
     by_step = loop.logs["optimizer_bytes"]
     steady = [b for i, b in enumerate(by_step, start=1) if not spec.refreshes_at(i, settings)]
     result = result_row(
-        name, spec, lr, per_layer=per_layer,
-        **loop.measurements(spec, settings, items_per_step=config.batch_size * config.seq_len,
-                            throughput="tokens_per_s"),
+        name,
+        spec,
+        lr,
+        per_layer=per_layer,
+        **loop.measurements(
+            spec, settings, items_per_step=config.batch_size * config.seq_len, throughput="tokens_per_s"
+        ),
         heldout_loss=heldout,
         heldout_perplexity=None if heldout is None else math.exp(heldout) if heldout < 700 else float("inf"),
         workarounds=[],
@@ -157,9 +183,20 @@ def train_distributed(name: str, lr: float, config: LlamaConfig, data: Any, wind
 
 
 #: Figures that differ per rank: kept per rank in ``ranks``, rank 0's at the top level of a result.
-_PER_RANK = ("state_bytes", "peak_memory_bytes", "optimizer_comm_calls", "optimizer_comm_bytes",
-             "optimizer_comm_bytes_per_step", "optimizer_comm_steady_step_bytes", "optimizer_comm_bytes_by_step",
-             "engine_bytes_per_step", "engine_collectives", "iteration_ms", "step_ms", "process_id")
+_PER_RANK = (
+    "state_bytes",
+    "peak_memory_bytes",
+    "optimizer_comm_calls",
+    "optimizer_comm_bytes",
+    "optimizer_comm_bytes_per_step",
+    "optimizer_comm_steady_step_bytes",
+    "optimizer_comm_bytes_by_step",
+    "engine_bytes_per_step",
+    "engine_collectives",
+    "iteration_ms",
+    "step_ms",
+    "process_id",
+)
 
 
 def _merge_ranks(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
@@ -197,9 +234,14 @@ def run_llama_distributed(config: LlamaConfig) -> dict[str, Any] | None:
     check_options(config, world_size)
     device, backend, started = start_process_group(config)
     try:
+
         def load() -> Any:
-            return load_token_data(source="c4" if config.c4 else None, data_dir=config.data_dir,
-                                   vocab_size=config.vocab_size, max_documents=config.max_documents)
+            return load_token_data(
+                source="c4" if config.c4 else None,
+                data_dir=config.data_dir,
+                vocab_size=config.vocab_size,
+                max_documents=config.max_documents,
+            )
 
         # Rank 0 trains the tokenizer into the cache first; the others then read it.
         data = load() if rank == 0 else None
@@ -223,9 +265,15 @@ def run_llama_distributed(config: LlamaConfig) -> dict[str, Any] | None:
         if rank != 0:
             return None
         compare_to_baseline(results)
-        return {"config": _settings(config, data, windows, world_size, backend), "data": data.describe(),
-                "versions": versions(), "hardware": hardware(device), "argv": list(config.argv), "results": results,
-                "import_notes": gather_import_notes(results)}
+        return {
+            "config": _settings(config, data, windows, world_size, backend),
+            "data": data.describe(),
+            "versions": versions(),
+            "hardware": hardware(device),
+            "argv": list(config.argv),
+            "results": results,
+            "import_notes": gather_import_notes(results),
+        }
     finally:
         if started:
             gc.collect()  # the runs' models and optimizers go before the process group (gloo can abort otherwise)

@@ -40,7 +40,6 @@ def short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
 
 
-
 @dataclass
 class Backend:
     """A quantizer: ``quantize(x, kind)`` returns whatever ``dequantize(state, kind)`` reads back."""
@@ -78,7 +77,9 @@ def backend_ours() -> Backend:
         dequantize=dequantize,
         code_map=lambda kind: ours_q.dynamic_code_map(kind == "signed"),
         version=package_version("coap-torch"),
-        notes=[f"pure torch, part of coap_torch: no extra dependency ({source.name}, {source.stat().st_size / 1024:.1f} KiB)"],
+        notes=[
+            f"pure torch, part of coap_torch: no extra dependency ({source.name}, {source.stat().st_size / 1024:.1f} KiB)"
+        ],
     )
 
 
@@ -135,8 +136,10 @@ def backend_bitsandbytes() -> Backend:
         return F.dequantize_blockwise(q, quant_state)
 
     backend.quantize, backend.dequantize = quantize, dequantize
-    backend.notes.append("maps: default create_dynamic_map(signed=True) for signed data, "
-                         "create_dynamic_map(signed=False) (its optimizers' second-state map) for unsigned")
+    backend.notes.append(
+        "maps: default create_dynamic_map(signed=True) for signed data, "
+        "create_dynamic_map(signed=False) (its optimizers' second-state map) for unsigned"
+    )
     return backend
 
 
@@ -174,8 +177,9 @@ def backend_torchao_eager() -> Backend:
         key = (kind, tuple(x.shape))
         state = cache.get(key)
         if state is None:
-            state = cache[key] = OptimState8bit.zeros(x.shape, signed=kind == "signed", block_size=BLOCK_SIZE,
-                                                      device=x.device)
+            state = cache[key] = OptimState8bit.zeros(
+                x.shape, signed=kind == "signed", block_size=BLOCK_SIZE, device=x.device
+            )
         state.copy_(x)
         return state
 
@@ -183,8 +187,10 @@ def backend_torchao_eager() -> Backend:
         return state.dequantize()
 
     backend.quantize, backend.dequantize = quantize, dequantize
-    backend.notes.append("quantize = copy_(x) into a persistent OptimState8bit (the subclass's copy_ quantizes, "
-                         "as in torchao's optimizer step)")
+    backend.notes.append(
+        "quantize = copy_(x) into a persistent OptimState8bit (the subclass's copy_ quantizes, "
+        "as in torchao's optimizer step)"
+    )
     return backend
 
 
@@ -222,4 +228,3 @@ def backend_torchao_compiled() -> Backend:
 
     backend.quantize, backend.dequantize = quantize, dequantize
     return backend
-

@@ -43,7 +43,6 @@ def make_data(shape: tuple[int, int], generator: torch.Generator) -> dict[str, T
     }
 
 
-
 def first_call(backend: Backend, data: dict[str, Tensor]) -> dict[str, Any]:
     """Run each kind once (compiling where needed) and return the states; a failure marks the backend."""
     states = {}
@@ -68,7 +67,9 @@ def time_backends(
     """Round-robin timing: every round takes one quantize and one dequantize sample of every
     (backend, kind), in an order that rotates from round to round."""
     cases = [(b, kind) for kind in KINDS for b in backends if kind in b.kinds]
-    timings = {(b.name, kind): {"quantize": Timing(), "dequantize": Timing(), "roundtrip": Timing()} for b, kind in cases}
+    timings = {
+        (b.name, kind): {"quantize": Timing(), "dequantize": Timing(), "roundtrip": Timing()} for b, kind in cases
+    }
     for b, kind in cases:
         for _ in range(args.warmup):
             b.dequantize(b.quantize(data[kind], kind), kind)
@@ -85,7 +86,6 @@ def time_backends(
             t["dequantize"].samples_ms.append((end - mid) * 1e3)
             t["roundtrip"].samples_ms.append((end - start) * 1e3)
     return timings
-
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
@@ -133,8 +133,9 @@ def _run(args: argparse.Namespace) -> int:
         try:
             backends.append(factory())
         except Exception as exc:  # noqa: BLE001 - a factory must never stop the comparison
-            backends.append(Backend(name=factory.__name__.removeprefix("backend_"), description="",
-                                    error=short_error(exc)))
+            backends.append(
+                Backend(name=factory.__name__.removeprefix("backend_"), description="", error=short_error(exc))
+            )
 
     generator = torch.Generator().manual_seed(args.seed)
     data = make_data(shape, generator)
@@ -216,4 +217,3 @@ def _run(args: argparse.Namespace) -> int:
     write_json({"meta": meta, "backends": results_backends}, args.json)
     print(f"wrote {args.json} ({elapsed:.1f} s)")
     return 0
-

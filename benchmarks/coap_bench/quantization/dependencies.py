@@ -14,6 +14,7 @@ __all__ = ["dependency_report", "distribution_size"]
 
 def _disk_usage(path: Path) -> int:
     """Bytes on disk under ``path`` (like ``du``: allocated blocks, directories included)."""
+
     def usage(p: Path) -> int:
         st = p.lstat()
         return st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size

@@ -16,7 +16,9 @@ def nearest_code_error(x64: Tensor, block_absmax: Tensor, code_map: Tensor) -> T
     """The smallest error a value can have with this code map: ``min_j |map_j * a_b - x|``."""
     nb = block_absmax.numel()
     pad = nb * BLOCK_SIZE - x64.numel()
-    scale = block_absmax.repeat_interleave(BLOCK_SIZE)[: x64.numel()] if pad else block_absmax.repeat_interleave(BLOCK_SIZE)
+    scale = (
+        block_absmax.repeat_interleave(BLOCK_SIZE)[: x64.numel()] if pad else block_absmax.repeat_interleave(BLOCK_SIZE)
+    )
     values = code_map.double().sort().values
     normalized = x64 / scale.clamp_min(torch.finfo(torch.float64).tiny)
     upper = torch.searchsorted(values, normalized).clamp(max=values.numel() - 1)
@@ -46,7 +48,9 @@ def roundtrip_errors(x: Tensor, y: Tensor, code_map: Tensor | None = None) -> di
     return {
         "not_nearest_code_fraction": not_nearest,
         "max_abs_err_over_absmax": (err.max() / absmax).item(),
-        "max_block_err_over_block_absmax": (block_err / block_absmax.clamp_min(torch.finfo(torch.float64).tiny)).max().item(),
+        "max_block_err_over_block_absmax": (block_err / block_absmax.clamp_min(torch.finfo(torch.float64).tiny))
+        .max()
+        .item(),
         "mean_rel_err": (err[nonzero] / x64[nonzero].abs()).mean().item(),
         "rel_rms_err": (torch.linalg.vector_norm(y64 - x64) / torch.linalg.vector_norm(x64)).item(),
         "zeroed_fraction": ((y64 == 0) & nonzero).double().mean().item() if nonzero.any() else 0.0,

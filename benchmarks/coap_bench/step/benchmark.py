@@ -71,8 +71,17 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.full_svd_repeats = args.full_svd_repeats or args.repeats
     if args.threads is None:
         args.threads = usable_cpus()
-    for name in ("repeats", "inner", "svd_step_repeats", "full_svd_repeats", "threads", "rank", "refresh_rank",
-                 "update_interval", "reproject_factor"):
+    for name in (
+        "repeats",
+        "inner",
+        "svd_step_repeats",
+        "full_svd_repeats",
+        "threads",
+        "rank",
+        "refresh_rank",
+        "update_interval",
+        "reproject_factor",
+    ):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
@@ -121,8 +130,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         "floor": "G_c @ P + Adam elementwise moment update on (max(m,n), r) + U @ P^T in the parameter's layout",
         "floor_matmuls": "G_c @ P + U @ P^T in the parameter's layout",
         "optimizers": list(COAP_OPTIMIZERS),
-        "adafactor": {"lr": ADAFACTOR_LR, "beta1": ADAFACTOR_BETA1, "relative_step": False,
-                      "scale_parameter": False},
+        "adafactor": {"lr": ADAFACTOR_LR, "beta1": ADAFACTOR_BETA1, "relative_step": False, "scale_parameter": False},
         "eight_bit": {"block_size": BLOCK_SIZE, "min_8bit_size": MIN_8BIT_SIZE},
         "formulas": {**FORMULA_TEXT, "torch AdamW": "8*m*n", "note": FORMULA_NOTE},
         "targets": {
@@ -199,4 +207,3 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
     write_json(results, args.json)
     print(f"wrote {args.json} ({elapsed:.1f} s)")
     return 0
-

@@ -59,7 +59,6 @@ def eight_bit_target_key(name: str) -> str:
     return f"{name}_amortised_le_{EIGHT_BIT_TARGET}x_{EIGHT_BIT_PAIRS[name]}"
 
 
-
 def mark(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
@@ -91,8 +90,9 @@ def coap_optimizer(param: nn.Parameter, args: argparse.Namespace, name: str = "C
         return cls([param], lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, **coap, **extra)
     if name in ("CoapAdafactor", "CoapAdafactor8bit"):
         cls, extra = (CoapAdafactor, {}) if name == "CoapAdafactor" else (CoapAdafactor8bit, quant)
-        return cls([param], lr=ADAFACTOR_LR, beta1=ADAFACTOR_BETA1, relative_step=False, scale_parameter=False,
-                   **coap, **extra)
+        return cls(
+            [param], lr=ADAFACTOR_LR, beta1=ADAFACTOR_BETA1, relative_step=False, scale_parameter=False, **coap, **extra
+        )
     raise ValueError(f"unknown optimizer {name!r}; expected one of {COAP_OPTIMIZERS}")
 
 
@@ -100,4 +100,3 @@ def fresh_param(weight: Tensor, grad: Tensor) -> nn.Parameter:
     param = nn.Parameter(weight.clone())
     param.grad = grad  # shared and never modified by the optimizers
     return param
-

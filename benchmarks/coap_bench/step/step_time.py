@@ -42,7 +42,6 @@ def amortised(steady: float, eq2: float, svd: float, update_interval: int, repro
     return (n_steady * steady + n_eq2 * eq2 + svd) / cycle
 
 
-
 def optimizer_step_rows(
     timings: dict[str, Timing],
     cycles: dict[str, Timing],
@@ -231,6 +230,7 @@ def bench_shape(
     if args.full_cycle:
         # The real schedule: T_u * lambda consecutive steps (steps 1..cycle on initialised state).
         for name, (_, opt) in coaps.items():
+
             def cycle(opt: torch.optim.Optimizer = opt, c: Tensor = counters[name]) -> None:
                 c.fill_(0.0)
                 for _ in range(T_u * lam):

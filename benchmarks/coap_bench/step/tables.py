@@ -59,11 +59,16 @@ def print_state_bytes(rows: list[dict[str, Any]]) -> None:
         table,
         left=3,
     )
-    print("  formulas (bytes): " + "; ".join(f"{name} {text}" for name, text in FORMULA_TEXT.items())
-          + "; torch AdamW 8*m*n")
+    print(
+        "  formulas (bytes): "
+        + "; ".join(f"{name} {text}" for name, text in FORMULA_TEXT.items())
+        + "; torch AdamW 8*m*n"
+    )
     print(f"  {FORMULA_NOTE}")
-    print(f"  CoapAdafactor*: beta1={ADAFACTOR_BETA1} (first moment kept); 8-bit: block_size={BLOCK_SIZE}, "
-          f"min_8bit_size={MIN_8BIT_SIZE}")
+    print(
+        f"  CoapAdafactor*: beta1={ADAFACTOR_BETA1} (first moment kept); 8-bit: block_size={BLOCK_SIZE}, "
+        f"min_8bit_size={MIN_8BIT_SIZE}"
+    )
 
 
 def print_step_times(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
@@ -71,8 +76,19 @@ def print_step_times(rows: list[dict[str, Any]], args: argparse.Namespace) -> No
     cycle = T_u * lam
     print_table(
         "2a. Step time, ms (median)",
-        ["shape", "COAP steady", "COAP Eq.2", "COAP SVD", "COAP amortised", "full cycle", "AdamW fe=F",
-         "AdamW fe=T", "floor", "floor mm", "floor adam"],
+        [
+            "shape",
+            "COAP steady",
+            "COAP Eq.2",
+            "COAP SVD",
+            "COAP amortised",
+            "full cycle",
+            "AdamW fe=F",
+            "AdamW fe=T",
+            "floor",
+            "floor mm",
+            "floor adam",
+        ],
         [
             [
                 shape_str(r["shape"]),
@@ -92,8 +108,17 @@ def print_step_times(rows: list[dict[str, Any]], args: argparse.Namespace) -> No
     )
     print_table(
         "2b. Step time ratios",
-        ["shape", "steady/floor", "amort./floor", "steady/AdamW F", "steady/AdamW T", "amort./AdamW F",
-         "amort./AdamW T", "Eq.2/steady", "SVD/steady"],
+        [
+            "shape",
+            "steady/floor",
+            "amort./floor",
+            "steady/AdamW F",
+            "steady/AdamW T",
+            "amort./AdamW F",
+            "amort./AdamW T",
+            "Eq.2/steady",
+            "SVD/steady",
+        ],
         [
             [
                 shape_str(r["shape"]),
@@ -154,13 +179,27 @@ def print_coap_step_times(rows: list[dict[str, Any]], args: argparse.Namespace) 
             )
     print_table(
         "2c. Step time of the four COAP optimizers, ms (median), and ratios",
-        ["shape", "optimizer", "steady", "Eq.2", "SVD", "amortised", "full cycle", "steady/floor mm",
-         "amort./floor mm", "amort./floor", "8-bit/32-bit steady", "8-bit/32-bit amort."],
+        [
+            "shape",
+            "optimizer",
+            "steady",
+            "Eq.2",
+            "SVD",
+            "amortised",
+            "full cycle",
+            "steady/floor mm",
+            "amort./floor mm",
+            "amort./floor",
+            "8-bit/32-bit steady",
+            "8-bit/32-bit amort.",
+        ],
         table,
         left=2,
     )
-    print(f"  target: amortised step of an 8-bit optimizer <= {EIGHT_BIT_TARGET}x that of its 32-bit twin "
-          f"(CoapAdamW8bit/CoapAdamW, CoapAdafactor8bit/CoapAdafactor)")
+    print(
+        f"  target: amortised step of an 8-bit optimizer <= {EIGHT_BIT_TARGET}x that of its 32-bit twin "
+        f"(CoapAdamW8bit/CoapAdamW, CoapAdafactor8bit/CoapAdafactor)"
+    )
     for r in rows:
         parts = []
         for name, o in r["optimizers"].items():
@@ -168,20 +207,34 @@ def print_coap_step_times(rows: list[dict[str, Any]], args: argparse.Namespace) 
         for name, e in r["eight_bit_over_32bit"].items():
             parts.append(f"{name}/{e['over']} amort. {fmt_ratio(e['amortised_from_min'])}")
         print(f"  from the fastest samples, {shape_str(r['shape'])}: " + ", ".join(parts))
-    print("  floor mm = G_c @ P + U @ P^T (the two (max, min, r) matmuls every optimizer here performs); "
-          "floor = floor mm + Adam's elementwise update (AdamW variants only)")
-    print(f"  amortised over T_u*lambda = {T_u}*{lam} steps, as in 2a; CoapAdafactor*: lr={ADAFACTOR_LR}, "
-          f"beta1={ADAFACTOR_BETA1}, relative_step=False, scale_parameter=False")
+    print(
+        "  floor mm = G_c @ P + U @ P^T (the two (max, min, r) matmuls every optimizer here performs); "
+        "floor = floor mm + Adam's elementwise update (AdamW variants only)"
+    )
+    print(
+        f"  amortised over T_u*lambda = {T_u}*{lam} steps, as in 2a; CoapAdafactor*: lr={ADAFACTOR_LR}, "
+        f"beta1={ADAFACTOR_BETA1}, relative_step=False, scale_parameter=False"
+    )
 
 
 def print_profile(profiles: list[dict[str, Any]], show_ops: bool) -> None:
     for prof in profiles:
         steady = prof["steady_ms"]
         rows = [[name, format_ms(ms), f"{ms / steady:.1%}"] for name, ms in prof["parts_ms"].items()]
-        rows.append(["steady: sum of its parts", format_ms(prof["steady_parts_sum_ms"]),
-                     f"{prof['steady_parts_sum_ms'] / steady:.1%}"])
-        rows.append(["steady: rest (python, step counter, ...)", format_ms(prof["steady_unaccounted_ms"]),
-                     f"{prof['steady_unaccounted_ms'] / steady:.1%}"])
+        rows.append(
+            [
+                "steady: sum of its parts",
+                format_ms(prof["steady_parts_sum_ms"]),
+                f"{prof['steady_parts_sum_ms'] / steady:.1%}",
+            ]
+        )
+        rows.append(
+            [
+                "steady: rest (python, step counter, ...)",
+                format_ms(prof["steady_unaccounted_ms"]),
+                f"{prof['steady_unaccounted_ms'] / steady:.1%}",
+            ]
+        )
         rows.append(["steady step (measured above)", format_ms(steady), "100.0%"])
         print_table(
             f"Profile, {shape_str(prof['shape'])}: pieces timed in isolation (median, round-robin)",
@@ -201,16 +254,25 @@ def print_refresh(row: dict[str, Any]) -> None:
         ["operation", "ms", "ratio", "target"],
         [
             ["torch.linalg.svd(G, full_matrices=False)", format_ms(ms["full_svd"]), "1.000x (reference)", ""],
-            ["correlation_aware_step (closed form)", format_ms(ms["correlation_aware_step"]),
-             f"{fmt_ratio(ratios['correlation_aware_step_over_full_svd'])} of full SVD",
-             f"{mark(targets['correlation_aware_step_le_0.1x_full_svd'])} (<= {REFRESH_TARGET}x)"],
-            ["low_cost_svd (warm-start sketch = P)", format_ms(ms["low_cost_svd_warm"]),
-             f"{fmt_ratio(ratios['low_cost_svd_over_full_svd'])} of full SVD",
-             f"{mark(targets['low_cost_svd_le_0.1x_full_svd'])} (<= {REFRESH_TARGET}x)"],
+            [
+                "correlation_aware_step (closed form)",
+                format_ms(ms["correlation_aware_step"]),
+                f"{fmt_ratio(ratios['correlation_aware_step_over_full_svd'])} of full SVD",
+                f"{mark(targets['correlation_aware_step_le_0.1x_full_svd'])} (<= {REFRESH_TARGET}x)",
+            ],
+            [
+                "low_cost_svd (warm-start sketch = P)",
+                format_ms(ms["low_cost_svd_warm"]),
+                f"{fmt_ratio(ratios['low_cost_svd_over_full_svd'])} of full SVD",
+                f"{mark(targets['low_cost_svd_le_0.1x_full_svd'])} (<= {REFRESH_TARGET}x)",
+            ],
             ["autograd Eq.2 step (coap_objective.backward)", format_ms(ms["autograd_eq2_step"]), "", ""],
-            ["correlation_aware_step / autograd", "",
-             fmt_ratio(ratios["correlation_aware_step_over_autograd"]),
-             f"{mark(targets['closed_form_faster_than_autograd'])} (< 1x)"],
+            [
+                "correlation_aware_step / autograd",
+                "",
+                fmt_ratio(ratios["correlation_aware_step_over_autograd"]),
+                f"{mark(targets['closed_form_faster_than_autograd'])} (< 1x)",
+            ],
         ],
     )
     q = row["ratios_from_min"]

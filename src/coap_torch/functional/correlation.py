@@ -97,7 +97,9 @@ def coap_objective_grad(P: Tensor, grad: Tensor, exp_avg_proj: Tensor) -> tuple[
     return grad_P, value
 
 
-def objective_grad_task(P: Tensor, grad: Tensor, exp_avg_proj: Tensor, rows: Rows = LOCAL) -> Task[tuple[Tensor, Tensor, Tensor]]:
+def objective_grad_task(
+    P: Tensor, grad: Tensor, exp_avg_proj: Tensor, rows: Rows = LOCAL
+) -> Task[tuple[Tensor, Tensor, Tensor]]:
     """:func:`coap_objective_grad` of a gradient whose rows ``rows`` sums over; also ``||G||^2``.
 
     ``grad`` and ``exp_avg_proj`` hold this process's rows; ``P`` is the same everywhere. With

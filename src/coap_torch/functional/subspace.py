@@ -13,7 +13,14 @@ from torch import Tensor
 
 from .reduction import LOCAL, Rows, Task, run_local
 
-__all__ = ["DEFAULT_SKETCH_SEED", "gaussian_sketch", "low_cost_svd", "low_cost_svd_task", "orthonormalize", "rank_tolerance"]
+__all__ = [
+    "DEFAULT_SKETCH_SEED",
+    "gaussian_sketch",
+    "low_cost_svd",
+    "low_cost_svd_task",
+    "orthonormalize",
+    "rank_tolerance",
+]
 
 #: Seed of the Gaussian test matrix when neither a sketch nor a generator is given. Any fixed
 #: value works; a fixed one makes ``low_cost_svd(G, r)`` a deterministic function of ``G``.
@@ -85,7 +92,9 @@ def low_cost_svd_with_values(
     return result
 
 
-def low_cost_svd_task(grad: Tensor, rank: int, sketch: Tensor, rows: Rows = LOCAL) -> Task[tuple[Tensor, Tensor] | None]:
+def low_cost_svd_task(
+    grad: Tensor, rank: int, sketch: Tensor, rows: Rows = LOCAL
+) -> Task[tuple[Tensor, Tensor] | None]:
     """The low-cost SVD (see :func:`low_cost_svd`) of a gradient whose rows ``rows`` sums over.
 
     ``grad`` holds this process's rows (..., m_k, n); ``sketch`` (..., n, r) is the same

@@ -77,7 +77,9 @@ def tucker2_add_restored_(target: Tensor, C: Tensor, P_O: Tensor, P_I: Tensor, *
     return target
 
 
-def mode_matrices(G: Tensor, M: Tensor, P_O: Tensor, P_I: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+def mode_matrices(
+    G: Tensor, M: Tensor, P_O: Tensor, P_I: Tensor
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """The (gradient, first moment) matrix pairs on which ``P_O`` and ``P_I`` are refreshed.
 
     Args:

@@ -65,7 +65,9 @@ def target_parameter_names(model: nn.Module, target_modules: str | Sequence[str]
     nothing matches, naming the patterns.
     """
     if not isinstance(target_modules, (str, list, tuple)):
-        raise TypeError(f"target_modules must be a list of strings, a regex string or 'all-linear', got {target_modules!r}")
+        raise TypeError(
+            f"target_modules must be a list of strings, a regex string or 'all-linear', got {target_modules!r}"
+        )
     all_linear = _all_linear(target_modules)
     names = []
     for module_name, module in model.named_modules():
@@ -88,7 +90,9 @@ def _no_decay(model: nn.Module) -> set[str]:
     return names
 
 
-def coap_param_groups(model: nn.Module, target_modules: str | Sequence[str], weight_decay: float) -> list[dict[str, Any]]:
+def coap_param_groups(
+    model: nn.Module, target_modules: str | Sequence[str], weight_decay: float
+) -> list[dict[str, Any]]:
     """Param groups: projected targets, then dense parameters with and without weight decay.
 
     Empty groups are left out; parameters that do not require gradients are skipped.
@@ -158,6 +162,8 @@ def coap_optimizer_cls_and_kwargs(
     if isinstance(optimizer_cls, type) and not issubclass(optimizer_cls, LowRankOptimizer):
         raise TypeError(f"optimizer_cls must be a COAP optimizer class, got {optimizer_cls!r}")
     if not isinstance(target_modules, (str, list, tuple)):
-        raise TypeError(f"target_modules must be a list of strings, a regex string or 'all-linear', got {target_modules!r}")
+        raise TypeError(
+            f"target_modules must be a list of strings, a regex string or 'all-linear', got {target_modules!r}"
+        )
     kwargs = {"optimizer_cls": optimizer_cls, "target_modules": target_modules, **optimizer_kwargs}
     return CoapOptimizerFactory, kwargs

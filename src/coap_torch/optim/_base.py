@@ -43,6 +43,7 @@ __all__ = ["COAP_DEFAULTS", "COAP_OPTIONS", "LowRankOptimizer", "layout_of"]
 #: the bulk update's temporaries (two per tensor, alive at once) stay small.
 BULK_MAX_NUMEL = 2**16
 
+
 def _compute_dtype(param: Tensor) -> torch.dtype:
     # Moments, projections and the update math are float32 (float64 for float64 params):
     # QR / SVD have no half-precision kernels, and a bf16 second moment stalls (v * 0.999
@@ -275,12 +276,16 @@ class LowRankOptimizer(Optimizer):
                 factors = yield from initial_factors(layout, canonical, group, item.index, item.where, rows)
                 if factors is None:
                     return  # deferred to the next finite gradient (warned); the parameter is left as it is
-            stored.update({"step": new_step_counter(), **factors, **self.rule.init(layout.projected_shape, group, canonical)})
+            stored.update(
+                {"step": new_step_counter(), **factors, **self.rule.init(layout.projected_shape, group, canonical)}
+            )
         rotations = self.rule.rotations
         if shard is not None and not layout.projected:
             # The moment rule of a dense row shard may wait at collectives (Adafactor's): its
             # full-size moments are unpacked at first use, not held decoded while it waits.
-            state: dict[str, Any] = LazyMoments(stored, lambda entries: self.storage.unpack(entries, group, rotations, shard, dtype))
+            state: dict[str, Any] = LazyMoments(
+                stored, lambda entries: self.storage.unpack(entries, group, rotations, shard, dtype)
+            )
         else:
             state = self.storage.unpack(stored, group, rotations, shard, dtype)
         state["step"] += 1
@@ -308,7 +313,14 @@ class LowRankOptimizer(Optimizer):
             placement.store_sharded(stored_state, stored, shard)
 
     def _refresh(
-        self, state: dict[str, Any], layout: Layout, grad: Tensor, group: dict[str, Any], step: int, where: str, rows: Rows
+        self,
+        state: dict[str, Any],
+        layout: Layout,
+        grad: Tensor,
+        group: dict[str, Any],
+        step: int,
+        where: str,
+        rows: Rows,
     ) -> Task[list[Tensor]]:
         """Refresh P (or P_O, P_I) and move the moments to the new basis; keep both as they were
         when the refresh gives no finite factors (see :mod:`._refresh`)."""
@@ -395,7 +407,9 @@ class LowRankOptimizer(Optimizer):
             post.remove()
 
 
-def _apply(target: Tensor, layout: Layout, factors: list[Tensor], direction: Any, decay: Any, alpha: float, scale: float) -> None:
+def _apply(
+    target: Tensor, layout: Layout, factors: list[Tensor], direction: Any, decay: Any, alpha: float, scale: float
+) -> None:
     """``target <- decay(target) + alpha * restore(direction)`` in place (``scale`` for projected)."""
     if callable(decay):
         decay(target)

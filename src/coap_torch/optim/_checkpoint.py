@@ -47,7 +47,9 @@ def step_value(step: Any, where: str) -> int:
     """The integer value of a saved ``step``: a tensor of one element or a Python number."""
     if isinstance(step, Tensor):
         if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
-            raise CheckpointError(f"{where}: 'step' must be a number, got a {step.dtype} tensor of shape {tuple(step.shape)}")
+            raise CheckpointError(
+                f"{where}: 'step' must be a number, got a {step.dtype} tensor of shape {tuple(step.shape)}"
+            )
         value = placement.local(step).item()
     elif isinstance(step, numbers.Real) and not isinstance(step, bool):
         value = step
@@ -71,7 +73,9 @@ def _kind_hint(keys: set[str]) -> str:
     return ""
 
 
-def convert_loaded_state(saved: dict[str, Any], planned: dict[str, Tensor], param: Tensor, where: str) -> dict[str, Any]:
+def convert_loaded_state(
+    saved: dict[str, Any], planned: dict[str, Tensor], param: Tensor, where: str
+) -> dict[str, Any]:
     """The state to install for ``param``, from its ``saved`` state and its ``planned`` one.
 
     ``planned`` maps each key to a ``meta`` tensor of the planned shape and dtype (global shapes
@@ -91,16 +95,23 @@ def convert_loaded_state(saved: dict[str, Any], planned: dict[str, Tensor], para
         missing, extra = sorted(expected - found), sorted(found - expected)
         details = "; ".join(
             part
-            for part in (f"missing {missing}" if missing else "", f"unexpected {extra}{_kind_hint(set(extra))}" if extra else "")
+            for part in (
+                f"missing {missing}" if missing else "",
+                f"unexpected {extra}{_kind_hint(set(extra))}" if extra else "",
+            )
             if part
         )
-        raise CheckpointError(f"{where}: the saved state does not fit this optimizer: {details}; expected keys {sorted(expected)}")
+        raise CheckpointError(
+            f"{where}: the saved state does not fit this optimizer: {details}; expected keys {sorted(expected)}"
+        )
     state: dict[str, Any] = {"step": new_step_counter(step)}
     for key in sorted(expected):
         state[key] = _convert_tensor(entries[key], planned[key], param, f"{where}: state {key!r}")
     for key in FACTOR_KEYS:
         if key in state and not bool(torch.isfinite(placement.local(state[key])).all()):
-            raise CheckpointError(f"{where}: state {key!r} (a projection) holds non-finite values; the checkpoint is damaged")
+            raise CheckpointError(
+                f"{where}: state {key!r} (a projection) holds non-finite values; the checkpoint is damaged"
+            )
     return state
 
 
@@ -111,18 +122,26 @@ def _convert_tensor(value: Any, planned: Tensor, param: Tensor, where: str) -> T
         raise CheckpointError(f"{where} has shape {tuple(value.shape)}, expected {tuple(planned.shape)}")
     if planned.dtype.is_floating_point:
         if not value.dtype.is_floating_point:
-            raise CheckpointError(f"{where} has dtype {value.dtype}, expected a floating-point tensor ({planned.dtype})")
+            raise CheckpointError(
+                f"{where} has dtype {value.dtype}, expected a floating-point tensor ({planned.dtype})"
+            )
     elif value.dtype != planned.dtype:
         raise CheckpointError(f"{where} has dtype {value.dtype}, expected {planned.dtype}")
     return value.to(device=param.device, dtype=planned.dtype, copy=True)
 
 
-def differing_options(saved_group: dict[str, Any], group: dict[str, Any], keys: tuple[str, ...]) -> dict[str, tuple[Any, Any]]:
+def differing_options(
+    saved_group: dict[str, Any], group: dict[str, Any], keys: tuple[str, ...]
+) -> dict[str, tuple[Any, Any]]:
     """``{key: (saved, kept)}`` for the options in ``keys`` whose saved value differs from the group's."""
-    return {key: (saved_group[key], group[key]) for key in keys if key in saved_group and saved_group[key] != group[key]}
+    return {
+        key: (saved_group[key], group[key]) for key in keys if key in saved_group and saved_group[key] != group[key]
+    }
 
 
-def checked_state(optimizer: Any, state_dict: dict[str, Any]) -> tuple[dict[Tensor, dict[str, Any]], list[dict[str, Any]]]:
+def checked_state(
+    optimizer: Any, state_dict: dict[str, Any]
+) -> tuple[dict[Tensor, dict[str, Any]], list[dict[str, Any]]]:
     """For :meth:`LowRankOptimizer.load_state_dict`: the converted state of every parameter of
     ``optimizer``, and the COAP options each of its groups keeps; raises :class:`CheckpointError`.
 
@@ -131,7 +150,9 @@ def checked_state(optimizer: Any, state_dict: dict[str, Any]) -> tuple[dict[Tens
     """
     saved_groups = state_dict["param_groups"]
     groups = optimizer.param_groups
-    if len(saved_groups) != len(groups) or any(len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, groups)):
+    if len(saved_groups) != len(groups) or any(
+        len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, groups)
+    ):
         return {}, []
     keys = optimizer.option_names()
     options: list[dict[str, Any]] = []
@@ -141,7 +162,9 @@ def checked_state(optimizer: Any, state_dict: dict[str, Any]) -> tuple[dict[Tens
     for number, (saved, group) in enumerate(zip(saved_groups, groups)):
         options.append({key: group[key] for key in keys})
         differences = differing_options(saved, group, keys)
-        changed += [f"group {number} {key}: checkpoint {old!r}, kept {new!r}" for key, (old, new) in differences.items()]
+        changed += [
+            f"group {number} {key}: checkpoint {old!r}, kept {new!r}" for key, (old, new) in differences.items()
+        ]
         # The group as it will be after loading: the saved hyper-parameters (the optimizer's
         # defaults for those an earlier version did not save), the optimizer's COAP options.
         final = {**optimizer.group_defaults(), **saved, **options[-1]}

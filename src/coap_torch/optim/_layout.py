@@ -103,7 +103,9 @@ class Layout:
             return full.reshape(self.shape)
         return tucker2_restore(x, *factors)
 
-    def add_restored_(self, target: Tensor, x: Tensor, factors: list[Tensor], *, beta: float | Tensor, alpha: float) -> None:
+    def add_restored_(
+        self, target: Tensor, x: Tensor, factors: list[Tensor], *, beta: float | Tensor, alpha: float
+    ) -> None:
         """``target <- beta * target + alpha * restore(x)`` in place (param-shaped ``target``).
 
         For matrices this is a single GEMM with accumulation (``addmm_`` / ``baddbmm_``), and for
@@ -158,6 +160,7 @@ class Layout:
         if kind != "linear":
             rotations = [R.square() for R in rotations]
         return tucker2_project(moment, *rotations)
+
 
 def matrix_rank(small_side: int, group: dict[str, Any]) -> int:
     """The rank of a projected matrix: ``rank_ratio_matrix`` overrides ``rank``."""
@@ -218,7 +221,9 @@ def route(shape: tuple[int, ...], group: dict[str, Any]) -> Layout:
     return _matrix_layout(shape, shape, matrix_rank(small, group), input_side)
 
 
-def _matrix_layout(shape: tuple[int, ...], matrix_shape: tuple[int, ...], rank: int, input_side: bool = False) -> Layout:
+def _matrix_layout(
+    shape: tuple[int, ...], matrix_shape: tuple[int, ...], rank: int, input_side: bool = False
+) -> Layout:
     m, n = matrix_shape[-2], matrix_shape[-1]
     if min(m, n) <= rank:
         return Layout("dense", shape)
@@ -263,4 +268,3 @@ def shard_layout(layout: Layout, shard: placement.RowShard, index: int) -> Layou
             "need an all-reduce at every step; use projection_side=None or 'input' (P on the unsharded side)"
         )
     return Layout("matrix", local_shape, layout.ranks)
-

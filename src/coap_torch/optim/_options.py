@@ -17,7 +17,15 @@ from ..functional.correlation import DEFAULT_CORRELATION_LR, DEFAULT_CORRELATION
 from . import _validation as check
 from ._layout import PROJECTION_SIDES
 
-__all__ = ["COAP_DEFAULTS", "COAP_OPTIONS", "DEFAULT_MIN_CONV_NUMEL", "CoapOptions", "defaults_of", "take_options", "with_options"]
+__all__ = [
+    "COAP_DEFAULTS",
+    "COAP_OPTIONS",
+    "DEFAULT_MIN_CONV_NUMEL",
+    "CoapOptions",
+    "defaults_of",
+    "take_options",
+    "with_options",
+]
 
 #: Kernels with fewer entries stay dense: below 4096 values the state saved is under 32 KB,
 #: while each refresh still runs a QR and an SVD per mode.
@@ -59,7 +67,9 @@ class CoapOptions:
         check.non_negative_int("seed", group["seed"])
         check.boolean("coap", group["coap"])
         if group["projection_side"] not in PROJECTION_SIDES:
-            raise ValueError(f"Invalid projection_side: {group['projection_side']!r} (must be one of {PROJECTION_SIDES})")
+            raise ValueError(
+                f"Invalid projection_side: {group['projection_side']!r} (must be one of {PROJECTION_SIDES})"
+            )
 
 
 def defaults_of(description: type | None) -> dict[str, Any]:
@@ -109,7 +119,9 @@ def with_options(*descriptions: type, like: Callable[..., Any] | None = None) ->
             for field in dataclasses.fields(description):
                 if field.name not in taken:
                     parameters.append(
-                        inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default, annotation=field.type)
+                        inspect.Parameter(
+                            field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default, annotation=field.type
+                        )
                     )
                     taken.add(field.name)
         init.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]

@@ -76,7 +76,9 @@ def initial_factors(
     try:
         if layout.kind == "matrix":
             n, rank = grad.shape[-1], layout.ranks[0]
-            sketch = gaussian_sketch((*grad.shape[:-2], n, rank), generator=generator, dtype=grad.dtype, device=grad.device)
+            sketch = gaussian_sketch(
+                (*grad.shape[:-2], n, rank), generator=generator, dtype=grad.dtype, device=grad.device
+            )
             result = yield from low_cost_svd_task(grad, rank, sketch, rows)
             if result is None:  # a non-finite gradient on some rank: every rank sees it in the sums
                 return _deferred(where)
@@ -85,7 +87,9 @@ def initial_factors(
         else:  # Tucker-2 (one process): one factor per channel mode
             for key, mode, rank in zip(layout.factor_keys, (0, 1), layout.ranks):
                 matrix = unfold(grad, mode).mT
-                sketch = gaussian_sketch((matrix.shape[-1], rank), generator=generator, dtype=grad.dtype, device=grad.device)
+                sketch = gaussian_sketch(
+                    (matrix.shape[-1], rank), generator=generator, dtype=grad.dtype, device=grad.device
+                )
                 factors[key] = (yield from low_cost_svd_task(matrix, rank, sketch, rows))[0]
     except torch.linalg.LinAlgError as error:
         return _deferred(where, error)

@@ -62,7 +62,13 @@ class MomentRule:
         raise NotImplementedError
 
     def update(
-        self, moments: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, weight: Tensor, rows: Rows | None = None
+        self,
+        moments: dict[str, Any],
+        grad: Tensor,
+        group: dict[str, Any],
+        step: int,
+        weight: Tensor,
+        rows: Rows | None = None,
     ) -> Update | Task[Update]:
         """Update ``moments`` in place from ``grad`` and return the :class:`Update`.
 

@@ -106,7 +106,9 @@ class ShardComm(Rows):
             return None
         values, vectors = torch.linalg.eigh(gram)
         keep = values > values[..., -1:].clamp_min(0) * (Y.shape[-1] * torch.finfo(torch.float64).eps)
-        inverse_sqrt = torch.where(keep, values.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), torch.zeros_like(values))
+        inverse_sqrt = torch.where(
+            keep, values.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), torch.zeros_like(values)
+        )
         return Y @ (vectors * inverse_sqrt.unsqueeze(-2)).to(Y.dtype)
 
     def count(self, matrix: Tensor) -> int:

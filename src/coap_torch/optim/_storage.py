@@ -68,19 +68,31 @@ class MomentStorage:
         """Refuse out-of-range storage options, naming the option and the value."""
 
     def unpack(
-        self, state: dict[str, Any], group: dict[str, Any], rotations: dict[str, str], shard: RowShard | None, dtype: torch.dtype
+        self,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        rotations: dict[str, str],
+        shard: RowShard | None,
+        dtype: torch.dtype,
     ) -> dict[str, Any]:
         """The state as the moment rule works on it; the stored state itself here."""
         return state
 
     def pack(
-        self, work: dict[str, Any], state: dict[str, Any], group: dict[str, Any], rotations: dict[str, str], shard: RowShard | None
+        self,
+        work: dict[str, Any],
+        state: dict[str, Any],
+        group: dict[str, Any],
+        rotations: dict[str, str],
+        shard: RowShard | None,
     ) -> None:
         """Store what :meth:`unpack` returned back into ``state`` after the step."""
         if work is not state:
             state.update(work.items())
 
-    def stored(self, key: str, moment: Tensor, group: dict[str, Any], rotations: dict[str, str], sharded: bool) -> dict[str, Tensor]:
+    def stored(
+        self, key: str, moment: Tensor, group: dict[str, Any], rotations: dict[str, str], sharded: bool
+    ) -> dict[str, Tensor]:
         """The tensors (``meta``) a moment of this (global) shape is kept as between steps."""
         return {key: moment}
 
@@ -120,7 +132,9 @@ class Int8Blockwise(MomentStorage):
         block = _row_block_size(row, group["block_size"])
         return block if block >= min(MIN_SHARDED_BLOCK, group["block_size"]) else None
 
-    def stored(self, key: str, moment: Tensor, group: dict[str, Any], rotations: dict[str, str], sharded: bool) -> dict[str, Tensor]:
+    def stored(
+        self, key: str, moment: Tensor, group: dict[str, Any], rotations: dict[str, str], sharded: bool
+    ) -> dict[str, Tensor]:
         shard = RowShard(None, tuple(moment.shape), 0, moment.shape[0]) if sharded and moment.dim() > 0 else None
         block = self._block_size(key, tuple(moment.shape), group, shard) if key in rotations else None
         if block is None:
@@ -133,14 +147,23 @@ class Int8Blockwise(MomentStorage):
         return {key + _CODES: codes, key + _ABSMAX: torch.empty(absmax_shape, dtype=torch.float32, device="meta")}
 
     def unpack(
-        self, state: dict[str, Any], group: dict[str, Any], rotations: dict[str, str], shard: RowShard | None, dtype: torch.dtype
+        self,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        rotations: dict[str, str],
+        shard: RowShard | None,
+        dtype: torch.dtype,
     ) -> dict[str, Any]:
         work = {}
         for key, value in state.items():
             if key.endswith(_CODES):
                 name = key[: -len(_CODES)]
                 signed = rotations[name] == "linear"
-                block = self._block_size(name, tuple(value.shape), group, shard) if shard is not None else group["block_size"]
+                block = (
+                    self._block_size(name, tuple(value.shape), group, shard)
+                    if shard is not None
+                    else group["block_size"]
+                )
                 absmax = state[name + _ABSMAX].reshape(-1)
                 decoded = dequantize_blockwise(value, absmax, signed=signed, block_size=block, dtype=dtype)
                 work[name] = decoded if signed else decoded.square_()
@@ -149,7 +172,12 @@ class Int8Blockwise(MomentStorage):
         return work
 
     def pack(
-        self, work: dict[str, Any], state: dict[str, Any], group: dict[str, Any], rotations: dict[str, str], shard: RowShard | None
+        self,
+        work: dict[str, Any],
+        state: dict[str, Any],
+        group: dict[str, Any],
+        rotations: dict[str, str],
+        shard: RowShard | None,
     ) -> None:
         for key, value in work.items():
             block = self._block_size(key, tuple(value.shape), group, shard) if key in rotations else None

@@ -17,7 +17,9 @@ def _is_real(value: Any) -> bool:
 
 def _number(name: str, value: Any, *, allow_inf: bool = False) -> float:
     if isinstance(value, torch.Tensor) and value.numel() != 1:
-        raise ValueError(f"Invalid {name}: a tensor of shape {tuple(value.shape)} (a tensor {name} must hold one element)")
+        raise ValueError(
+            f"Invalid {name}: a tensor of shape {tuple(value.shape)} (a tensor {name} must hold one element)"
+        )
     if not _is_real(value) or math.isnan(float(value)):
         raise ValueError(f"{name} must be a real number, got {value!r}")
     if not allow_inf and math.isinf(float(value)):
@@ -106,7 +108,9 @@ def parameter(param: torch.Tensor, index: int) -> None:
             "only real floating-point parameters can be optimized"
         )
     if param.layout != torch.strided:
-        raise ValueError(f"parameter {index} of shape {tuple(param.shape)} has layout {param.layout}; only dense tensors are supported")
+        raise ValueError(
+            f"parameter {index} of shape {tuple(param.shape)} has layout {param.layout}; only dense tensors are supported"
+        )
 
 
 class SparseGradientError(RuntimeError, ValueError):

@@ -26,14 +26,21 @@ class AdafactorRule(MomentRule):
     and an optional first moment, as :class:`transformers.optimization.Adafactor` (a row shard
     takes the sums over the whole parameter from collectives)."""
 
-    rotations: ClassVar[dict[str, str]] = {"exp_avg": "linear", "exp_avg_sq": "squared", "exp_avg_sq_row": "row", "exp_avg_sq_col": "col"}
+    rotations: ClassVar[dict[str, str]] = {
+        "exp_avg": "linear",
+        "exp_avg_sq": "squared",
+        "exp_avg_sq_row": "row",
+        "exp_avg_sq_col": "col",
+    }
     collective = True
 
     def check(self, group: dict[str, Any]) -> None:
         if group["relative_step"] is not None:
             check.boolean("relative_step", group["relative_step"])
         if group["lr"] is not None and group["relative_step"] is True:
-            raise ValueError(f"Cannot combine manual lr={group['lr']} and relative_step=True; pass lr=None or relative_step=False")
+            raise ValueError(
+                f"Cannot combine manual lr={group['lr']} and relative_step=True; pass lr=None or relative_step=False"
+            )
         if group["lr"] is None and group["relative_step"] is False:
             raise ValueError("lr=None requires relative_step=True; pass a learning rate with relative_step=False")
         if group["warmup_init"] and not relative_step(group):
@@ -68,7 +75,13 @@ class AdafactorRule(MomentRule):
         return moments
 
     def update(
-        self, moments: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, weight: Tensor, rows: Rows = LOCAL
+        self,
+        moments: dict[str, Any],
+        grad: Tensor,
+        group: dict[str, Any],
+        step: int,
+        weight: Tensor,
+        rows: Rows = LOCAL,
     ) -> Task[Update]:
         eps1, eps2 = group["eps"]
         second = {key: moments.get(key) for key in ("exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")}
@@ -118,7 +131,6 @@ class AdafactorRule(MomentRule):
             return moments["exp_avg"]
         # beta1=None: correlate with the current gradient in the previous basis (no memory kept).
         return layout.project(grad, factors)
-
 
 
 ADAFACTOR = AdafactorRule()

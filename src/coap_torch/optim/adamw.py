@@ -205,7 +205,14 @@ class CoapAdamW(LowRankOptimizer):
         flags = {"foreach": foreach, "capturable": capturable, "differentiable": differentiable, "fused": fused}
         for name, value in flags.items():
             check.unsupported_flag(name, value, type(self).__name__)
-        hyper = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "amsgrad": amsgrad, "maximize": maximize}
+        hyper = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+        }
         super().__init__(params, hyper, options)
 
 

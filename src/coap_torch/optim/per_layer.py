@@ -73,9 +73,13 @@ class PerLayerUpdates:
         # Built lazily and rebuilt on a miss: wrappers may swap parameters after enabling.
         if id(param) not in self._where:
             index = itertools.count()
-            self._where = {id(p): (group, next(index)) for group in self.optimizer.param_groups for p in group["params"]}
+            self._where = {
+                id(p): (group, next(index)) for group in self.optimizer.param_groups for p in group["params"]
+            }
             if id(param) not in self._where:
-                raise RuntimeError(f"a parameter of shape {tuple(param.shape)} has a per-layer hook but is not in the optimizer")
+                raise RuntimeError(
+                    f"a parameter of shape {tuple(param.shape)} has a per-layer hook but is not in the optimizer"
+                )
         return self._where[id(param)]
 
     @torch.no_grad()

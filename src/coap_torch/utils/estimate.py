@@ -115,7 +115,9 @@ def _groups(model: Any) -> tuple[list[dict[str, Any]], dict[int, str], bool]:
     return groups, names, given
 
 
-def estimate_state_bytes(model: nn.Module | Iterable[Any], optimizer_name: str, **optimizer_kwargs: Any) -> StateEstimate:
+def estimate_state_bytes(
+    model: nn.Module | Iterable[Any], optimizer_name: str, **optimizer_kwargs: Any
+) -> StateEstimate:
     """The optimizer-state bytes ``optimizer_name`` will hold for ``model``, without allocating them.
 
     The figure is the state after the first ``step()`` (and after any later one: none of our
@@ -154,8 +156,10 @@ def estimate_state_bytes(model: nn.Module | Iterable[Any], optimizer_name: str, 
         9437184
     """
     if optimizer_name not in _OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer_name!r}; known: {', '.join(OPTIMIZER_NAMES)} (the "
-                         "estimates of other libraries' optimizers are in the benchmark suite: coap-bench memory)")
+        raise ValueError(
+            f"unknown optimizer {optimizer_name!r}; known: {', '.join(OPTIMIZER_NAMES)} (the "
+            "estimates of other libraries' optimizers are in the benchmark suite: coap-bench memory)"
+        )
     groups, names, _ = _groups(model)
     try:
         optimizer = _OPTIMIZERS[optimizer_name](groups, **optimizer_kwargs)
