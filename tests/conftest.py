@@ -1,4 +1,4 @@
-"""Fixtures shared by the test folders."""
+"""Fixtures shared by the library's test folders."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(autouse=True, scope="module")
 def single_thread():
-    """One intra-op thread for the module: the tensors are small, and on a busy 2-core machine extra
-    threads only add synchronization overhead. Restored afterwards for the other modules."""
+    """One intra-op thread per test module: the tensors are small, and on a 2-core machine extra
+    threads only add synchronization (and spin badly when another process holds the other core).
+    Restored afterwards. Multi-process tests set their workers' threads themselves."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

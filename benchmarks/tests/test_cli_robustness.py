@@ -100,8 +100,9 @@ def _llama(corpus: Path, *extra: str) -> list[str]:
     [
         ("llama", "--json", "file/r.json", "{file} is a file, not a folder"),
         ("llama", "--checkpoint-dir", "file", "it is a file, not a folder"),
-        ("ddpm", "--checkpoint-dir", "file/sub", "{file} is a file, not a folder"),
-        ("digits", "--plots", "file/plots", "{file} is a file, not a folder"),
+        # The same check in two more commands: slow tier.
+        pytest.param("ddpm", "--checkpoint-dir", "file/sub", "{file} is a file, not a folder", marks=pytest.mark.slow),
+        pytest.param("digits", "--plots", "file/plots", "{file} is a file, not a folder", marks=pytest.mark.slow),
         ("memory", "--json", "folder", "it is a folder; give a file name"),
     ],
 )

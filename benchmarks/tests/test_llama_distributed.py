@@ -285,6 +285,9 @@ def test_interrupted_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path
         _assert_identical(_final_checkpoint(whole_folder, a["name"]), _final_checkpoint(folder, a["name"]), a["name"])
 
 
+# Slow tier: torchrun runs; the checkpoint checks they reach are the single-process ones, tested in the fast tier
+# (test_cli_robustness.py, test_llama_cli.py).
+@pytest.mark.slow
 def test_a_checkpoint_of_other_settings_is_refused(tmp_path, cache, fsdp2_folder, fsdp2_run):
     folder = fsdp2_folder / "checkpoints"
     before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
@@ -310,6 +313,9 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path, cache, fsdp2_folder
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before  # nothing written
 
 
+# Slow tier: torchrun runs; the checkpoint checks they reach are the single-process ones, tested in the fast tier
+# (test_cli_robustness.py, test_llama_cli.py).
+@pytest.mark.slow
 def test_a_damaged_checkpoint_stops_every_rank_with_one_line_naming_it(tmp_path, cache, fsdp2_folder, fsdp2_run):
     folder = tmp_path / "checkpoints"
     shutil.copytree(fsdp2_folder / "checkpoints", folder)
