@@ -226,21 +226,27 @@ def adafactor_direction_task(
     ``param_sq``, when given, is this process's part of the sum of squared weights (for
     ``scale_parameter``) and comes back summed next to the update. The column accumulator, the
     mean of the row accumulator and the update's RMS are sums over all rows: two rounds of
-    sums for a factored moment, one otherwise.
+    sums for a factored moment, one otherwise. In one process they are torch's own means and
+    norm, so that results (and resumed checkpoints) keep the rounding they always had; sharded
+    rows give the same values to the order of float sums.
     """
     beta2t = 1.0 - math.pow(step, decay_rate)
     update = grad.square().add_(eps1)
     # The weights' sum of squares joins the first round of sums.
     pending = [] if param_sq is None else [param_sq]
     if exp_avg_sq_row is not None and exp_avg_sq_col is not None:
-        m = rows.count(grad)
         exp_avg_sq_row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
-        partial = (update.sum(dim=-2), exp_avg_sq_row.sum(dim=-1, keepdim=True), *pending)
-        del update  # full-size for a dense matrix: not kept while the sums are taken
-        col_sum, row_sum, *summed = yield from rows.sum(*partial)
-        param_sq, pending = (summed[0] if summed else None), []
-        exp_avg_sq_col.mul_(beta2t).add_(col_sum / m, alpha=1.0 - beta2t)
-        row_factor = (exp_avg_sq_row / (row_sum / m)).rsqrt_().unsqueeze(-1)
+        if rows.local:  # torch's means, rounded as they always were in one process
+            col_mean, row_mean = update.mean(dim=-2), exp_avg_sq_row.mean(dim=-1, keepdim=True)
+        else:  # means over every rank's rows: sums, then one division
+            m = rows.count(grad)
+            partial = (update.sum(dim=-2), exp_avg_sq_row.sum(dim=-1, keepdim=True), *pending)
+            del update  # full-size for a dense matrix: not kept while the sums are taken
+            col_sum, row_sum, *summed = yield from rows.sum(*partial)
+            param_sq, pending = (summed[0] if summed else None), []
+            col_mean, row_mean = col_sum / m, row_sum / m
+        exp_avg_sq_col.mul_(beta2t).add_(col_mean, alpha=1.0 - beta2t)
+        row_factor = (exp_avg_sq_row / row_mean).rsqrt_().unsqueeze(-1)
         col_factor = exp_avg_sq_col.unsqueeze(-2).rsqrt()
 
         def direction() -> Tensor:
@@ -256,15 +262,16 @@ def adafactor_direction_task(
     # Where the sums wait for other ranks (FSDP2), the direction of a dense matrix is full-size:
     # it is computed again after them rather than held (the same operations, the same values).
     result = direction()
-    square_sum = result.square().sum()
-    if not rows.local:
+    if rows.local:
+        rms = torch.linalg.vector_norm(result) / math.sqrt(numel)
+    else:
+        square_sum = result.square().sum()
         del result
-    update_sq, *summed = yield from rows.sum(square_sum, *pending)
-    if summed:
-        param_sq = summed[0]
-    if not rows.local:
+        update_sq, *summed = yield from rows.sum(square_sum, *pending)
+        if summed:
+            param_sq = summed[0]
         result = direction()
-    rms = update_sq.sqrt() / math.sqrt(numel)
+        rms = update_sq.sqrt() / math.sqrt(numel)
     return result.div_((rms / clip_threshold).clamp_(min=1.0)), param_sq
 
 

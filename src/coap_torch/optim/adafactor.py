@@ -87,7 +87,8 @@ class AdafactorRule(MomentRule):
         second = {key: moments.get(key) for key in ("exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")}
         # The clipping RMS and the parameter scale are over the whole weight (all ranks' rows).
         numel = rows.numel(weight)
-        param_sq = weight.to(grad.dtype).square().sum() if group["scale_parameter"] else None
+        # Sharded, the weights' sum of squares rides along with the direction's sums.
+        param_sq = weight.to(grad.dtype).square().sum() if group["scale_parameter"] and not rows.local else None
         update, param_sq = yield from adafactor_direction_task(
             grad,
             step=step,
@@ -99,7 +100,12 @@ class AdafactorRule(MomentRule):
             rows=rows,
             **second,
         )
-        param_rms = param_sq.sqrt() / numel**0.5 if param_sq is not None else 0.0
+        if not group["scale_parameter"]:
+            param_rms = 0.0
+        elif rows.local:
+            param_rms = torch.linalg.vector_norm(weight) / numel**0.5
+        else:
+            param_rms = param_sq.sqrt() / numel**0.5
         lr = adafactor_lr(
             group["lr"],
             step=step,
