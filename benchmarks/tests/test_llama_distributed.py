@@ -125,6 +125,9 @@ def fsdp2_run(fsdp2_folder, cache):
     )
 
 
+# Slow tier: a torchrun of the whole job. The library's FSDP2 sharding and per-step collectives are
+# fast-tier tests (tests/distributed/test_fsdp.py), as are this command's option checks (below).
+@pytest.mark.slow
 def test_fsdp2_shards_the_state_and_coap_steady_steps_are_silent(fsdp2_run):
     config = fsdp2_run["config"]
     assert (config["world_size"], config["backend"], config["engine"]) == (2, "gloo", "fsdp2")
