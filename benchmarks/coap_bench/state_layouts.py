@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from coap_torch import StateEstimate
 from coap_torch import estimate_state_bytes as estimate_our_state_bytes
 from coap_torch.utils.estimate import OPTIMIZER_NAMES as OUR_OPTIMIZER_NAMES
+from coap_torch.utils.estimate import named_param_groups
 
 __all__ = ["OPTIMIZER_NAMES", "PEER_NAMES", "estimate_state_bytes"]
 
@@ -226,41 +227,6 @@ PEER_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 OPTIMIZER_NAMES: tuple[str, ...] = (*PEER_NAMES, *OUR_OPTIMIZER_NAMES)
 
 
-# -- inputs: a module, parameters, named parameters or param groups ----------------------------
-def _named(params: Any, start: int) -> list[tuple[str, Tensor]]:
-    if isinstance(params, Tensor):
-        params = [params]
-    named = []
-    for index, item in enumerate(params, start):
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Tensor):
-            named.append((str(item[0]), item[1]))
-        elif isinstance(item, Tensor):
-            named.append((str(index), item))
-        else:
-            raise TypeError(f"expected tensors or (name, tensor) pairs as parameters, got {type(item).__name__}")
-    return named
-
-
-def _groups(model: Any) -> tuple[list[dict[str, Any]], dict[int, str], bool]:
-    """Param groups of plain tensors, the name of every parameter (by ``id``), and whether groups were given."""
-    if isinstance(model, nn.Module):
-        model = model.named_parameters()
-    items: list[Any] = [model] if isinstance(model, Tensor) else list(model)
-    given = bool(items) and all(isinstance(item, dict) for item in items)
-    if not given:
-        items = [{"params": items}]
-    groups, names = [], {}
-    for group in items:
-        if "params" not in group:
-            raise ValueError(f"a param group needs a 'params' entry, got keys {sorted(group)}")
-        named = _named(group["params"], start=len(names))
-        names.update((id(param), name) for name, param in named)
-        groups.append({**group, "params": [param for _, param in named]})
-    if not names:
-        raise ValueError("estimate_state_bytes got no parameters")
-    return groups, names, given
-
-
 def _galore_groups(groups: list[dict[str, Any]], options: dict[str, Any], flat: bool) -> list[dict[str, Any]]:
     """GaLore's per-group options (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``) as GaLore reads them.
 
@@ -330,7 +296,7 @@ def estimate_state_bytes(
     if optimizer_name not in _REGISTRY:
         raise ValueError(f"unknown optimizer {optimizer_name!r}; known: {', '.join(OPTIMIZER_NAMES)}")
     build, plan = _REGISTRY[optimizer_name]
-    groups, names, given_groups = _groups(model)
+    groups, names, given_groups = named_param_groups(model)
     options = dict(optimizer_kwargs)
     if optimizer_name.startswith("galore_"):
         groups = _galore_groups(groups, options, flat=not given_groups)

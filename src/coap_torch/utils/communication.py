@@ -26,7 +26,7 @@ from torch import nn
 from ..optim._layout import layout_of
 from ..optim._options import COAP_DEFAULTS
 from ..optim._sharded import correlation_step_payload_bytes, low_cost_svd_payload_bytes
-from .estimate import _groups
+from .estimate import named_param_groups
 
 __all__ = ["CommunicationEstimate", "estimate_fsdp2_communication"]
 
@@ -97,7 +97,7 @@ def estimate_fsdp2_communication(
         >>> estimate.projected, f"{estimate.ratio:.2%}"
         (4, '0.31%')
     """
-    groups, _, _ = _groups(model)
+    groups, _, _ = named_param_groups(model)
     element_size = torch.empty((), dtype=state_dtype).element_size()
     svd = correlation = projected = fsdp2 = 0
     for group in groups:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..optim import CoapAdafactor, CoapAdafactor8bit, CoapAdamW, CoapAdamW8bit
 
-__all__ = ["OPTIMIZER_NAMES", "StateEstimate", "estimate_state_bytes"]
+__all__ = ["OPTIMIZER_NAMES", "StateEstimate", "estimate_state_bytes", "named_param_groups"]
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,13 @@ def _named(params: Any, start: int) -> list[tuple[str, Tensor]]:
     return named
 
 
-def _groups(model: Any) -> tuple[list[dict[str, Any]], dict[int, str], bool]:
-    """Param groups of plain tensors, the name of every parameter (by ``id``), and whether groups were given."""
+def named_param_groups(model: Any) -> tuple[list[dict[str, Any]], dict[int, str], bool]:
+    """Param groups of plain tensors, the name of every parameter (by ``id``), and whether groups were given.
+
+    ``model`` is what :func:`estimate_state_bytes` accepts: a module (named by ``named_parameters``),
+    tensors, ``(name, tensor)`` pairs, or param groups of either (unnamed tensors are named by their
+    position). Shared with estimators of other optimizers, such as the benchmark suite's.
+    """
     if isinstance(model, nn.Module):
         model = model.named_parameters()
     items: list[Any] = [model] if isinstance(model, Tensor) else list(model)
@@ -160,7 +165,7 @@ def estimate_state_bytes(
             f"unknown optimizer {optimizer_name!r}; known: {', '.join(OPTIMIZER_NAMES)} (the "
             "estimates of other libraries' optimizers are in the benchmark suite: coap-bench memory)"
         )
-    groups, names, _ = _groups(model)
+    groups, names, _ = named_param_groups(model)
     try:
         optimizer = _OPTIMIZERS[optimizer_name](groups, **optimizer_kwargs)
     except TypeError as error:
