@@ -47,3 +47,75 @@ def test_routed_dense_kernel_holds_less_state_than_tucker_would():
     assert optimizer_state_nbytes(opt) - dense_bytes < 64  # the step counter only
     tucker_factor_bytes = 1152 * int(1152 / math.sqrt(2)) * 4
     assert dense_bytes < tucker_factor_bytes
+
+
+@pytest.mark.parametrize(
+    "shape,side,P_rows",
+    [
+        ((96, 32), None, 32),  # the paper: the smaller side
+        ((32, 96), None, 32),
+        ((96, 32), "smaller", 32),
+        ((32, 96), "input", 96),  # dim 1 whatever the shape
+        ((96, 32), "input", 32),
+        ((96, 32), "larger", 96),  # the larger side, the moments on the smaller one
+        ((32, 96), "larger", 96),
+        ((4, 32, 96), "larger", 96),  # a stack: each matrix alike
+        ((24, 48, 1, 1), "larger", 48),  # a 1x1 conv is the (24, 48) matrix it is
+    ],
+)
+def test_projection_side(shape, side, P_rows):
+    layout = _layout(shape, projection_side=side, rank=8)
+    assert layout.kind == "matrix"
+    (P_shape,) = layout.factor_shapes()
+    r = 8 if len(shape) < 4 else 12  # a 1x1 conv takes its rank from rank_ratio_cnn (24 // 2)
+    assert P_shape[-2:] == (P_rows, r)
+    matrix = shape[:2] if len(shape) == 4 else shape[-2:]
+    assert layout.projected_shape[-2:] == (sum(matrix) - P_rows, r)  # the moments on the other side
+    grad = torch.randn(shape)
+    canonical = layout.canonical(grad)
+    assert canonical.shape[-1] == P_rows
+    torch.testing.assert_close(layout.restore(canonical, [torch.eye(P_rows)]), grad)  # P = I restores G
+
+
+def test_larger_side_stores_fewer_floats_for_adamw():
+    # The example: 5632 x 2048 at rank 512: max*r + 2*min*r instead of 2*max*r + min*r.
+    smaller = _layout((5632, 2048), rank=512)
+    larger = _layout((5632, 2048), rank=512, projection_side="larger")
+
+    def floats(layout):
+        return math.prod(layout.factor_shapes()[0]) + 2 * math.prod(layout.projected_shape)
+
+    assert floats(smaller) == (2 * 5632 + 2048) * 512
+    assert floats(larger) == (5632 + 2 * 2048) * 512
+    assert 1 - floats(larger) / floats(smaller) == pytest.approx(0.27, abs=0.005)
+
+
+def test_conv_projection_input_projects_the_input_mode_only():
+    layout = _layout((48, 32, 3, 3), conv_projection="input", rank_ratio_cnn=2)
+    assert layout.kind == "conv_input" and layout.factor_keys == ("proj_in",)
+    r = int(32 / math.sqrt(2))
+    assert layout.factor_shapes() == [(32, r)] and layout.projected_shape == (48, 3, 3, r)
+    # project and restore are adjoint: <restore(D), G> = <D, project(G)>
+    P = torch.linalg.qr(torch.randn(32, r, dtype=torch.float64))[0]
+    grad, low = torch.randn(48, 32, 3, 3, dtype=torch.float64), torch.randn(48, 3, 3, r, dtype=torch.float64)
+    projected = layout.project(layout.canonical(grad), [P])
+    torch.testing.assert_close((layout.restore(low, [P]) * grad).sum(), (low * projected).sum())
+    # and restore(project(G)) is G with its input channels projected on span(P)
+    expected = torch.einsum("oikl,ij->ojkl", grad, P @ P.T)
+    torch.testing.assert_close(layout.restore(projected, [P]), expected)
+    # a kernel whose P_I and input-mode moment would not fit in it stays dense
+    assert _layout((4, 64, 3, 3), conv_projection="input").kind == "dense"
+
+
+def test_conv_projection_input_trains_and_saves_memory_against_dense():
+    conv = torch.nn.Conv2d(32, 48, 3)
+    opt = CoapAdamW(conv.parameters(), conv_projection="input", update_interval=2, reproject_factor=2)
+    for _ in range(5):  # the first SVD, an Eq. 2 step at 2, a re-projection at 4
+        conv(torch.randn(8, 32, 6, 6)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    state = opt.state[conv.weight]
+    P = state["proj_in"]
+    torch.testing.assert_close(P.T @ P, torch.eye(P.shape[1]), atol=1e-5, rtol=0)
+    assert state["exp_avg"].shape == (48, 3, 3, P.shape[1])
+    assert optimizer_state_nbytes(opt) < 2 * 4 * conv.weight.numel()

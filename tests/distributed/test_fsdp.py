@@ -1,4 +1,5 @@
-"""FSDP2 (``fully_shard``): sharded moments, P on the unsharded side, collectives only at refreshes.
+"""FSDP2 (``fully_shard``) with P on the unsharded side (``projection_side="input"``): sharded
+moments, collectives only at refreshes. (Every other layout: ``test_fsdp_kernels.py``.)
 
 One launch of 2 gloo processes runs every scenario; the tests then check what each returned.
 The nets are float64, so that "equal to one process" can be checked tightly: the sharded
@@ -22,13 +23,16 @@ from coap_torch.utils import estimate_fsdp2_communication
 from helpers.fsdp import COAP, STEPS, full_tensor, make_shard_net, make_stack_net, snapshot, train
 from helpers.launch import launch
 
+INPUT_SIDE = {**COAP, "projection_side": "input"}
 OPTIMIZERS = {
-    "CoapAdamW": lambda params, **kw: CoapAdamW(params, **{**COAP, **kw}),
-    "CoapAdamW8bit": lambda params, **kw: CoapAdamW8bit(params, block_size=32, min_8bit_size=256, **{**COAP, **kw}),
+    "CoapAdamW": lambda params, **kw: CoapAdamW(params, **{**INPUT_SIDE, **kw}),
+    "CoapAdamW8bit": lambda params, **kw: CoapAdamW8bit(
+        params, block_size=32, min_8bit_size=256, **{**INPUT_SIDE, **kw}
+    ),
     # Adafactor's defaults (relative step, parameter scaling, no first moment), and with beta1.
-    "CoapAdafactor": lambda params, **kw: CoapAdafactor(params, **{**COAP, "lr": None, **kw}),
+    "CoapAdafactor": lambda params, **kw: CoapAdafactor(params, **{**INPUT_SIDE, "lr": None, **kw}),
     "CoapAdafactor8bit": lambda params, **kw: CoapAdafactor8bit(
-        params, beta1=0.9, block_size=32, min_8bit_size=256, **{**COAP, "lr": None, **kw}
+        params, beta1=0.9, block_size=32, min_8bit_size=256, **{**INPUT_SIDE, "lr": None, **kw}
     ),
 }
 SAVE_AT = 4
@@ -108,9 +112,6 @@ def _errors(mesh, rank, world_size):
     for key, placements, device_mesh, shape, options in [
         ("tensor_parallel", [Shard(1)], mesh, (64, 32), {}),
         ("mesh_2d", [Replicate(), Shard(0)], _mesh_2d(world_size), (64, 32), {}),
-        ("smaller_side", [Shard(0)], mesh, (32, 64), {"projection_side": "smaller"}),
-        ("stack", [Shard(0)], mesh, (4, 32, 16), {}),
-        ("tucker", [Shard(0)], mesh, (32, 16, 3, 3), {"min_conv_numel": 0}),
     ]:
         try:
             step_on(placements, device_mesh, shape, **options)
@@ -212,7 +213,7 @@ def _float32_engines(name, mesh, rank, world_size):
     fsdp_opt = OPTIMIZERS[name](fsdp.parameters())
     train(fsdp, fsdp_opt, STEPS, rank=rank, world_size=world_size, dtype=torch.float32)
     ddp = DistributedDataParallel(make_shard_net(torch.float32))
-    ddp_opt = OPTIMIZERS[name](ddp.parameters(), projection_side="input")
+    ddp_opt = OPTIMIZERS[name](ddp.parameters())
     train(ddp, ddp_opt, STEPS, rank=rank, world_size=world_size, dtype=torch.float32)
     return {"fsdp": snapshot(fsdp, fsdp_opt), "ddp": snapshot(ddp.module, ddp_opt)}
 
@@ -285,7 +286,7 @@ def _by_speed(names):
 
 def single_process(name: str, accumulation: int = 1) -> dict:
     model = make_shard_net()
-    opt = OPTIMIZERS[name](model.parameters(), projection_side="input")  # FSDP2's side for every matrix
+    opt = OPTIMIZERS[name](model.parameters())
     train(model, opt, STEPS, accumulation=accumulation)
     return snapshot(model, opt)
 
@@ -410,9 +411,6 @@ def test_unsupported_combinations_raise(runs):
     assert "placement Shard(dim=1) (tensor parallelism?)" in errors["tensor_parallel"]
     assert "2-D device mesh" in errors["mesh_2d"]
     assert "FSDP1" in errors["fsdp1"] and "fully_shard" in errors["fsdp1"]
-    assert "projection_side='smaller' puts P on the sharded side" in errors["smaller_side"]
-    assert "a stack of matrices cannot be projected on a row shard" in errors["stack"]
-    assert "a Tucker-2 conv kernel cannot be projected on a row shard" in errors["tucker"]
 
 
 def test_fresh_optimizer_state_dict_has_no_nan(runs):
@@ -441,7 +439,7 @@ def float32_worker(rank: int, world_size: int) -> dict:
     fsdp_opt = OPTIMIZERS["CoapAdamW"](fsdp.parameters())
     train(fsdp, fsdp_opt, STEPS, rank=rank, world_size=world_size, dtype=torch.float32)
     ddp = DistributedDataParallel(make_shard_net(torch.float32))
-    ddp_opt = OPTIMIZERS["CoapAdamW"](ddp.parameters(), projection_side="input")
+    ddp_opt = OPTIMIZERS["CoapAdamW"](ddp.parameters())
     train(ddp, ddp_opt, STEPS, rank=rank, world_size=world_size, dtype=torch.float32)
     return {"fsdp": snapshot(fsdp, fsdp_opt), "ddp": snapshot(ddp.module, ddp_opt)}
 
@@ -459,7 +457,7 @@ def test_float32_fsdp2_is_as_close_to_one_process_as_ddp():
     # own sums (Gram matrix, Q^T G, Eq. 2) must not add more than a small factor to that.
     runs = launch(float32_worker, world_size=2, timeout=180)[0]
     model = make_shard_net(torch.float32)
-    opt = OPTIMIZERS["CoapAdamW"](model.parameters(), projection_side="input")
+    opt = OPTIMIZERS["CoapAdamW"](model.parameters())
     train(model, opt, STEPS, dtype=torch.float32)
     one = snapshot(model, opt)
     for key in ("params", "proj", "exp_avg"):

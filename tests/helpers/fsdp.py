@@ -100,3 +100,103 @@ def snapshot(model, opt) -> dict:
     params = [full_tensor(p.detach()).clone() for p in model.parameters()]
     state = [{k: full_tensor(v).clone() for k, v in opt.state[p].items()} for p in model.parameters()]
     return {"params": params, "state": state}
+
+
+#: Outputs of the nets below: gradients of their matrices then have a rank well above COAP's.
+OUTPUTS = 32
+#: Inputs of the expert net.
+INPUTS = 48
+
+
+class UNetLike(nn.Module):
+    """What a diffusion UNet hands an optimizer: a small dense kernel (16, 3, 3, 3), Tucker-2
+    kernels (one with an odd channel count, 33), a wide (24, 33) and a tall (40, 24) 1x1 conv, a
+    norm, a tall (64, 40) and a wide (33, 64) matrix with an odd row count, and a (32, 33) head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, 16, 3, padding=1)
+        self.down = nn.Conv2d(16, 32, 3, padding=1)
+        self.mid = nn.Conv2d(32, 33, 3, padding=1)
+        self.skip = nn.Conv2d(33, 24, 1)
+        self.norm = nn.GroupNorm(4, 24)
+        self.expand = nn.Conv2d(24, 40, 1)
+        self.tall = nn.Linear(40, 64)
+        self.wide = nn.Linear(64, 33)
+        self.head = nn.Linear(33, OUTPUTS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = torch.tanh
+        h = act(self.mid(act(self.down(act(self.conv_in(x))))))
+        h = act(self.expand(act(self.norm(self.skip(h)))))[..., 4, 4]  # a pixel, not a mean: samples stay apart
+        return self.head(act(self.wide(act(self.tall(h)))))
+
+    def blocks(self) -> list[nn.Module]:
+        return [self.conv_in, self.down, self.mid, self.skip, self.norm, self.expand, self.tall, self.wide, self.head]
+
+
+class ExpertNet(nn.Module):
+    """Mixture-of-experts weights as 3-D stacks (as transformers stores them): 4 experts (64, 32),
+    3 experts (32, 64), which two ranks split unevenly, and a stack of one (32, 32) matrix, which
+    leaves the second rank none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(INPUTS, 32)
+        self.up = nn.Parameter(torch.randn(4, 64, 32) / 32**0.5)
+        self.down = nn.Parameter(torch.randn(3, 32, 64) / 64**0.5)
+        self.shared = nn.Parameter(torch.randn(1, 32, 32) / 32**0.5)
+        self.head = nn.Linear(32, OUTPUTS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        y = torch.tanh(torch.einsum("bi,eoi->beo", h, self.up)).mean(1)
+        z = torch.tanh(torch.einsum("bi,eoi->beo", y, self.down)).mean(1)
+        z = torch.tanh(torch.einsum("bi,eoi->beo", z, self.shared)).mean(1)
+        return self.head(z)
+
+    def blocks(self) -> list[nn.Module]:
+        return [self.inp, self.head]
+
+
+def make_unet_like(dtype: torch.dtype = torch.float32) -> UNetLike:
+    torch.manual_seed(0)
+    return UNetLike().to(dtype)
+
+
+def make_expert_net(dtype: torch.dtype = torch.float32) -> ExpertNet:
+    torch.manual_seed(0)
+    return ExpertNet().to(dtype)
+
+
+def image_batch(step: int, rank: int = 0, world_size: int = 1, dtype: torch.dtype = torch.float32):
+    """This rank's share of the ``step``-th batch of 8x8 RGB images and targets."""
+    g = torch.Generator().manual_seed(900 + step)
+    x = torch.randn(BATCH, 3, 8, 8, generator=g, dtype=dtype)
+    y = (x[:, :, 2:6, 2:6].flatten(1) @ torch.randn(48, OUTPUTS, generator=g, dtype=dtype) / 48**0.5).sin()
+    share = BATCH // world_size
+    return x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
+
+
+def token_batch(step: int, rank: int = 0, world_size: int = 1, dtype: torch.dtype = torch.float32):
+    """This rank's share of the ``step``-th batch of the expert net's inputs and targets."""
+    g = torch.Generator().manual_seed(700 + step)
+    x = torch.randn(BATCH, INPUTS, generator=g, dtype=dtype)
+    y = (x @ torch.randn(INPUTS, OUTPUTS, generator=g, dtype=dtype) / INPUTS**0.5).cos()
+    share = BATCH // world_size
+    return x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
+
+
+def train_on(
+    model, opt, batches, steps, *, rank=0, world_size=1, start=0, dtype=torch.float32, on_step=None, accumulate=1
+) -> None:
+    """``steps`` steps of mean squared error on ``batches(step, rank, world_size, dtype)``, each
+    batch's gradient summed from ``accumulate`` equal parts."""
+    for step in range(start, start + steps):
+        x, y = batches(step, rank, world_size, dtype)
+        for xb, yb in zip(x.chunk(accumulate), y.chunk(accumulate)):
+            (nn.functional.mse_loss(model(xb), yb) / accumulate).backward()
+        opt.step()
+        opt.zero_grad()
+        if on_step is not None:
+            on_step(step + 1)

@@ -99,6 +99,7 @@ _COAP_ERRORS = (
     ErrorInput({"seed": -1}, r"seed: -1"),
     ErrorInput({"coap": "no"}, r"coap: 'no'"),
     ErrorInput({"projection_side": "left"}, r"projection_side: 'left'"),
+    ErrorInput({"conv_projection": "output"}, r"conv_projection: 'output'"),
 )
 
 _ADAMW_ERRORS = (
@@ -155,6 +156,7 @@ _ADAMW_INPUTS = (
     {"rank": 5, "rank_ratio_matrix": None, "rank_ratio_cnn": None, "correlation_normalize": True},
     {"correlation_max_norm": None, "scale": 0.5},
     {"projection_side": "input", "seed": 7},
+    {"projection_side": "larger", "conv_projection": "input"},
 )
 
 _ADAFACTOR_INPUTS = (
@@ -165,6 +167,7 @@ _ADAFACTOR_INPUTS = (
     {"lr": torch.tensor(1e-2), "scale_parameter": False},
     {"lr": torch.tensor([[1e-2]]), "relative_step": False},
     {"rank": 5, "rank_ratio_matrix": None, "rank_ratio_cnn": None, "correlation_normalize": True},
+    {"projection_side": "larger", "conv_projection": "input"},
 )
 
 _8BIT_INPUTS = ({"block_size": 64}, {"min_8bit_size": 0}, {"min_8bit_size": 10**9})

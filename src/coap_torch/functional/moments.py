@@ -226,7 +226,8 @@ def adafactor_direction_task(
     ``param_sq``, when given, is this process's part of the sum of squared weights (for
     ``scale_parameter``) and comes back summed next to the update. The column accumulator, the
     mean of the row accumulator and the update's RMS are sums over all rows: two rounds of
-    sums for a factored moment, one otherwise. In one process they are torch's own means and
+    sums for a factored moment, one otherwise (see :meth:`~coap_torch.functional.reduction.Rows.reduce`
+    for which sum is which). In one process they are torch's own means and
     norm, so that results (and resumed checkpoints) keep the rounding they always had; sharded
     rows give the same values to the order of float sums.
     """
@@ -242,7 +243,7 @@ def adafactor_direction_task(
             m = rows.count(grad)
             partial = (update.sum(dim=-2), exp_avg_sq_row.sum(dim=-1, keepdim=True), *pending)
             del update  # full-size for a dense matrix: not kept while the sums are taken
-            col_sum, row_sum, *summed = yield from rows.sum(*partial)
+            (col_sum, row_sum), _, summed = yield from rows.reduce(sums=partial[:2], weight=partial[2:])
             param_sq, pending = (summed[0] if summed else None), []
             col_mean, row_mean = col_sum / m, row_sum / m
         exp_avg_sq_col.mul_(beta2t).add_(col_mean, alpha=1.0 - beta2t)
@@ -267,7 +268,7 @@ def adafactor_direction_task(
     else:
         square_sum = result.square().sum()
         del result
-        update_sq, *summed = yield from rows.sum(square_sum, *pending)
+        _, (update_sq,), summed = yield from rows.reduce(totals=(square_sum,), weight=tuple(pending))
         if summed:
             param_sq = summed[0]
         result = direction()

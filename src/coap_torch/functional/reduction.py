@@ -31,16 +31,39 @@ Task = Generator[Any, Any, T]
 class Rows:
     """The rows of the matrices a computation reads are all in this process: sums are the tensors.
 
-    Subclasses (FSDP2) hold some rows of each matrix and sum over the others by collectives.
+    A computation asks for three kinds of sums (:meth:`reduce`), because under FSDP2 they are
+    split differently (:class:`~coap_torch.optim._sharded.ShardComm`):
+
+    * ``sums``: over the rows of its matrices (a Gram matrix ``Y^T Y``, a column sum);
+    * ``totals``: over every entry of a moment-shaped tensor (the RMS of an update);
+    * ``weight``: over every entry of the parameter itself (its RMS, for Adafactor's scaling).
+
+    Here every one of them is the tensor itself.
     """
 
     #: Whether sums are immediate (nothing waits, so nothing needs freeing before a sum).
     local: bool = True
 
+    def reduce(
+        self, sums: tuple[Tensor, ...] = (), totals: tuple[Tensor, ...] = (), weight: tuple[Tensor, ...] = ()
+    ) -> Task[tuple[list[Tensor], list[Tensor], list[Tensor]]]:
+        """The three kinds of sums of this process's partial sums, in one round:
+        ``(a,), (b,), (c,) = yield from rows.reduce((a,), (b,), (c,))``."""
+        return list(sums), list(totals), list(weight)
+        yield  # a generator that never waits
+
     def sum(self, *tensors: Tensor) -> Task[list[Tensor]]:
         """The sums over all rows of per-row-block partial sums: ``a, b = yield from rows.sum(a, b)``."""
-        return list(tensors)
-        yield  # a generator that never waits
+        sums, _, _ = yield from self.reduce(sums=tensors)
+        return sums
+
+    def finite(self, *tensors: Tensor) -> Task[bool]:
+        """Whether every entry of ``tensors`` is finite on every process (one host sync).
+
+        Where the rows of a matrix are split, its sums tell (a Gram matrix of non-finite rows is
+        not finite) and this answers ``True`` without waiting."""
+        return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+        yield
 
     def orthonormal_basis(self, Y: Tensor) -> Task[Tensor | None]:
         """Orthonormal columns spanning those of ``Y`` (..., m, r) (Householder QR here), or ``None``
@@ -54,7 +77,7 @@ class Rows:
         return matrix.shape[-2]
 
     def numel(self, tensor: Tensor) -> int:
-        """The number of entries of the whole tensor (``tensor`` holds this process's part)."""
+        """The number of entries of the whole parameter (``tensor`` holds this process's part of it)."""
         return tensor.numel()
 
 

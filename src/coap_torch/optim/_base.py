@@ -29,11 +29,12 @@ from ..functional.reduction import LOCAL, Rows, Task
 from . import _placement as placement
 from . import _validation as check
 from ._checkpoint import checked_state, new_step_counter
-from ._layout import Layout, layout_of, shard_layout
+from ._layout import Layout, layout_of
 from ._options import COAP_DEFAULTS, COAP_OPTIONS, CoapOptions, defaults_of, take_options
-from ._refresh import initial_factors, refreshed_factors
+from ._refresh import Problem, initial_factors, local_problems, refreshed_factors
 from ._rule import MomentRule
-from ._sharded import CommunicationLog, ShardComm, run_coalesced
+from ._sharded import CommunicationLog, run_coalesced
+from ._sharding import ShardPlan, plan_shard, replicated_state
 from ._storage import FLOAT32, LazyMoments, MomentStorage
 
 __all__ = ["COAP_DEFAULTS", "COAP_OPTIONS", "LowRankOptimizer", "layout_of"]
@@ -53,13 +54,18 @@ def _compute_dtype(param: Tensor) -> torch.dtype:
 
 @dataclass(frozen=True)
 class _PlannedStep:
-    """A parameter's step, checked: its group, its index in the optimizer, its (local) layout and shard."""
+    """A parameter's step, checked: its group, its index in the optimizer, its (local) layout and,
+    for a parameter sharded on dim 0, its :class:`~coap_torch.optim._sharding.ShardPlan`."""
 
     param: Tensor
     group: dict[str, Any]
     index: int
     layout: Layout
-    shard: placement.RowShard | None
+    plan: ShardPlan | None
+
+    @property
+    def shard(self) -> placement.RowShard | None:
+        return None if self.plan is None else self.plan.shard
 
     @property
     def where(self) -> str:
@@ -202,13 +208,11 @@ class LowRankOptimizer(Optimizer):
             )
         shard = placement.placement_of(param, index)
         layout = layout_of(param, group)
-        if shard is not None:
-            layout = shard_layout(layout, shard, index)
-        self.rule.check_param(layout, shard, index)
+        plan = None if shard is None else plan_shard(layout, shard)
         state = self.state.get(param)
         if state:
-            _check_layout(state, layout, index)
-        return _PlannedStep(param, group, index, layout, shard)
+            _check_layout(state, layout, layout.factor_shapes() if plan is None else plan.factor_shapes(), index)
+        return _PlannedStep(param, group, index, layout if plan is None else plan.layout, plan)
 
     def _check_engine(self) -> None:
         # Once, at the first step: wrappers (DeepSpeed ZeRO) replace the parameters after the
@@ -261,8 +265,8 @@ class LowRankOptimizer(Optimizer):
         self.rule.bulk_step(params, states, group, int(states[0]["step"]))
 
     def _param_step(self, item: _PlannedStep) -> Task[None]:
-        param, group, layout, shard = item.param, item.group, item.layout, item.shard
-        rows: Rows = LOCAL if shard is None else ShardComm(shard.group, rows=shard.global_shape[0])
+        param, group, layout, plan, shard = item.param, item.group, item.layout, item.plan, item.shard
+        rows: Rows = LOCAL if plan is None else plan.rows
         stored_state = self.state[param]
         stored = stored_state if shard is None else {k: placement.local(v) for k, v in stored_state.items()}
         dtype = _compute_dtype(param)
@@ -273,7 +277,11 @@ class LowRankOptimizer(Optimizer):
         if not stored:
             factors = {}
             if layout.projected:
-                factors = yield from initial_factors(layout, canonical, group, item.index, item.where, rows)
+                problems = self._problems(plan, layout, canonical, None, None)
+                sketch_part = None if plan is None else plan.sketch_part
+                factors = yield from initial_factors(
+                    layout, canonical, problems, group, item.index, item.where, rows, sketch_part
+                )
                 if factors is None:
                     return  # deferred to the next finite gradient (warned); the parameter is left as it is
             stored.update(
@@ -293,11 +301,11 @@ class LowRankOptimizer(Optimizer):
 
         factors = [state[key] for key in layout.factor_keys]
         if layout.projected and step > 1 and step % group["update_interval"] == 0:
-            factors = yield from self._refresh(state, layout, canonical, group, step, item.where, rows)
+            factors = yield from self._refresh(state, layout, plan, canonical, group, step, item.where, rows)
         # The weight in the compute dtype (a copy for bf16 / fp16 weights); for a row shard it is
         # made after the moment rule's collectives, so that no such copy waits through them.
         target = None if shard is not None else param if param.dtype == dtype else param.to(dtype)
-        rule_grad = layout.project(canonical, factors) if layout.projected else grad
+        rule_grad = (yield from self._project(plan, layout, canonical, factors)) if layout.projected else grad
         weight = param if target is None else target
         if self.rule.collective:
             direction, decay, alpha = yield from self.rule.update(state, rule_grad, group, step, weight, rows)
@@ -305,17 +313,38 @@ class LowRankOptimizer(Optimizer):
             direction, decay, alpha = self.rule.update(state, rule_grad, group, step, weight)
         if target is None:
             target = param if param.dtype == dtype else param.to(dtype)
-        _apply(target, layout, factors, direction, decay, alpha, group["scale"])
+        local_factors = factors if plan is None else plan.local_factors(factors)
+        _apply(target, layout, local_factors, direction, decay, alpha, group["scale"])
         self.storage.pack(state, stored, group, rotations, shard)
         if target is not param:
             param.copy_(target)
         if shard is not None:
             placement.store_sharded(stored_state, stored, shard)
 
+    @staticmethod
+    def _project(plan: ShardPlan | None, layout: Layout, grad: Tensor, factors: list[Tensor]) -> Task[Tensor]:
+        if plan is None:
+            return layout.project(grad, factors)
+        return (yield from plan.project(grad, factors))
+
+    def _problems(
+        self,
+        plan: ShardPlan | None,
+        layout: Layout,
+        grad: Tensor,
+        moment: Tensor | None,
+        factors: list[Tensor] | None,
+    ) -> list[Problem]:
+        """Each factor's refresh matrices and sums (see :func:`~coap_torch.optim._refresh.local_problems`)."""
+        if plan is None:
+            return local_problems(layout, grad, moment, factors)
+        return plan.factor_problems(grad, moment, factors, self.communication)
+
     def _refresh(
         self,
         state: dict[str, Any],
         layout: Layout,
+        plan: ShardPlan | None,
         grad: Tensor,
         group: dict[str, Any],
         step: int,
@@ -325,8 +354,11 @@ class LowRankOptimizer(Optimizer):
         """Refresh P (or P_O, P_I) and move the moments to the new basis; keep both as they were
         when the refresh gives no finite factors (see :mod:`._refresh`)."""
         old = [state[key] for key in layout.factor_keys]
-        first = self.rule.refresh_moment(state, layout, grad, old)
-        new = yield from refreshed_factors(layout, grad, first, old, group, step, where, rows)
+        first = self.rule.refresh_moment(state)
+        if first is None:  # no first moment: correlate with the gradient in the previous basis
+            first = yield from self._project(plan, layout, grad, old)
+        problems = self._problems(plan, layout, grad, first, old)
+        new = yield from refreshed_factors(layout, problems, old, group, step, where, rows)
         if new is None:
             return old
         rotations = [P_old.mT @ P_new for P_old, P_new in zip(old, new)]
@@ -354,9 +386,11 @@ class LowRankOptimizer(Optimizer):
         for key, shape in zip(layout.factor_keys, layout.factor_shapes()):
             planned[key] = torch.empty(shape, dtype=dtype, device="meta")
         like = torch.empty(0, dtype=dtype, device="meta")
-        sharded = placement.sharded_on_rows(param)
+        shard = None
+        if placement.sharded_on_rows(param):
+            shard = placement.RowShard(None, tuple(param.shape), 0, param.shape[0], replicated_state(layout))
         for key, moment in self.rule.init(layout.projected_shape, group, like).items():
-            planned.update(self.storage.stored(key, moment, group, self.rule.rotations, sharded))
+            planned.update(self.storage.stored(key, moment, group, self.rule.rotations, shard))
         return planned
 
     def _group_of(self, param: Tensor) -> dict[str, Any]:
@@ -427,13 +461,14 @@ def _apply(
         target.add_(direction, alpha=alpha)
 
 
-def _check_layout(state: dict[str, Any], layout: Layout, index: int) -> None:
-    """Refuse state that was built for another projection (options changed since it was made)."""
+def _check_layout(state: dict[str, Any], layout: Layout, expected: list[tuple[int, ...]], index: int) -> None:
+    """Refuse state that was built for another projection (options changed since it was made);
+    ``expected`` are the shapes of the stored factors (this rank's, for a sharded stack)."""
     found = [tuple(placement.local(state[key]).shape) for key in ("proj", "proj_out", "proj_in") if key in state]
-    if found != layout.factor_shapes():
+    if found != expected:
         raise ValueError(
             f"the state of parameter {index} of shape {layout.shape} holds projections of shapes {found}, "
-            f"but its group's options now give {layout.kind} projections of shapes {layout.factor_shapes()}; "
+            f"but its group's options now give {layout.kind} projections of shapes {expected}; "
             "restore the options the state was created with, or clear it with optimizer.state[param].clear()"
         )
 

@@ -1,17 +1,22 @@
 """Routing: how a parameter is projected, derived from its shape and its group, never stored.
 
-Three kinds of parameter:
+Four kinds of parameter:
 
 * ``dense``: updated by the plain moment rule (1-D tensors, matrices whose smaller side does
   not exceed the rank, small kernels, and every parameter of a group with ``coap=False``).
 * ``matrix``: ``G`` (m, n), or a stack (B, m, n) of independent matrices such as MoE experts,
   or a 1x1 convolution kernel (O, I, 1, 1) seen as the (O, I) matrix it is. The projection ``P``
-  sits on the smaller side: when m < n we work on ``G^T`` (``transposed``), so there is one code
-  path and the Eq. 2 cosine is taken over the rows of the taller orientation. The group option
-  ``projection_side="input"`` puts ``P`` on the last axis (n, the input side of a linear layer)
-  whatever the shape: the side FSDP2 does not shard, see :mod:`coap_torch.optim._sharded`.
+  sits on the smaller side (the paper): when m < n we work on ``G^T`` (``transposed``), so there
+  is one code path and the Eq. 2 cosine is taken over the rows of the canonical orientation. The
+  group option ``projection_side`` moves it: ``"input"`` to the last axis (n, the input side of a
+  linear layer, which FSDP2 does not shard), ``"larger"`` to the larger side. The choice is the
+  same in every engine (FSDP2's cost of each: :mod:`coap_torch.optim._sharding`).
 * ``tucker``: kernels (O, I, *k) with a kernel of more than one tap and at least
   ``min_conv_numel`` entries: Tucker-2 with ``P_O`` (O, r_O) and ``P_I`` (I, r_I).
+* ``conv_input``: the same kernels with ``conv_projection="input"``: only the input-channel mode
+  is projected, by ``P_I`` (I, r_I); the moments are (O, *k, r_I). Under FSDP2 (sharded on O)
+  its steady steps then need no communication, where Tucker-2's ``P_O`` sits on the sharded
+  side (see :mod:`coap_torch.optim._sharding`).
 """
 
 from __future__ import annotations
@@ -24,18 +29,27 @@ from typing import Any, Literal
 from torch import Tensor
 
 from ..functional.moments import rotate_first_moment, rotate_second_moment
-from ..functional.tucker import conv_ranks, mode_matrices, tucker2_add_restored_, tucker2_project, tucker2_restore
-from . import _placement as placement
+from ..functional.tucker import (
+    conv_ranks,
+    mode_matrices,
+    tucker2_add_restored_,
+    tucker2_project,
+    tucker2_restore,
+    unfold,
+)
 
 #: The rank ratio used when neither ``rank`` nor the matching ``rank_ratio_*`` is set.
 DEFAULT_RANK_RATIO = 2.0
 
 #: Values of the ``projection_side`` option: ``None`` (the smaller side, but the input side for
 #: parameters sharded on dim 0), ``"smaller"`` (always the smaller side), ``"input"`` (always
-#: the last axis).
-PROJECTION_SIDES = (None, "smaller", "input")
+#: the last axis), ``"larger"`` (the larger side, the moments on the smaller one).
+PROJECTION_SIDES = (None, "smaller", "input", "larger")
 
-Kind = Literal["dense", "matrix", "tucker"]
+#: Values of the ``conv_projection`` option: Tucker-2 on both channel modes, or the input mode only.
+CONV_PROJECTIONS = ("tucker2", "input")
+
+Kind = Literal["dense", "matrix", "tucker", "conv_input"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +63,9 @@ class Layout:
 
     @property
     def factor_keys(self) -> tuple[str, ...]:
-        return {"dense": (), "matrix": ("proj",), "tucker": ("proj_out", "proj_in")}[self.kind]
+        return {"dense": (), "matrix": ("proj",), "tucker": ("proj_out", "proj_in"), "conv_input": ("proj_in",)}[
+            self.kind
+        ]
 
     @property
     def projected(self) -> bool:
@@ -61,10 +77,14 @@ class Layout:
         if self.kind == "matrix":
             x = x.reshape(self.shape[:2]) if len(self.shape) >= 4 else x
             return x.mT if self.transposed else x
+        if self.kind == "conv_input":  # (O, *k, I): a stack of (k_last, I) matrices
+            return x.movedim(1, -1)
         return x
 
     @property
     def canonical_shape(self) -> tuple[int, ...]:
+        if self.kind == "conv_input":
+            return (self.shape[0], *self.shape[2:], self.shape[1])
         if self.kind != "matrix":
             return self.shape
         shape = self.shape[:2] if len(self.shape) >= 4 else self.shape
@@ -75,14 +95,16 @@ class Layout:
         if self.kind == "matrix":
             *batch, _, n = self.canonical_shape
             return [(*batch, n, self.ranks[0])]
+        if self.kind == "conv_input":
+            return [(self.shape[1], self.ranks[0])]
         if self.kind == "tucker":
             return [(self.shape[0], self.ranks[0]), (self.shape[1], self.ranks[1])]
         return []
 
     @property
     def projected_shape(self) -> tuple[int, ...]:
-        """Shape of the moments: (..., m, r) for matrices, (r_O, r_I, *k) for Tucker-2."""
-        if self.kind == "matrix":
+        """Shape of the moments: (..., m, r) for matrices, (r_O, r_I, *k) for Tucker-2, (O, *k, r_I) for input-mode kernels."""
+        if self.kind in ("matrix", "conv_input"):
             return (*self.canonical_shape[:-1], self.ranks[0])
         if self.kind == "tucker":
             return (*self.ranks, *self.shape[2:])
@@ -91,12 +113,14 @@ class Layout:
     # -- the math, one code path per kind ---------------------------------------------------
     def project(self, x: Tensor, factors: list[Tensor]) -> Tensor:
         """Canonical gradient (or moment, with rotation factors) -> low-rank space."""
-        if self.kind == "matrix":
+        if self.kind in ("matrix", "conv_input"):
             return x @ factors[0]
         return tucker2_project(x, *factors)
 
     def restore(self, x: Tensor, factors: list[Tensor]) -> Tensor:
         """Low-rank update -> param-shaped full update."""
+        if self.kind == "conv_input":
+            return (x @ factors[0].mT).movedim(-1, 1)
         if self.kind == "matrix":
             full = x @ factors[0].mT
             full = full.mT if self.transposed else full
@@ -131,10 +155,20 @@ class Layout:
             target.mul_(beta)
         target.add_(self.restore(x, factors), alpha=alpha)
 
+    def factor_matrices(self, grad: Tensor) -> list[Tensor]:
+        """For each factor, the matrix of the (canonical) gradient its first low-cost SVD reads."""
+        if self.kind == "matrix":
+            return [grad]
+        if self.kind == "conv_input":
+            return [grad.reshape(-1, grad.shape[-1])]
+        return [unfold(grad, mode).mT for mode in (0, 1)]
+
     def refresh_pairs(self, grad: Tensor, exp_avg: Tensor, factors: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
         """For each factor, the (gradient matrix, first-moment matrix) pair of its Eq. 2 / SVD."""
         if self.kind == "matrix":
             return [(grad, exp_avg)]
+        if self.kind == "conv_input":  # the mode-2 fibres as rows: (O * k, I) and (O * k, r_I)
+            return [(grad.reshape(-1, grad.shape[-1]), exp_avg.reshape(-1, exp_avg.shape[-1]))]
         return list(mode_matrices(grad, exp_avg, *factors))
 
     def rotate(self, moment: Tensor, rotations: list[Tensor], kind: str) -> Tensor:
@@ -148,7 +182,7 @@ class Layout:
         """
         if kind not in ("linear", "squared", "row", "col"):
             raise ValueError(f"unknown moment rotation kind {kind!r}")
-        if self.kind == "matrix":
+        if self.kind in ("matrix", "conv_input"):
             if kind == "linear":
                 return rotate_first_moment(moment, rotations[0])
             if kind == "squared":
@@ -197,7 +231,7 @@ def route(shape: tuple[int, ...], group: dict[str, Any]) -> Layout:
     ``group`` may leave out ``projection_side`` (the smaller side is used).
     """
     shape = tuple(shape)
-    input_side = group.get("projection_side") == "input"
+    side = group.get("projection_side")
     if not group["coap"] or len(shape) < 2:
         return Layout("dense", shape)
     if len(shape) >= 4:
@@ -207,10 +241,15 @@ def route(shape: tuple[int, ...], group: dict[str, Any]) -> Layout:
             # 1.4 O^2 floats at ratio 2), more than the dense moments it replaces.
             small = min(shape[0], shape[1])
             rank = max(1, int(small // cnn_ratio(group)))
-            return _matrix_layout(shape, shape[:2], rank, input_side)
+            return _matrix_layout(shape, shape[:2], rank, side)
         if math.prod(shape) < group["min_conv_numel"]:
             return Layout("dense", shape)
         r_out, r_in = conv_ranks(shape, cnn_ratio(group))
+        if group.get("conv_projection") == "input":
+            # P_I and one (O, *k, r_I) moment must take fewer entries than the kernel.
+            if r_in >= shape[1] or shape[1] * r_in + shape[0] * r_in * kernel >= math.prod(shape):
+                return Layout("dense", shape)
+            return Layout("conv_input", shape, (r_in,))
         if r_out >= shape[0] and r_in >= shape[1]:
             return Layout("dense", shape)
         if not tucker_saves_memory(shape, (r_out, r_in)):
@@ -218,19 +257,27 @@ def route(shape: tuple[int, ...], group: dict[str, Any]) -> Layout:
         return Layout("tucker", shape, (r_out, r_in))
     # 2-D matrices and 3-D stacks of matrices (B, m, n), each with its own P.
     small = min(shape[-2], shape[-1])
-    return _matrix_layout(shape, shape, matrix_rank(small, group), input_side)
+    return _matrix_layout(shape, shape, matrix_rank(small, group), side)
 
 
-def _matrix_layout(
-    shape: tuple[int, ...], matrix_shape: tuple[int, ...], rank: int, input_side: bool = False
-) -> Layout:
+def _matrix_layout(shape: tuple[int, ...], matrix_shape: tuple[int, ...], rank: int, side: str | None) -> Layout:
     m, n = matrix_shape[-2], matrix_shape[-1]
     if min(m, n) <= rank:
         return Layout("dense", shape)
-    return Layout("matrix", shape, (rank,), transposed=m < n and not input_side)
+    # The canonical matrix is (rows, P's side): transposed puts P on the first axis (m).
+    transposed = {"input": False, "larger": m > n}.get(side, m < n)
+    return Layout("matrix", shape, (rank,), transposed=transposed)
 
 
-_ROUTING_KEYS = ("coap", "rank", "rank_ratio_matrix", "rank_ratio_cnn", "min_conv_numel", "projection_side")
+_ROUTING_KEYS = (
+    "coap",
+    "rank",
+    "rank_ratio_matrix",
+    "rank_ratio_cnn",
+    "min_conv_numel",
+    "projection_side",
+    "conv_projection",
+)
 
 
 @lru_cache(maxsize=4096)
@@ -239,32 +286,6 @@ def _cached_route(shape: tuple[int, ...], options: tuple[Any, ...]) -> Layout:
 
 
 def layout_of(param: Tensor, group: dict[str, Any]) -> Layout:
-    """The :class:`Layout` of ``param`` under ``group``'s options (global shapes for a DTensor).
-
-    A parameter sharded on dim 0 (FSDP2) with ``projection_side=None`` gets ``P`` on its input
-    side (dim 1), which is not sharded.
-    """
-    options = {key: group.get(key) for key in _ROUTING_KEYS}
-    if options["projection_side"] is None and placement.sharded_on_rows(param):
-        options["projection_side"] = "input"
-    return _cached_route(tuple(param.shape), tuple(options.values()))
-
-
-def shard_layout(layout: Layout, shard: placement.RowShard, index: int) -> Layout:
-    """The layout of this rank's rows; refuses what cannot be projected without per-step collectives."""
-    where = f"{placement.describe_shape(shard.global_shape, index)} sharded on dim 0 (FSDP2)"
-    local_shape = (shard.rows, *shard.global_shape[1:])
-    if layout.kind == "dense":
-        return Layout("dense", local_shape)
-    if layout.kind == "tucker" or len(layout.shape) == 3:
-        what = "a Tucker-2 conv kernel" if layout.kind == "tucker" else "a stack of matrices"
-        raise ValueError(
-            f"{where}: {what} cannot be projected on a row shard without collectives at every step; "
-            "put it in a param group with coap=False, or use DistributedDataParallel"
-        )
-    if layout.transposed:
-        raise ValueError(
-            f"{where}: projection_side='smaller' puts P on the sharded side of this wide matrix, which would "
-            "need an all-reduce at every step; use projection_side=None or 'input' (P on the unsharded side)"
-        )
-    return Layout("matrix", local_shape, layout.ranks)
+    """The :class:`Layout` of ``param`` under ``group``'s options (global shapes for a DTensor):
+    the same in one process, under DDP and under FSDP2."""
+    return _cached_route(tuple(param.shape), tuple(group.get(key) for key in _ROUTING_KEYS))

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from ..functional.correlation import DEFAULT_CORRELATION_LR, DEFAULT_CORRELATION_MAX_NORM
 from . import _validation as check
-from ._layout import PROJECTION_SIDES
+from ._layout import CONV_PROJECTIONS, PROJECTION_SIDES
 
 __all__ = [
     "COAP_DEFAULTS",
@@ -49,6 +49,7 @@ class CoapOptions:
     seed: int = 0
     coap: bool = True
     projection_side: str | None = None
+    conv_projection: str = "tucker2"
 
     @staticmethod
     def check(group: Mapping[str, Any]) -> None:
@@ -69,6 +70,10 @@ class CoapOptions:
         if group["projection_side"] not in PROJECTION_SIDES:
             raise ValueError(
                 f"Invalid projection_side: {group['projection_side']!r} (must be one of {PROJECTION_SIDES})"
+            )
+        if group["conv_projection"] not in CONV_PROJECTIONS:
+            raise ValueError(
+                f"Invalid conv_projection: {group['conv_projection']!r} (must be one of {CONV_PROJECTIONS})"
             )
 
 

@@ -21,9 +21,8 @@ from torch import Tensor
 
 SUPPORTED = "use DistributedDataParallel, or FSDP2 (fully_shard) on a 1-D device mesh"
 
-#: State that is the same on every rank of a row-sharded parameter (the projections, the step,
-#: Adafactor's column accumulator, indexed by the unsharded side); the rest shards with the weight.
-REPLICATED_STATE = frozenset({"step", "proj", "proj_out", "proj_in", "exp_avg_sq_col"})
+#: A :attr:`RowShard.replicated` that replicates every state entry.
+ALL_STATE = frozenset({"*"})
 
 
 def moment_name(key: str) -> str:
@@ -31,23 +30,27 @@ def moment_name(key: str) -> str:
     return key.removesuffix("_codes").removesuffix("_absmax")
 
 
-def replicated(key: str) -> bool:
-    """Whether state ``key`` (``exp_avg_sq_col_codes`` counts as ``exp_avg_sq_col``) is replicated."""
-    return moment_name(key) in REPLICATED_STATE
-
-
 @dataclass(frozen=True)
 class RowShard:
-    """This rank's rows ``[offset, offset + rows)`` of a parameter of ``global_shape`` sharded on dim 0."""
+    """This rank's rows ``[offset, offset + rows)`` of a parameter of ``global_shape`` sharded on dim 0.
+
+    ``replicated`` names the state entries that are the same on every rank (the others shard
+    like the weight); it depends on the layout (see :func:`~coap_torch.optim._sharding.replicated_state`).
+    """
 
     mesh: Any  # torch.distributed.device_mesh.DeviceMesh
     global_shape: tuple[int, ...]
     offset: int
     rows: int
+    replicated: frozenset[str] = frozenset({"step"})
 
     @property
     def group(self) -> Any:
         return self.mesh.get_group()
+
+    def replicates(self, key: str) -> bool:
+        """Whether state ``key`` (``exp_avg_sq_col_codes`` counts as ``exp_avg_sq_col``) is the same on every rank."""
+        return self.replicated is ALL_STATE or key == "step" or moment_name(key) in self.replicated
 
 
 _DTENSOR: list[type] = []  # DTensor, once imported
@@ -168,12 +171,12 @@ def to_dtensor_like(local_tensor: Tensor, shard: RowShard, global_rows: int) -> 
 
 
 def store_sharded(stored: dict[str, Any], state: dict[str, Any], shard: RowShard) -> None:
-    """Write a row shard's ``state`` back: moments shard like the weight (DTensors, so that
-    ``torch.distributed.checkpoint`` can reshard them); ``P`` and the step counter are the same
-    on every rank and stay plain tensors."""
+    """Write a row shard's ``state`` back: what shards like the weight as DTensors (so that
+    ``torch.distributed.checkpoint`` can reshard it), what is the same on every rank (the step
+    counter; ``P`` and the moments where the layout replicates them) as plain tensors."""
     stored.clear()
     for key, value in state.items():
-        if replicated(key) or not isinstance(value, Tensor) or value.dim() == 0:
+        if shard.replicates(key) or not isinstance(value, Tensor) or value.dim() == 0:
             stored[key] = value
         else:
             stored[key] = to_dtensor_like(value, shard, shard.global_shape[0])

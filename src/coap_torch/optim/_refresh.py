@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,10 +30,17 @@ from torch import Tensor
 from ..functional.correlation import correlation_step_task
 from ..functional.reduction import LOCAL, Rows, Task
 from ..functional.subspace import gaussian_sketch, low_cost_svd_task, rank_tolerance
-from ..functional.tucker import unfold
 from ._layout import Layout
 
-__all__ = ["all_finite", "caller_stacklevel", "initial_factors", "refreshed_factors", "sketch_seed"]
+__all__ = [
+    "Problem",
+    "all_finite",
+    "caller_stacklevel",
+    "initial_factors",
+    "local_problems",
+    "refreshed_factors",
+    "sketch_seed",
+]
 
 
 def sketch_seed(seed: int, index: int) -> int:
@@ -61,36 +69,51 @@ def caller_stacklevel() -> int:
     return level
 
 
+#: Per factor of a parameter: the matrix its refresh reads (``G``, or an unfolding of a
+#: kernel's gradient), the first moment expressed for it (``None`` at the first step), and the
+#: :class:`~coap_torch.functional.reduction.Rows` that sums over the matrix's rows.
+Problem = tuple[Tensor, "Tensor | None", Rows]
+
+
+def local_problems(layout: Layout, grad: Tensor, moment: Tensor | None, factors: list[Tensor] | None) -> list[Problem]:
+    """The :data:`Problem` of each factor in one process."""
+    if factors is None:  # the first step
+        return [(matrix, None, LOCAL) for matrix in layout.factor_matrices(grad)]
+    return [(matrix, first, LOCAL) for matrix, first in layout.refresh_pairs(grad, moment, factors)]
+
+
 def initial_factors(
-    layout: Layout, grad: Tensor, group: dict[str, Any], index: int, where: str, rows: Rows = LOCAL
+    layout: Layout,
+    grad: Tensor,
+    problems: list[Problem],
+    group: dict[str, Any],
+    index: int,
+    where: str,
+    rows: Rows = LOCAL,
+    sketch_part: Callable[[tuple[int, ...]], tuple[tuple[int, ...], Callable[[Tensor], Tensor]]] | None = None,
 ) -> Task[dict[str, Tensor] | None]:
     """The projections of a parameter at its first step, from its (canonical) gradient, or ``None``.
 
-    ``rows`` sums over the gradient's rows (:data:`~coap_torch.functional.reduction.LOCAL` in one
-    process); a sharded gradient is checked through its sums, a local one here.
+    ``problems`` are its factors' matrices (:func:`local_problems` in one process); ``rows`` the
+    parameter's own sums, which decide (alike on every rank) whether ``grad`` is finite.
+    ``sketch_part`` maps a factor's sketch shape to the whole shape to draw and this rank's part
+    of it (a stack sharded on its experts draws every expert's sketch, as one process does).
     """
-    if rows.local and not all_finite(grad):
+    if not (yield from rows.finite(grad)):
         return _deferred(where)
     generator = torch.Generator().manual_seed(sketch_seed(group["seed"], index))
     factors: dict[str, Tensor] = {}
     try:
-        if layout.kind == "matrix":
-            n, rank = grad.shape[-1], layout.ranks[0]
-            sketch = gaussian_sketch(
-                (*grad.shape[:-2], n, rank), generator=generator, dtype=grad.dtype, device=grad.device
-            )
-            result = yield from low_cost_svd_task(grad, rank, sketch, rows)
+        for key, (matrix, _, matrix_rows), rank in zip(layout.factor_keys, problems, layout.ranks):
+            shape = (*matrix.shape[:-2], matrix.shape[-1], rank)
+            whole, part = (shape, lambda sketch: sketch) if sketch_part is None else sketch_part(shape)
+            sketch = part(gaussian_sketch(whole, generator=generator, dtype=grad.dtype, device=grad.device))
+            result = yield from low_cost_svd_task(matrix, rank, sketch, matrix_rows)
             if result is None:  # a non-finite gradient on some rank: every rank sees it in the sums
                 return _deferred(where)
-            factors["proj"], singular = result
-            _warn_if_rank_deficient(singular, rows.count(grad), n, layout, where)
-        else:  # Tucker-2 (one process): one factor per channel mode
-            for key, mode, rank in zip(layout.factor_keys, (0, 1), layout.ranks):
-                matrix = unfold(grad, mode).mT
-                sketch = gaussian_sketch(
-                    (matrix.shape[-1], rank), generator=generator, dtype=grad.dtype, device=grad.device
-                )
-                factors[key] = (yield from low_cost_svd_task(matrix, rank, sketch, rows))[0]
+            factors[key], singular = result
+            if layout.kind != "tucker":
+                _warn_if_rank_deficient(singular, matrix_rows.count(matrix), matrix.shape[-1], layout, where)
     except torch.linalg.LinAlgError as error:
         return _deferred(where, error)
     if not all_finite(*factors.values()):
@@ -125,25 +148,27 @@ def _warn_if_rank_deficient(singular: Tensor, rows: int, cols: int, layout: Layo
 
 def refreshed_factors(
     layout: Layout,
-    grad: Tensor,
-    first_moment: Tensor,
+    problems: list[Problem],
     old: list[Tensor],
     group: dict[str, Any],
     step: int,
     where: str,
     rows: Rows = LOCAL,
 ) -> Task[list[Tensor] | None]:
-    """The factors after the refresh due at ``step``, or ``None`` (with a warning) to keep ``old``."""
+    """The factors after the refresh due at ``step``, or ``None`` (with a warning) to keep ``old``.
+
+    ``problems`` are the factors' (matrix, first moment, sums); ``rows`` the parameter's own sums.
+    """
     reproject = step % (group["update_interval"] * group["reproject_factor"]) == 0
-    pairs = layout.refresh_pairs(grad, first_moment, old)
     new: list[Tensor] | None = None
-    # LAPACK's SVD raises on non-finite input, so one process checks it first; FSDP2's sharded
-    # SVD checks its all-reduced Gram matrix, the same on every rank.
-    if not rows.local or not reproject or all_finite(*(matrix for matrix, _ in pairs)):
+    # LAPACK's SVD raises on non-finite input, so it is checked first (an Eq. 2 step in one
+    # process passes non-finite values on to its result, checked below); row-split sums check
+    # themselves, the same on every rank.
+    if (not reproject and rows.local) or (yield from rows.finite(*(matrix for matrix, _, _ in problems))):
         try:
             new = []
-            for (matrix, moment), P, rank in zip(pairs, old, layout.ranks):
-                factor = yield from _refreshed_factor(matrix, moment, P, rank, group, reproject, rows)
+            for (matrix, moment, matrix_rows), P, rank in zip(problems, old, layout.ranks):
+                factor = yield from _refreshed_factor(matrix, moment, P, rank, group, reproject, matrix_rows)
                 if factor is None:
                     new = None
                     break

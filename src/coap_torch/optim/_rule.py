@@ -15,8 +15,6 @@ from typing import Any, ClassVar, NamedTuple
 from torch import Tensor
 
 from ..functional.reduction import Rows, Task
-from ._layout import Layout
-from ._placement import RowShard
 
 __all__ = ["MomentRule", "Update"]
 
@@ -54,9 +52,6 @@ class MomentRule:
     def check(self, group: dict[str, Any]) -> None:
         """Refuse out-of-range hyper-parameters, naming the argument and the value."""
 
-    def check_param(self, layout: Layout, shard: RowShard | None, index: int) -> None:
-        """Refuse, before any update, a parameter this rule cannot step."""
-
     def init(self, shape: tuple[int, ...], group: dict[str, Any], like: Tensor) -> dict[str, Tensor]:
         """The moments of a (projected or dense) gradient of ``shape``: zeros like ``like``."""
         raise NotImplementedError
@@ -78,9 +73,10 @@ class MomentRule:
         """
         raise NotImplementedError
 
-    def refresh_moment(self, moments: dict[str, Any], layout: Layout, grad: Tensor, factors: list[Tensor]) -> Tensor:
-        """The low-rank first moment ``M`` that the Eq. 2 step correlates with."""
-        return moments["exp_avg"]
+    def refresh_moment(self, moments: dict[str, Any]) -> Tensor | None:
+        """The low-rank first moment ``M`` that the Eq. 2 step correlates with; ``None`` when the
+        rule keeps none (the optimizer then uses the gradient projected on the previous basis)."""
+        return moments.get("exp_avg")
 
     #: Plain dense tensors stepped together (``torch._foreach_*``): rules that can set this to
     #: ``True`` implement :meth:`bulk_state_ok` and :meth:`bulk_step`.

@@ -1,10 +1,11 @@
 r"""Sums over the rows of a matrix sharded across processes (FSDP2), coalesced across parameters.
 
 Under FSDP2 a weight ``W`` (M, N) is sharded on dim 0: each rank holds rows ``W_k`` (m_k, N) and
-receives the matching rows ``G_k`` of the averaged gradient. ``P`` (N, r) sits on the unsharded
-side and is replicated, so a steady step (``G_k P``, the moment rule, ``W_k += D_k P^T``) is
-local and the moments ``(m_k, r)`` shard exactly like the weight. Only the refreshes (and
-Adafactor's statistics) need sums over all rows. They are the same code as in one process
+receives the matching rows ``G_k`` of the averaged gradient. With ``P`` (N, r) on the unsharded
+side, replicated, a steady step (``G_k P``, the moment rule, ``W_k += D_k P^T``) is local and
+the moments ``(m_k, r)`` shard exactly like the weight. Only the refreshes (and Adafactor's
+statistics) need sums over all rows. (The other layouts, and how they reduce to this one at
+their refreshes, are in :mod:`coap_torch.optim._sharding`.) They are the same code as in one process
 (:mod:`coap_torch.functional`: the low-cost SVD, the Eq. 2 step, Adafactor's direction), run
 with a :class:`ShardComm` as their :class:`~coap_torch.functional.reduction.Rows`:
 
@@ -39,10 +40,13 @@ from torch import Tensor
 from ..functional.reduction import Rows, Task
 
 __all__ = [
+    "SPLITS",
     "AllReduce",
     "CommunicationLog",
     "ShardComm",
     "Task",
+    "chunk_bounds",
+    "columns_to_rows",
     "correlation_step_payload_bytes",
     "low_cost_svd_payload_bytes",
     "run_coalesced",
@@ -79,28 +83,59 @@ class AllReduce:
     tensors: tuple[Tensor, ...]
 
 
+#: How a :class:`ShardComm` parameter's tensors are split over the ranks: ``"rows"`` (the rows of
+#: its matrices: a dense matrix or vector, or a matrix with ``P`` on its unsharded side),
+#: ``"batch"`` (its leading dimension only: stacks of matrices and dense kernels, each matrix
+#: whole on one rank), ``"replicated"`` (its moments are the same on every rank: ``P`` on the
+#: sharded side, Tucker-2 cores; only the weight is split).
+SPLITS = ("rows", "batch", "replicated")
+
+
 class ShardComm(Rows):
-    """Sums over the rows of matrices sharded on dim 0 across ``group``; ``rows`` of the whole matrix."""
+    """Sums over a parameter sharded on dim 0 across ``group`` (see :class:`~coap_torch.functional.reduction.Rows`).
+
+    ``split`` says which of the three kinds of sums cross ranks (see :data:`SPLITS`); ``rows``
+    is the number of rows of the whole matrices (``"rows"`` only), ``weight_rows`` the size of
+    the weight's dim 0.
+    """
 
     local = False
 
-    def __init__(self, group: dist.ProcessGroup, *, rows: int) -> None:
+    def __init__(self, group: dist.ProcessGroup, *, rows: int, split: str = "rows", weight_rows: int | None = None):
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}")
         self.group = group
         self.rows = rows
+        self.split = split
+        self.weight_rows = rows if weight_rows is None else weight_rows
 
-    def sum(self, *tensors: Tensor) -> Task[list[Tensor]]:
-        """Sums of ``tensors`` over the group: ``sums = yield from comm.sum(a, b)``.
+    def reduce(
+        self, sums: tuple[Tensor, ...] = (), totals: tuple[Tensor, ...] = (), weight: tuple[Tensor, ...] = ()
+    ) -> Task[tuple[list[Tensor], list[Tensor], list[Tensor]]]:
+        """One all-reduce request (coalesced by :func:`run_coalesced`) for the kinds that cross ranks."""
+        crossing = (self.split == "rows", self.split != "replicated", True)
+        parts = (list(sums), list(totals), list(weight))
+        send = [t for part, cross in zip(parts, crossing) if cross for t in part]
+        if send:
+            summed = iter((yield AllReduce(self.group, tuple(send))))
+            parts = tuple([next(summed) for _ in part] if cross else part for part, cross in zip(parts, crossing))
+        return parts
 
-        The request is issued by :func:`run_coalesced`, in one all-reduce with the requests of
-        the other parameters of the step.
-        """
-        return (yield AllReduce(self.group, tensors))
+    def finite(self, *tensors: Tensor) -> Task[bool]:
+        if self.split != "batch":
+            return True  # row-split sums tell (see Rows.finite); a replicated split refreshes on row splits
+        # Non-finite entries counted on every rank, summed: every rank takes the same decision.
+        bad = torch.stack([(~torch.isfinite(t)).sum() for t in tensors]).sum().to(torch.float32).reshape(1)
+        _, _, (bad,) = yield from self.reduce(weight=(bad,))
+        return not bool(bad.item())
 
     def orthonormal_basis(self, Y: Tensor) -> Task[Tensor | None]:
         """``Q = Y K^{-1/2}`` on the numerically non-zero part of ``K = Y^T Y`` (summed over the
         ranks): orthonormal columns over all rows, the columns of a rank-deficient ``Y`` zero
         (their singular values then 0, filled from the sketch). ``None`` when ``K`` is not finite,
-        which every rank sees alike."""
+        which every rank sees alike. Whole matrices (``"batch"``) take the QR of one process."""
+        if self.split != "rows":
+            return (yield from Rows.orthonormal_basis(self, Y))
         (gram,) = yield from self.sum(Y.double().mT @ Y.double())
         if not bool(torch.isfinite(gram).all()):
             return None
@@ -112,10 +147,40 @@ class ShardComm(Rows):
         return Y @ (vectors * inverse_sqrt.unsqueeze(-2)).to(Y.dtype)
 
     def count(self, matrix: Tensor) -> int:
-        return self.rows
+        return self.rows if self.split == "rows" else matrix.shape[-2]
 
     def numel(self, tensor: Tensor) -> int:
-        return math.prod(tensor.shape[1:]) * self.rows
+        return math.prod(tensor.shape[1:]) * self.weight_rows
+
+
+def chunk_bounds(total: int, world: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each rank's chunk of ``total`` rows, as ``torch.chunk`` (and ``Shard(0)``) split them."""
+    chunk = -(-total // world) if total else 0
+    return [(min(rank * chunk, total), min((rank + 1) * chunk, total)) for rank in range(world)]
+
+
+def columns_to_rows(matrix: Tensor, group: dist.ProcessGroup, columns: int, log: CommunicationLog) -> Tensor:
+    """This rank's chunk of rows, with every column, of a matrix whose columns are split over ``group``.
+
+    ``matrix`` (a, c_k) holds this rank's columns (in rank order, ``columns`` in all); the result
+    is (a_k, columns), rows chunked as :func:`chunk_bounds`. One all-to-all: each rank sends and
+    receives about its own share, so no rank ever holds the whole matrix. Used at refreshes of a
+    factor that sits on the sharded side, which then run on row shards as any other.
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    rows = chunk_bounds(matrix.shape[0], world)
+    widths = [stop - start for start, stop in chunk_bounds(columns, world)]
+    mine = rows[rank][1] - rows[rank][0]
+    # all_to_all_single on flat buffers: gloo's list all_to_all wants equal blocks.
+    send = matrix.contiguous().reshape(-1)  # row chunks are contiguous runs of it, in rank order
+    send_sizes = [(stop - start) * matrix.shape[1] for start, stop in rows]
+    receive_sizes = [mine * width for width in widths]
+    receive = matrix.new_empty(sum(receive_sizes))
+    dist.all_to_all_single(receive, send, receive_sizes, send_sizes, group=group)
+    log.calls += 1
+    log.bytes += send.numel() * send.element_size()
+    blocks = [part.view(mine, width) for part, width in zip(receive.split(receive_sizes), widths)]
+    return torch.cat(blocks, dim=1)
 
 
 def run_coalesced(tasks: Iterable[Task[Any]], log: CommunicationLog) -> None:

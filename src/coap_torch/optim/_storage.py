@@ -41,7 +41,7 @@ from torch import Tensor
 
 from ..functional.quantization import DEFAULT_BLOCK_SIZE, dequantize_blockwise, quantize_blockwise_
 from . import _validation as check
-from ._placement import RowShard, moment_name, replicated
+from ._placement import RowShard, moment_name
 
 __all__ = ["FLOAT32", "INT8_BLOCKWISE", "Int8Blockwise", "Int8Options", "LazyMoments", "MomentStorage"]
 
@@ -91,9 +91,10 @@ class MomentStorage:
             state.update(work.items())
 
     def stored(
-        self, key: str, moment: Tensor, group: dict[str, Any], rotations: dict[str, str], sharded: bool
+        self, key: str, moment: Tensor, group: dict[str, Any], rotations: dict[str, str], shard: RowShard | None
     ) -> dict[str, Tensor]:
-        """The tensors (``meta``) a moment of this (global) shape is kept as between steps."""
+        """The tensors (``meta``) a moment of this (global) shape is kept as between steps
+        (``shard``: a global-shaped one for a parameter sharded on dim 0)."""
         return {key: moment}
 
 
@@ -123,7 +124,7 @@ class Int8Blockwise(MomentStorage):
     @staticmethod
     def _block_size(key: str, shape: tuple[int, ...], group: dict[str, Any], shard: RowShard | None) -> int | None:
         """Entries per block of a moment of (local) ``shape``, or ``None`` to keep it float32."""
-        if shard is None or replicated(key):
+        if shard is None or shard.replicates(key):
             numel = torch.Size(shape).numel()
             return group["block_size"] if numel >= group["min_8bit_size"] else None
         row = torch.Size(shape[1:]).numel()
@@ -133,14 +134,14 @@ class Int8Blockwise(MomentStorage):
         return block if block >= min(MIN_SHARDED_BLOCK, group["block_size"]) else None
 
     def stored(
-        self, key: str, moment: Tensor, group: dict[str, Any], rotations: dict[str, str], sharded: bool
+        self, key: str, moment: Tensor, group: dict[str, Any], rotations: dict[str, str], shard: RowShard | None
     ) -> dict[str, Tensor]:
-        shard = RowShard(None, tuple(moment.shape), 0, moment.shape[0]) if sharded and moment.dim() > 0 else None
+        shard = shard if moment.dim() > 0 else None
         block = self._block_size(key, tuple(moment.shape), group, shard) if key in rotations else None
         if block is None:
             return {key: moment}
         codes = torch.empty(moment.shape, dtype=torch.uint8, device="meta")
-        if shard is not None and not replicated(key):  # a row of blocks per row (see pack)
+        if shard is not None and not shard.replicates(key):  # a row of blocks per row (see pack)
             absmax_shape: tuple[int, ...] = (moment.shape[0], moment[0].numel() // block)
         else:
             absmax_shape = (-(-moment.numel() // block),)
@@ -192,7 +193,7 @@ class Int8Blockwise(MomentStorage):
                 # sqrt(v) >= 0 by construction: skip the sign check and its host sync.
                 flat_absmax = absmax.reshape(-1)
                 quantize_blockwise_(codes, flat_absmax, stored, signed=signed, block_size=block, check_sign=False)
-                if shard is not None and not replicated(key):  # a row of blocks per row: shards with the moment
+                if shard is not None and not shard.replicates(key):  # a row of blocks per row: shards with the moment
                     flat_absmax = flat_absmax.view(value.shape[0], -1)
                 state[key + _CODES], state[key + _ABSMAX] = codes, flat_absmax
                 state.pop(key, None)

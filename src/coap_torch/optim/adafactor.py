@@ -13,7 +13,6 @@ from ..functional.moments import adafactor_direction_task, adafactor_lr
 from ..functional.reduction import LOCAL, Rows, Task
 from . import _validation as check
 from ._base import LowRankOptimizer
-from ._layout import Layout
 from ._options import CoapOptions, with_options
 from ._rule import MomentRule, Update
 from ._storage import INT8_BLOCKWISE, Int8Options
@@ -125,19 +124,6 @@ class AdafactorRule(MomentRule):
             decay = lambda weight: weight.sub_(weight * factor)
         return Update(update, decay, -1.0)
 
-    def check_param(self, layout: Layout, shard: Any, index: int) -> None:
-        if shard is not None and not layout.projected and len(layout.shape) > 2:
-            raise ValueError(
-                f"parameter {index} of shape {shard.global_shape} sharded on dim 0 (FSDP2): Adafactor "
-                "factors its last two axes, not the sharded one; use DistributedDataParallel (or CoapAdamW)"
-            )
-
-    def refresh_moment(self, moments: dict[str, Any], layout: Layout, grad: Tensor, factors: list[Tensor]) -> Tensor:
-        if "exp_avg" in moments:
-            return moments["exp_avg"]
-        # beta1=None: correlate with the current gradient in the previous basis (no memory kept).
-        return layout.project(grad, factors)
-
 
 ADAFACTOR = AdafactorRule()
 
@@ -203,7 +189,7 @@ class CoapAdafactor(LowRankOptimizer):
         warmup_init: with ``relative_step``, warm up as ``min(1e-6 t, 1/sqrt(t))`` (default False).
         rank, rank_ratio_matrix, rank_ratio_cnn, update_interval, reproject_factor, correlation_lr,
         correlation_normalize, correlation_max_norm, scale, min_conv_numel, seed, coap,
-        projection_side: the COAP options, as documented in :class:`~coap_torch.CoapAdamW`.
+        projection_side, conv_projection: the COAP options, as documented in :class:`~coap_torch.CoapAdamW`.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))

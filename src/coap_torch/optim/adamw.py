@@ -136,10 +136,16 @@ class CoapAdamW(LowRankOptimizer):
             ``(seed, parameter index)``, never from the global RNG (default 0).
         coap: set ``False`` in a group to train it densely, e.g. embeddings and output heads
             (default True).
-        projection_side: where ``P`` sits on a matrix: ``None`` (default) the smaller side, but the
-            input side (dim 1) of parameters sharded on dim 0 by FSDP2, so that steady steps need no
-            communication; ``"smaller"`` always the smaller side; ``"input"`` always dim 1 (one
-            process then reproduces FSDP2's choice exactly).
+        projection_side: where ``P`` sits on a matrix, the same in one process, under DDP and under
+            FSDP2: ``None`` (default) or ``"smaller"`` the smaller side (the paper); ``"input"`` dim 1,
+            the side FSDP2 does not shard, so that its steady steps send nothing; ``"larger"`` the
+            larger side, with the moments on the smaller one (``max*r + 2*min*r`` floats of state
+            instead of ``2*max*r + min*r``). Under FSDP2, ``P`` on dim 0 costs an all-reduce of the
+            projected gradient at every step (see ``docs/distributed.md``).
+        conv_projection: how conv kernels with more than one tap are projected: ``"tucker2"``
+            (default) on both channel modes (Algorithm 2); ``"input"`` on the input-channel mode
+            only, the moments (O, *k, r_I): more state than Tucker-2, but no steady-step
+            communication under FSDP2, which shards the output channels.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
