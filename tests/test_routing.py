@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -119,3 +120,50 @@ def test_conv_projection_input_trains_and_saves_memory_against_dense():
     torch.testing.assert_close(P.T @ P, torch.eye(P.shape[1]), atol=1e-5, rtol=0)
     assert state["exp_avg"].shape == (48, 3, 3, P.shape[1])
     assert optimizer_state_nbytes(opt) < 2 * 4 * conv.weight.numel()
+
+
+@pytest.fixture
+def default_side_input(monkeypatch):
+    """The library as if its default projection side were the input side."""
+    from coap_torch.optim import _layout
+
+    monkeypatch.setattr(_layout, "DEFAULT_PROJECTION_SIDE", "input")
+    _layout._cached_route.cache_clear()
+    yield
+    _layout._cached_route.cache_clear()
+
+
+def test_state_built_at_the_earlier_default_side_keeps_it(default_side_input):
+    # A checkpoint of an earlier version (P on the smaller side of a wide matrix) loads into an
+    # optimizer whose default now puts P elsewhere, and resumes bit for bit on its side; new
+    # parameters get the new default.
+    torch.manual_seed(0)
+    wide = torch.nn.Linear(96, 32)
+    data = [torch.randn(64, 96) for _ in range(6)]
+
+    def train(opt, batches):
+        for x in batches:
+            wide(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+    earlier = CoapAdamW(wide.parameters(), rank=8, update_interval=2, reproject_factor=2, projection_side="smaller")
+    train(earlier, data[:3])
+    saved = copy.deepcopy({"model": wide.state_dict(), "opt": earlier.state_dict()})
+    for group in saved["opt"]["param_groups"]:
+        group["projection_side"] = None  # as an earlier version saved its default
+    train(earlier, data[3:])
+    expected = wide.weight.detach().clone()
+
+    wide.load_state_dict(saved["model"])
+    resumed = CoapAdamW(wide.parameters(), rank=8, update_interval=2, reproject_factor=2)
+    resumed.load_state_dict(saved["opt"])
+    assert resumed.state[wide.weight]["proj"].shape == (32, 8)  # the smaller side, kept
+    train(resumed, data[3:])
+    assert torch.equal(wide.weight, expected)
+
+    fresh = torch.nn.Linear(96, 32)
+    opt = CoapAdamW(fresh.parameters(), rank=8)
+    fresh(data[0]).square().mean().backward()
+    opt.step()
+    assert opt.state[fresh.weight]["proj"].shape == (96, 8)  # the new default: the input side

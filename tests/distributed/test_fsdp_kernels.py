@@ -33,6 +33,7 @@ NETS = {
     "unet": (make_unet_like, image_batch, {}),
     "experts": (make_expert_net, token_batch, {}),
     "unet_input": (make_unet_like, image_batch, {"projection_side": "input", "conv_projection": "input"}),
+    "unet_larger": (make_unet_like, image_batch, {"projection_side": "larger"}),
 }
 #: The nets trained at the default options.
 DEFAULTS = ("unet", "experts")

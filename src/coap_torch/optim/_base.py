@@ -29,7 +29,7 @@ from ..functional.reduction import LOCAL, Rows, Task
 from . import _placement as placement
 from . import _validation as check
 from ._checkpoint import checked_state, new_step_counter
-from ._layout import Layout, layout_of
+from ._layout import Layout, earlier_default, layout_of
 from ._options import COAP_DEFAULTS, COAP_OPTIONS, CoapOptions, defaults_of, take_options
 from ._refresh import Problem, initial_factors, local_problems, refreshed_factors
 from ._rule import MomentRule
@@ -210,8 +210,14 @@ class LowRankOptimizer(Optimizer):
         layout = layout_of(param, group)
         plan = None if shard is None else plan_shard(layout, shard)
         state = self.state.get(param)
+        if state and not _fits(state, layout, plan) and (earlier := earlier_default(group)) is not None:
+            # State built where an earlier version's default put P keeps it (see EARLIER_DEFAULT_SIDE).
+            earlier_layout = layout_of(param, earlier)
+            earlier_plan = None if shard is None else plan_shard(earlier_layout, shard)
+            if _fits(state, earlier_layout, earlier_plan):
+                layout, plan = earlier_layout, earlier_plan
         if state:
-            _check_layout(state, layout, layout.factor_shapes() if plan is None else plan.factor_shapes(), index)
+            _check_layout(state, layout, _factor_shapes(layout, plan), index)
         return _PlannedStep(param, group, index, layout if plan is None else plan.layout, plan)
 
     def _check_engine(self) -> None:
@@ -461,10 +467,24 @@ def _apply(
         target.add_(direction, alpha=alpha)
 
 
+def _factor_shapes(layout: Layout, plan: ShardPlan | None) -> list[tuple[int, ...]]:
+    """The shapes of the factors a parameter's state holds (this rank's, for a sharded stack)."""
+    return layout.factor_shapes() if plan is None else plan.factor_shapes()
+
+
+def _found_factor_shapes(state: dict[str, Any]) -> list[tuple[int, ...]]:
+    return [tuple(placement.local(state[key]).shape) for key in ("proj", "proj_out", "proj_in") if key in state]
+
+
+def _fits(state: dict[str, Any], layout: Layout, plan: ShardPlan | None) -> bool:
+    """Whether ``state`` holds the factors of ``layout``."""
+    return _found_factor_shapes(state) == _factor_shapes(layout, plan)
+
+
 def _check_layout(state: dict[str, Any], layout: Layout, expected: list[tuple[int, ...]], index: int) -> None:
     """Refuse state that was built for another projection (options changed since it was made);
     ``expected`` are the shapes of the stored factors (this rank's, for a sharded stack)."""
-    found = [tuple(placement.local(state[key]).shape) for key in ("proj", "proj_out", "proj_in") if key in state]
+    found = _found_factor_shapes(state)
     if found != expected:
         raise ValueError(
             f"the state of parameter {index} of shape {layout.shape} holds projections of shapes {found}, "

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _placement as placement
+from ._layout import earlier_default
 from ._refresh import caller_stacklevel
 
 #: Saved entries that are dropped at load: transformers' Adafactor keeps ``RMS``, the weight's
@@ -177,7 +178,7 @@ def checked_state(
             if not isinstance(entry, dict):
                 raise CheckpointError(f"{where}: the saved state is a {type(entry).__name__}, not a dict")
             try:
-                loaded[param] = convert_loaded_state(entry, optimizer.planned_state(param, final), param, where)
+                loaded[param] = _converted(optimizer, entry, param, final, where)
             except CheckpointError as error:
                 hint = _options_hint(differences) or _side_hint(optimizer, entry, param, final, where)
                 raise CheckpointError(f"{error}{hint}") from None
@@ -190,6 +191,24 @@ def checked_state(
             stacklevel=caller_stacklevel(),
         )
     return loaded, options
+
+
+def _converted(
+    optimizer: Any, entry: dict[str, Any], param: Tensor, final: dict[str, Any], where: str
+) -> dict[str, Any]:
+    """``entry`` converted for ``param`` under the group ``final``; a matrix whose state was built
+    where earlier versions' default put ``P`` keeps it (see ``EARLIER_DEFAULT_SIDE``)."""
+    try:
+        return convert_loaded_state(entry, optimizer.planned_state(param, final), param, where)
+    except CheckpointError:
+        earlier = earlier_default(final)
+        if earlier is None:
+            raise
+        try:
+            return convert_loaded_state(entry, optimizer.planned_state(param, earlier), param, where)
+        except CheckpointError:
+            pass
+        raise
 
 
 def _options_hint(differences: dict[str, tuple[Any, Any]]) -> str:

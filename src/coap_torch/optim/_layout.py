@@ -46,6 +46,13 @@ DEFAULT_RANK_RATIO = 2.0
 #: the last axis), ``"larger"`` (the larger side, the moments on the smaller one).
 PROJECTION_SIDES = (None, "smaller", "input", "larger")
 
+#: Where ``projection_side=None`` puts ``P`` on a matrix whose state is created now.
+DEFAULT_PROJECTION_SIDE = "smaller"
+
+#: Where earlier versions put it in one process: with ``projection_side=None``, a matrix whose
+#: saved state was built there keeps it (:func:`keeps_earlier_side`), so their checkpoints resume.
+EARLIER_DEFAULT_SIDE = "smaller"
+
 #: Values of the ``conv_projection`` option: Tucker-2 on both channel modes, or the input mode only.
 CONV_PROJECTIONS = ("tucker2", "input")
 
@@ -231,7 +238,7 @@ def route(shape: tuple[int, ...], group: dict[str, Any]) -> Layout:
     ``group`` may leave out ``projection_side`` (the smaller side is used).
     """
     shape = tuple(shape)
-    side = group.get("projection_side")
+    side = group.get("projection_side") or DEFAULT_PROJECTION_SIDE
     if not group["coap"] or len(shape) < 2:
         return Layout("dense", shape)
     if len(shape) >= 4:
@@ -265,7 +272,7 @@ def _matrix_layout(shape: tuple[int, ...], matrix_shape: tuple[int, ...], rank: 
     if min(m, n) <= rank:
         return Layout("dense", shape)
     # The canonical matrix is (rows, P's side): transposed puts P on the first axis (m).
-    transposed = {"input": False, "larger": m > n}.get(side, m < n)
+    transposed = {"input": False, "larger": m > n, "smaller": m < n}[side]
     return Layout("matrix", shape, (rank,), transposed=transposed)
 
 
@@ -289,3 +296,11 @@ def layout_of(param: Tensor, group: dict[str, Any]) -> Layout:
     """The :class:`Layout` of ``param`` under ``group``'s options (global shapes for a DTensor):
     the same in one process, under DDP and under FSDP2."""
     return _cached_route(tuple(param.shape), tuple(group.get(key) for key in _ROUTING_KEYS))
+
+
+def earlier_default(group: dict[str, Any]) -> dict[str, Any] | None:
+    """``group`` with ``P`` where earlier versions' default put it, or ``None`` when that is
+    where it already goes (an explicit ``projection_side``, or the same default)."""
+    if group.get("projection_side") is not None or EARLIER_DEFAULT_SIDE == DEFAULT_PROJECTION_SIDE:
+        return None
+    return {**group, "projection_side": EARLIER_DEFAULT_SIDE}
