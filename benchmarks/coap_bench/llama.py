@@ -43,7 +43,7 @@ from coap_torch.optim import LowRankOptimizer, enable_per_layer_updates
 from ._quiet import gather_import_notes, import_note_lines
 from .environment import hardware, versions
 from .llama_model import PRESETS, RECIPES, LlamaPreset, projected_parameter_groups
-from .optimizers import OPTIMIZERS, LowRankSettings, build_optimizer
+from .optimizers import OPTIMIZERS, PROJECTION_SIDES, LowRankSettings, build_optimizer
 from .report import _number, markdown_table
 from .runner import checkpoint_workarounds
 from .training import (
@@ -134,6 +134,7 @@ class LlamaConfig:
     scale: float | None = None
     proj_gap: int | None = None
     correlation_normalize: bool = False
+    projection_side: str | None = None
     weight_decay: float = 0.0
     lr: float | None = None
     lr_sweep: bool = False
@@ -174,6 +175,10 @@ class LlamaConfig:
             raise ValueError(f"seeds must be at least 1, got {self.seeds}")
         if self.rank_ratio is not None and self.rank_ratio < 1:
             raise ValueError(f"rank_ratio must be >= 1, got {self.rank_ratio}")
+        if self.projection_side is not None and self.projection_side not in PROJECTION_SIDES:
+            raise ValueError(
+                f"unknown projection_side {self.projection_side!r}; choose from {', '.join(PROJECTION_SIDES)}"
+            )
         if self.c4 and self.data_dir:
             raise ValueError("c4 and data_dir are two different corpora: give one of them")
         preset = LLAMA_PRESETS[self.preset]
@@ -204,6 +209,7 @@ class LlamaConfig:
             scale=self.scale,
             proj_gap=self.proj_gap,
             correlation_normalize=self.correlation_normalize,
+            projection_side=self.projection_side,
             weight_decay=self.weight_decay,
             seed=self.seed,
         )
@@ -227,6 +233,7 @@ def recipe_settings(
     scale: float | None = None,
     proj_gap: int | None = None,
     correlation_normalize: bool = False,
+    projection_side: str | None = None,
     weight_decay: float = 0.0,
     seed: int = 0,
 ) -> LowRankSettings:
@@ -261,6 +268,7 @@ def recipe_settings(
         base,
         **{k: v for k, v in overrides.items() if v is not None},
         correlation_normalize=correlation_normalize,
+        projection_side=projection_side,
         weight_decay=weight_decay,
         seed=seed,
     )
@@ -437,6 +445,12 @@ def _columns(result: dict[str, Any]) -> list[str]:
     return [*measurement_columns(result, "tokens_per_s"), _number(result["heldout_perplexity"], ".2f")]
 
 
+def _side(low: dict[str, Any]) -> str:
+    """``", P on the <side> side"`` when the run set COAP's ``projection_side``, else nothing."""
+    side = low.get("projection_side")
+    return f", P on the {side} side" if side else ""
+
+
 def _recipe_line(config: dict[str, Any]) -> str:
     low = config["low_rank"]
     rank = f"rank {low['rank']}" if low["rank"] is not None else f"rank min(m, n) // {low['rank_ratio']:g}"
@@ -444,7 +458,7 @@ def _recipe_line(config: dict[str, Any]) -> str:
     lrs = ", ".join(f"{name} {lr:g}" for name, lr in config["lrs"].items())
     return (
         f"recipe {config['recipe']}: low-rank methods project the {projected} at {rank} (COAP T_u "
-        f"{low['update_interval']}, lambda {low['reproject_factor']}; GaLore/APOLLO update_proj_gap "
+        f"{low['update_interval']}, lambda {low['reproject_factor']}{_side(low)}; GaLore/APOLLO update_proj_gap "
         f"{low['proj_gap']}; update scale {low['scale']:g}), weight decay {low['weight_decay']:g}; peak lr: {lrs}"
         + (f"; lr sweep x{config['lr_sweep_factors']}, best held-out kept" if config.get("lr_sweep") else "")
     )

@@ -7,6 +7,10 @@ optimizers), byte-exact against their state.
 Next to each figure stands the one the COAP paper prints, the ratio, and, where the two differ
 by more than 1%, the reason, found by taking the difference apart.
 
+Layout. The library's default puts ``P`` on the input side of every matrix; the COAP rows here use
+``projection_side="smaller"`` (:data:`PAPER_PROJECTION_SIDE`), the paper's layout and its release's,
+so that they compare with the paper's figures (and :func:`paper_release_values`) like for like.
+
 Units. The paper's "MB" and "GB" are binary (MiB, GiB): AdamW on the DDPM CIFAR-10 UNet
 (35,746,307 fp32 values, two moments) is 285,970,456 bytes = 272.72 MiB (285.97 MB), the figure
 of supplementary Table 2; LLaMA-1B's 4.99 GB is 1,339,082,752 values x 2 bf16 moments = 4.99 GiB.
@@ -40,11 +44,16 @@ __all__ = [
     "DDPM_CELEBAHQ_CONFIG",
     "DDPM_CIFAR10_CONFIG",
     "MODELS",
+    "PAPER_PROJECTION_SIDE",
     "SDXL_UNET_CONFIG",
     "format_memory_report",
     "paper_release_values",
     "run_memory",
 ]
+
+#: Where the COAP rows put ``P`` on a matrix: the paper's side (its release's too), not the library's
+#: default (the input side), so that ours and the paper's figures count the same layout.
+PAPER_PROJECTION_SIDE = "smaller"
 
 # -- the models, from their published configurations ------------------------------------------
 #: ``google/ddpm-cifar10-32``'s UNet2DModel config: the DDPM CIFAR-10 UNet (35.7M parameters).
@@ -278,8 +287,11 @@ MODELS: dict[str, Study] = {
 
 
 def _inputs(study: Study, model: nn.Module, case: Case) -> tuple[Any, dict[str, Any]]:
-    """What ``estimate_state_bytes`` gets for ``case``: the parameters (or groups) and the options."""
+    """What ``estimate_state_bytes`` gets for ``case``: the parameters (or groups) and the options
+    (COAP's with ``P`` on the paper's side, :data:`PAPER_PROJECTION_SIDE`)."""
     options = dict(ADAFACTOR) if "adafactor" in case.optimizer else {}
+    if case.optimizer.startswith("coap_"):
+        options["projection_side"] = PAPER_PROJECTION_SIDE
     if case.optimizer in ("adamw", "adafactor", "adamw8bit"):
         return model, options
     if study.recipe == "paper":
@@ -325,7 +337,7 @@ def _explain(study: Study, model: nn.Module, estimates: dict[tuple[str, float | 
         release = {name: sum(4 * paper_release_values(p.shape, ratio, adafactor=name == "coap_adafactor")
                              for p in model.parameters()) / scale for name in ("coap_adamw", "coap_adafactor")}  # fmt: skip
         notes["ddpm-1x1"] = (
-            "Ours treats a 1x1 conv kernel (O, I, 1, 1) as the (O, I) matrix it is (P on the smaller side, "
+            "Ours treats a 1x1 conv kernel (O, I, 1, 1) as the (O, I) matrix it is (P on the paper's smaller side, "
             "Adafactor's factored (m) + (r) accumulators). The paper's release projects it with Tucker-1 on the "
             "output mode, and Adafactor then factors over the trailing 1x1 axes, so its row and column "
             "accumulators are each as large as the moment. All of the difference is there, but for the release's "
@@ -444,7 +456,7 @@ def run_memory(models: Sequence[str] = tuple(MODELS)) -> dict[str, Any]:
         "notes": notes,
         "breakdowns": breakdowns,
         "models": built,
-        "config": {"models": list(models)},
+        "config": {"models": list(models), "coap_projection_side": PAPER_PROJECTION_SIDE},
         "import_notes": import_notes(),
     }
 
@@ -457,6 +469,10 @@ def _import_peer(optimizer: str) -> None:
 
 
 # -- the report -----------------------------------------------------------------------------------
+_LAYOUT = (
+    f"COAP rows: projection_side={PAPER_PROJECTION_SIDE!r}, P on each matrix's smaller side as in the paper "
+    "(the library's default puts P on the input side)."
+)
 _UNITS = (
     'MB = 10^6 bytes. MiB / GiB = 2^20 / 2^30 bytes: the paper\'s "MB" / "GB", as its figures show '
     "(AdamW on the DDPM CIFAR-10 UNet: 35,746,307 values x 2 fp32 moments = 285,970,456 bytes = 272.72 MiB, "
@@ -487,7 +503,7 @@ def format_memory_report(run: dict[str, Any]) -> str:
         "",
         *(f"{key}: {m['title']}, {m['parameters']:,} parameters, built on meta." for key, m in run["models"].items()),
     ]
-    lines += ["", _UNITS]
+    lines += ["", _UNITS, _LAYOUT]
     lines += [f"[{i}] {text}" for i, text in enumerate(order, 1)]
     notes = import_note_lines(run)  # what peers printed while imported, said once
     lines += ["", *notes] if notes else []

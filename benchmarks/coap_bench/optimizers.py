@@ -29,6 +29,7 @@ from ._deps import require
 __all__ = [
     "DEFAULT_OPTIMIZERS",
     "OPTIMIZERS",
+    "PROJECTION_SIDES",
     "LowRankSettings",
     "OptimizerSpec",
     "build_optimizer",
@@ -38,6 +39,8 @@ __all__ = [
 #: The rank ratio the optimizers use when ``rank_ratio_matrix`` / ``rank_ratio_cnn`` are left unset (the
 #: README's default, ``rank = min(m, n) // 2``; a test checks it against the optimizers' planned state).
 DEFAULT_RANK_RATIO = 2.0
+#: The values of COAP's ``projection_side`` option a run may set (``None`` leaves the library's default).
+PROJECTION_SIDES = ("smaller", "input", "larger")
 
 Params = Sequence[nn.Parameter]
 Factory = Callable[[Params, Params, float, "LowRankSettings"], torch.optim.Optimizer]
@@ -51,6 +54,8 @@ class LowRankSettings:
     min(m, n) // rank_ratio``, the library's ``rank_ratio_matrix``). ``update_interval`` and
     ``reproject_factor`` are COAP's T_u and lambda; ``proj_gap`` is GaLore's and APOLLO's
     ``update_proj_gap``; ``scale`` multiplies the update of projected weights for all of them.
+    ``projection_side`` and ``conv_projection`` are COAP's options of the same names (``None``
+    leaves them to the library).
     """
 
     rank_ratio: float | None = DEFAULT_RANK_RATIO
@@ -62,6 +67,8 @@ class LowRankSettings:
     correlation_normalize: bool = False
     weight_decay: float = 0.01
     seed: int = 0
+    projection_side: str | None = None
+    conv_projection: str | None = None
 
     def rank_of(self, shape: Sequence[int]) -> int:
         """The rank a low-rank method uses for a matrix of ``shape`` (the rule of ``rank_ratio_matrix``)."""
@@ -84,6 +91,10 @@ class LowRankSettings:
             options["rank"] = int(self.rank)
         else:
             options["rank_ratio_matrix"] = ratio
+        if self.projection_side is not None:
+            options["projection_side"] = self.projection_side
+        if self.conv_projection is not None:
+            options["conv_projection"] = self.conv_projection
         return options
 
 

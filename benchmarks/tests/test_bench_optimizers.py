@@ -65,6 +65,22 @@ def test_galore_groups_project_what_coap_projects_at_the_same_rank():
     assert {id(p) for p in rest} == {id(p) for p in [*projected, *dense]} - set(galore_ranks)
 
 
+def test_projection_side_reaches_coap_only_when_set():
+    assert "projection_side" not in LowRankSettings().coap_options()  # the library's default
+    assert LowRankSettings(projection_side="larger").coap_options()["projection_side"] == "larger"
+    assert recipe_settings("paper", "tiny", projection_side="input").projection_side == "input"
+    projected, dense = _params()
+    coap = build_optimizer(
+        "coap_adamw", projected, dense, 1e-3, LowRankSettings(rank_ratio=4, projection_side="larger")
+    )
+    for p in [*projected, *dense]:
+        p.grad = torch.randn_like(p)
+    coap.step()
+    # P on the larger side of (48, 32) and (16, 40); the moments on the smaller one.
+    assert [tuple(coap.state[p]["proj"].shape) for p in projected[:2]] == [(48, 8), (40, 4)]
+    assert [tuple(coap.state[p]["exp_avg"].shape) for p in projected[:2]] == [(32, 8), (16, 4)]
+
+
 @pytest.mark.parametrize("name", [n for n, s in OPTIMIZERS.items() if s.family in ("dense", "coap")])
 def test_every_builtin_and_torch_optimizer_builds_and_steps(name):
     projected, dense = _params()
@@ -103,3 +119,16 @@ def test_names():
         parse_optimizer_names("adamw,nope")
     with pytest.raises(ValueError, match="unknown optimizer 'nope'"):
         build_optimizer("nope", [], [], 1e-3, LowRankSettings())
+
+
+def test_conv_projection_reaches_coap_only_when_set():
+    from coap_bench.ddpm.presets import recipe_settings as ddpm_settings
+
+    assert "conv_projection" not in LowRankSettings().coap_options()
+    settings = ddpm_settings("paper", conv_projection="input")
+    assert settings.coap_options()["conv_projection"] == "input"
+    conv = torch.nn.Conv2d(32, 48, 3)
+    coap = build_optimizer("coap_adamw", [conv.weight], [conv.bias], 1e-3, settings)
+    conv(torch.randn(2, 32, 5, 5)).square().mean().backward()
+    coap.step()
+    assert set(coap.state[conv.weight]) == {"step", "proj_in", "exp_avg", "exp_avg_sq"}  # no P_O

@@ -20,6 +20,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 pytest.importorskip("tqdm")
 
+from bench_helpers import process_env
+
 from coap_bench.cli import build_parser
 from coap_bench.outputs import OutputPathError, check_output_paths
 from coap_bench.runner import CheckpointError, check_checkpoint_archive, load_checkpoint
@@ -27,7 +29,6 @@ from coap_bench.text import is_heldout, remove_stale_temporaries
 
 #: Generous: a command here takes a few seconds, but the machine may be busy.
 TIMEOUT = 240
-_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 class NotAllowed:
@@ -35,9 +36,7 @@ class NotAllowed:
 
 
 def _env(cache: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
-    env.update(COAP_TORCH_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return env
+    return process_env(COAP_TORCH_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def _cli(cache: Path, *args: str, python: tuple[str, ...] = ("-m", "coap_bench.cli")):

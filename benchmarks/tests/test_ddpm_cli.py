@@ -13,7 +13,10 @@ pytest.importorskip("diffusers")
 pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 
+from bench_helpers import DDPM_QUICK
+
 from coap_bench import optimizers as registry
+from coap_bench.arguments import config_from_args
 from coap_bench.cli import build_parser, main
 from coap_bench.ddpm import (
     DDPM_PRESETS,
@@ -27,22 +30,8 @@ HAS_GALORE = importlib.util.find_spec("galore_torch") is not None
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 # One thread (steady on a busy machine), a short COAP refresh schedule so that a few steps include
-# Eq. 2 updates and SVDs, a quick feature classifier.
-_SMALL = [
-    "--preset",
-    "micro",
-    "--threads",
-    "1",
-    "--update-interval",
-    "2",
-    "--reproject-factor",
-    "2",
-    "--proj-gap",
-    "3",
-    "--classifier-steps",
-    "40",
-    "--no-progress",
-]
+# Eq. 2 updates and SVDs (and GaLore's), a quick feature classifier.
+_SMALL = [*DDPM_QUICK, "--proj-gap", "3"]
 
 
 def _run(tmp_path, *extra: str, name: str = "r.json", in_process: bool = True) -> dict:
@@ -303,6 +292,20 @@ def test_defaults_and_presets():
     assert (paper.rank_ratio, paper.update_interval, paper.reproject_factor) == (1.5, 16, 10)
     assert (drop_in.rank_ratio, drop_in.update_interval, drop_in.reproject_factor) == (2.0, 32, 5)
     assert recipe_settings("paper", rank_ratio=3).rank_ratio == 3
+
+
+def test_projection_side_flag():
+    def config(*flags: str) -> DdpmConfig:
+        return config_from_args(DdpmConfig, build_parser().parse_args(["ddpm", *flags]), list(flags))
+
+    assert config().projection_side is None and "projection_side" not in config().settings().coap_options()
+    smaller = config("--projection-side", "smaller")
+    assert smaller.resolved().projection_side == "smaller"
+    assert smaller.settings().coap_options()["projection_side"] == "smaller"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ddpm", "--projection-side", "output"])
+    with pytest.raises(ValueError, match="unknown projection_side 'output'"):
+        DdpmConfig(projection_side="output").resolved()
 
 
 def test_cifar10_preset_is_the_ddpm_cifar10_unet():

@@ -15,6 +15,7 @@ pytest.importorskip("tqdm")
 
 from coap_bench import llama as llama_module
 from coap_bench import optimizers as registry
+from coap_bench.arguments import config_from_args
 from coap_bench.cli import build_parser, main
 from coap_bench.llama import DEFAULT_LLAMA_OPTIMIZERS, LlamaConfig, format_llama_table
 
@@ -208,7 +209,8 @@ def test_lr_sweep_keeps_the_best_heldout_loss(tmp_path):
 
 
 def test_drop_in_state_at_rank_ratio_4_is_the_readme_formula(tmp_path):
-    """Every matrix projected at r = min(m, n) // 4: 4 (2 m r + n r) bytes each (m >= n), 8 bytes per other entry."""
+    """Every (out=m, in=n) matrix projected at r = min(m, n) // 4 with P (n, r) on the input side (the
+    library's default) and two moments (m, r): 4 (2 m r + n r) bytes each, 8 bytes per other entry."""
     from coap_bench.llama_model import build_llama
 
     run = _run(tmp_path, "--steps", "2", "--optimizers", "adamw,coap_adamw", "--recipe", "drop-in", "--rank-ratio", "4")
@@ -216,8 +218,8 @@ def test_drop_in_state_at_rank_ratio_4_is_the_readme_formula(tmp_path):
     expected = 0
     for param in model.parameters():
         if param.ndim == 2:
-            m, n = max(param.shape), min(param.shape)
-            r = n // 4
+            m, n = param.shape  # (out, in)
+            r = min(m, n) // 4  # the rank still comes from the smaller side
             expected += 4 * (2 * m * r + n * r)
         else:
             expected += 8 * param.numel()
@@ -248,6 +250,20 @@ def test_defaults():
     config = LlamaConfig().resolved()
     assert config.isolate and config.steps == 400 and config.batch_size == 16 and config.seq_len == 128
     assert LlamaConfig(device="cuda").resolved().isolate is False
+
+
+def test_projection_side_flag():
+    def config(*flags: str) -> LlamaConfig:
+        return config_from_args(LlamaConfig, build_parser().parse_args(["llama", *flags]), list(flags))
+
+    assert config().projection_side is None and "projection_side" not in config().settings().coap_options()
+    larger = config("--projection-side", "larger")
+    assert larger.resolved().projection_side == "larger"
+    assert larger.settings().coap_options()["projection_side"] == "larger"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["llama", "--projection-side", "output"])
+    with pytest.raises(ValueError, match="unknown projection_side 'output'"):
+        LlamaConfig(projection_side="output").resolved()
 
 
 def test_table_of_a_run_with_only_failures():

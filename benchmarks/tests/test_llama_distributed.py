@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +12,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 pytest.importorskip("tqdm")
 pytest.importorskip("torch.distributed")
+
+from bench_helpers import as_rank_0_of_2, by_name, launch_torchrun, torchrun_json, without_torchrun
 
 from coap_bench.cli import main
 from coap_bench.llama import LlamaConfig
@@ -41,7 +39,6 @@ _SMALL = [
     str(STEPS),
     "--no-progress",
 ]
-_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="module")
@@ -55,49 +52,14 @@ def _cache_env(cache, monkeypatch):
     monkeypatch.setenv("COAP_TORCH_CACHE", cache)
 
 
-def _launch(folder, cache: str, *args: str, nproc: int = 2) -> tuple[int, str, object]:
-    """``coap-bench llama`` on ``nproc`` ranks: exit status, output and the JSON path. Killed with its workers
-    after TIMEOUT s."""
-    path = folder / f"run{len(list(folder.glob('*.json')))}.json"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(nproc),
-        "-m",
-        "coap_bench.cli",
-        "llama",
-        *_SMALL,
-        "--json",
-        str(path),
-        *args,
-    ]
-    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
-    env.update(COAP_TORCH_CACHE=cache, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
-        proc.communicate()
-        pytest.fail(f"torchrun did not finish in {TIMEOUT} s")
-    return proc.returncode, out, path
+def _launch(folder, cache: str, *args: str) -> tuple[int, str, object]:
+    """``coap-bench llama`` on 2 ranks: exit status, output and the JSON path."""
+    return launch_torchrun(folder, ["llama", *_SMALL], *args, timeout=TIMEOUT, COAP_TORCH_CACHE=cache)
 
 
 def _torchrun(folder, cache: str, *args: str) -> dict:
     """``coap-bench llama`` on 2 ranks; the JSON rank 0 wrote."""
-    returncode, out, path = _launch(folder, cache, *args)
-    assert returncode == 0, "\n".join(line for line in out.splitlines() if "Warning" not in line)[-6000:]
-    assert "per rank:" in out and "engine/step" in out, out[-4000:]
-    return json.loads(path.read_text())
-
-
-def _results(run: dict) -> dict:
-    return {r["name"]: r for r in run["results"]}
+    return torchrun_json(folder, ["llama", *_SMALL], *args, timeout=TIMEOUT, COAP_TORCH_CACHE=cache)
 
 
 #: Checkpoints every 2 steps: a run stopped after 3 steps resumes from step 2.
@@ -131,7 +93,7 @@ def fsdp2_run(fsdp2_folder, cache):
 def test_fsdp2_shards_the_state_and_coap_steady_steps_are_silent(fsdp2_run):
     config = fsdp2_run["config"]
     assert (config["world_size"], config["backend"], config["engine"]) == (2, "gloo", "fsdp2")
-    results = _results(fsdp2_run)
+    results = by_name(fsdp2_run)
     full_adamw_state = 2 * 4 * config["parameters"]  # two fp32 moments per parameter on one process
     for result in results.values():
         ranks = result["ranks"]
@@ -172,8 +134,8 @@ def test_ddp_matches_one_process_and_replicates_the_state(tmp_path, cache, fsdp2
         )
         == 0
     )
-    single = _results(json.loads((tmp_path / "single.json").read_text()))
-    ddp, fsdp2 = _results(run), _results(fsdp2_run)
+    single = by_name(json.loads((tmp_path / "single.json").read_text()))
+    ddp, fsdp2 = by_name(run), by_name(fsdp2_run)
     for name in ("adamw", "coap_adamw"):
         # The same global batches, averaged gradients: the curve of one process on the whole batch.
         assert ddp[name]["loss_curve"] == pytest.approx(single[name]["loss_curve"], abs=1e-5)
@@ -192,14 +154,13 @@ def test_ddp_matches_one_process_and_replicates_the_state(tmp_path, cache, fsdp2
 @pytest.mark.slow
 def test_fsdp2_per_layer_updates_train_like_regular_steps(tmp_path, cache, fsdp2_run):
     run = _torchrun(tmp_path, cache, "--distributed", "fsdp2", "--per-layer", "--optimizers", "coap_adamw")
-    result = _results(run)["coap_adamw"]
+    result = by_name(run)["coap_adamw"]
     assert result["per_layer"]
-    assert result["loss_curve"] == pytest.approx(_results(fsdp2_run)["coap_adamw"]["loss_curve"], abs=1e-5)
+    assert result["loss_curve"] == pytest.approx(by_name(fsdp2_run)["coap_adamw"]["loss_curve"], abs=1e-5)
 
 
 def test_distributed_without_torchrun_says_how_to_launch(monkeypatch, capsys):
-    for name in _TORCHRUN_VARS:
-        monkeypatch.delenv(name, raising=False)
+    without_torchrun(monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
         main(["llama", *_SMALL, "--distributed", "fsdp2"])
     assert exit_info.value.code == 2
@@ -214,11 +175,7 @@ def test_distributed_without_torchrun_says_how_to_launch(monkeypatch, capsys):
     ],
 )
 def test_distributed_options_are_checked_before_any_process_group(monkeypatch, options, message):
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "1")
+    as_rank_0_of_2(monkeypatch)
     with pytest.raises(ValueError, match=message):
         run_llama_distributed(LlamaConfig(preset="micro", steps=2, optimizers=("coap_adamw",), **options))
 
@@ -375,9 +332,9 @@ def test_per_layer_cli_trains_like_regular_steps(tmp_path, capsys):
     args = ["llama", *_SMALL, "--optimizers", "adamw,coap_adamw", "--in-process"]
     assert main([*args, "--json", str(tmp_path / "regular.json")]) == 0
     assert main([*args, "--per-layer", "--json", str(tmp_path / "per_layer.json")]) == 0
-    regular = _results(json.loads((tmp_path / "regular.json").read_text()))
+    regular = by_name(json.loads((tmp_path / "regular.json").read_text()))
     run = json.loads((tmp_path / "per_layer.json").read_text())
-    per_layer = _results(run)
+    per_layer = by_name(run)
     assert per_layer["coap_adamw"]["per_layer"] and not per_layer["adamw"]["per_layer"]
     for name in ("adamw", "coap_adamw"):
         assert per_layer[name]["loss_curve"] == regular[name]["loss_curve"]

@@ -21,8 +21,9 @@ def _q(k: int) -> int:
 
 
 def _expected_bytes(name: str, shape, r: int) -> int:
-    """README's closed forms (m >= n), written out independently of the benchmark's."""
-    m, n = max(shape), min(shape)
+    """README's closed forms of the matrix (m, n) the optimizer works on (P (n, r), moments (m, r)),
+    written out independently of the benchmark's."""
+    m, n = shape
     return {
         "CoapAdamW": 4 * (2 * m * r + n * r),
         "CoapAdamW8bit": 4 * n * r + 2 * _q(m * r),
@@ -57,15 +58,20 @@ def test_quick_run_writes_json_with_state_bytes_equal_to_formula(tmp_path, capsy
     # Section 1: measured state bytes equal the closed form, and AdamW's 8 m n.
     assert [tuple(r["shape"]) for r in run["state_bytes"]] == shapes
     for row in run["state_bytes"]:
+        # The library's default puts P on the input side: P (n, r) and moments (m, r) of the
+        # (out=m, in=n) weight itself, whichever side is smaller.
         m, n = row["shape"]
         r = row["rank"]
-        assert row["coap_formula_bytes"] == 4 * (2 * max(m, n) * r + min(m, n) * r)
+        assert row["projection_side"] is None and row["transposed"] is False
+        assert row["proj_shape"] == [n, r] and row["moment_shape"] == [m, r]
+        assert row["coap_formula_bytes"] == 4 * (2 * m * r + n * r)
         assert row["coap_measured_bytes"] == row["coap_formula_bytes"]
         assert row["adamw_measured_bytes"] == row["adamw_formula_bytes"] == 8 * m * n
         assert row["target_state_bytes_equal_formula"] is True
         # ... and so do the other three COAP optimizers', exactly.
         assert tuple(row["optimizers"]) == OPTIMIZERS
         for name, o in row["optimizers"].items():
+            assert o["transposed"] is False and o["worked_on_shape"] == [m, n]
             assert o["formula_bytes"] == _expected_bytes(name, (m, n), r) == formulas.FORMULAS[name]((m, n), r)
             assert o["measured_bytes"] == o["formula_bytes"], name
             assert o["minus_formula_bytes"] == 0
@@ -173,3 +179,22 @@ def test_state_bytes_formulas_quantize_large_accumulators():
         formulas.coap_adafactor8bit_bytes(shape, rank)
         == 4 * 256 * 64 + (4608 * 64 + 4 * 1152) + (4608 + 4 * 18) + 4 * 64
     )
+
+
+def test_projection_side_smaller_moves_p_and_the_formula_follows(tmp_path):
+    """With ``--projection-side smaller`` (the paper's layout) a wide (m < n) weight is worked on as
+    its transpose: P (m, r), moments (n, r); the closed forms and the floor follow the optimizer."""
+    path = tmp_path / "b.json"
+    argv = ["step", "--quick", "--shapes", "256x512", "--rank", "64", "--skip-refresh", "--repeats", "1"]
+    assert main([*argv, "--projection-side", "smaller", "--json", str(path)]) == 0
+
+    run = json.loads(path.read_text())
+    assert run["meta"]["projection_side"] == "smaller"
+    (row,) = run["state_bytes"]
+    assert row["transposed"] is True and run["step_time"][0]["transposed"] is True
+    assert row["proj_shape"] == [256, 64] and row["moment_shape"] == [512, 64]
+    assert row["coap_formula_bytes"] == row["coap_measured_bytes"] == 4 * (2 * 512 * 64 + 256 * 64)
+    for name, o in row["optimizers"].items():
+        assert o["worked_on_shape"] == [512, 256]
+        assert o["measured_bytes"] == o["formula_bytes"] == _expected_bytes(name, (512, 256), 64), name
+    assert run["summary"]["state_bytes_equal_formula"] is True

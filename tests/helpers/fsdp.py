@@ -103,7 +103,7 @@ def snapshot(model, opt) -> dict:
 
 
 #: Outputs of the nets below: gradients of their matrices then have a rank well above COAP's.
-OUTPUTS = 32
+OUTPUTS = 48
 #: Inputs of the expert net.
 INPUTS = 48
 
@@ -111,7 +111,7 @@ INPUTS = 48
 class UNetLike(nn.Module):
     """What a diffusion UNet hands an optimizer: a small dense kernel (16, 3, 3, 3), Tucker-2
     kernels (one with an odd channel count, 33), a wide (24, 33) and a tall (40, 24) 1x1 conv, a
-    norm, a tall (64, 40) and a wide (33, 64) matrix with an odd row count, and a (32, 33) head."""
+    norm, a tall (64, 40) and a wide (33, 64) matrix with an odd row count, and a (48, 33) head."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,4 +1,5 @@
-"""``coap-bench ddpm``: train a diffusers UNet2DModel with DDPM once per optimizer."""
+"""``coap-bench ddpm``: train a diffusers UNet2DModel with DDPM once per optimizer; with ``--distributed`` on
+every rank of a ``torchrun`` job."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from ..ddpm import (
     write_ddpm_plots,
 )
 from ..frechet import CLASSIFIER_STEPS
-from ..optimizers import OPTIMIZERS
+from ..optimizers import OPTIMIZERS, PROJECTION_SIDES
 from ..outputs import run_and_report
 
 __all__ = ["add_parser", "run"]
@@ -73,6 +74,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--correlation-normalize",
         action="store_true",
         help="COAP correlation_normalize (the scale-invariant Eq. 2 step)",
+    )
+    ddpm.add_argument(
+        "--projection-side",
+        choices=list(PROJECTION_SIDES),
+        help="where COAP puts P on each projected matrix (default: the library's default)",
+    )
+    ddpm.add_argument(
+        "--conv-projection",
+        choices=["tucker2", "input"],
+        help="how COAP projects conv kernels: tucker2 (both channel modes) or input (the input channels only: "
+        "no steady-step traffic under FSDP2) (default: the library's, tucker2)",
     )
     ddpm.add_argument(
         "--weight-decay",
@@ -161,15 +173,42 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     ddpm.add_argument(
         "--checkpoint-dir",
         metavar="DIR",
-        help="save each run to DIR/<optimizer>.pt (-lr<LR> in a sweep, -seed<S> with --seeds) and "
+        help="save each run to DIR/<optimizer>.pt (-lr<LR> in a sweep, -seed<S> with --seeds; "
+        "with --distributed a torch.distributed.checkpoint folder DIR/<optimizer>/) and "
         "continue from there when started again",
     )
     ddpm.add_argument(
         "--checkpoint-every", type=positive_int, default=100, help="steps between checkpoints (default 100)"
     )
     ddpm.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ddpm.add_argument(
+        "--distributed",
+        choices=["ddp", "fsdp2"],
+        help="train on every rank of a torchrun job (gloo on CPU, NCCL on GPU; fsdp2 shards each UNet block "
+        "and the root) and report per-rank optimizer state and communication: torchrun --nproc-per-node 2 "
+        "-m coap_bench.cli ddpm --distributed fsdp2 ...",
+    )
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     config = config_from_args(DdpmConfig, args, argv)
+    if config.distributed:
+        return _run_distributed(config, args)
     return run_and_report(lambda: run_ddpm(config), args, format_ddpm_table, write_ddpm_plots)
+
+
+def _run_distributed(config: DdpmConfig, args: argparse.Namespace) -> int:
+    """``coap-bench ddpm --distributed``: every rank trains; rank 0 prints the tables and writes the files."""
+    from ..distributed import launch_environment
+
+    if config.seeds > 1:
+        raise ValueError(
+            f"--seeds {config.seeds} is for single-process runs; run --distributed once per --seed instead"
+        )
+    rank, _, _ = launch_environment("ddpm")
+    from ..ddpm.distributed import format_ddpm_distributed_table, run_ddpm_distributed
+
+    if rank != 0:
+        run_ddpm_distributed(config)
+        return 0
+    return run_and_report(lambda: run_ddpm_distributed(config), args, format_ddpm_distributed_table, write_ddpm_plots)

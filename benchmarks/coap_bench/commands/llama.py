@@ -15,7 +15,7 @@ from ..llama import (
     run_llama,
     write_llama_plots,
 )
-from ..optimizers import OPTIMIZERS
+from ..optimizers import OPTIMIZERS, PROJECTION_SIDES
 from ..outputs import run_and_report
 
 __all__ = ["add_parser", "run"]
@@ -76,6 +76,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--correlation-normalize",
         action="store_true",
         help="COAP correlation_normalize (the scale-invariant Eq. 2 step)",
+    )
+    llama.add_argument(
+        "--projection-side",
+        choices=list(PROJECTION_SIDES),
+        help="where COAP puts P on each projected matrix (default: the library's default)",
     )
     llama.add_argument(
         "--weight-decay",

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..arguments import parse_shape
+from ..optimizers import PROJECTION_SIDES
 from ..report import shape_str
 from ..step import run_step
 from ..step.settings import FULL_RANK, FULL_REFRESH_SHAPE, FULL_SHAPES, QUICK_RANK, QUICK_SHAPES, parse_shapes
@@ -82,6 +83,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help=f"shape of section 3 (default: {shape_str(FULL_REFRESH_SHAPE)})",
     )
     parser.add_argument("--refresh-rank", type=int, default=None, help="rank of section 3 (default: --rank)")
+    parser.add_argument(
+        "--projection-side",
+        choices=list(PROJECTION_SIDES),
+        help="where the COAP optimizers put P on each matrix (default: the library's default, the input side)",
+    )
     parser.add_argument("--update-interval", type=int, default=32, help="T_u (default: 32)")
     parser.add_argument("--reproject-factor", type=int, default=5, help="lambda (default: 5)")
     parser.add_argument(

@@ -36,6 +36,8 @@ linear / attention / 1x1 weights, dense for the rest; GaLore and APOLLO project 
 As in ``coap-bench llama``, each run has a process of its own on the CPU (a crash is a failed
 row), and with ``checkpoint_dir`` a run saves everything every ``checkpoint_every`` steps and
 continues from there when started again, ending with the numbers of a run that never stopped.
+Under ``torchrun``, ``distributed="ddp"`` or ``"fsdp2"`` trains on every rank and reports each
+rank's optimizer state and communication (:mod:`coap_bench.ddpm.distributed`).
 
 Example, the Python side of ``coap-bench ddpm --preset micro --steps 20 --optimizers adamw,coap_adamw``
 (half a minute on a CPU)::

@@ -118,9 +118,10 @@ def generate_samples(
 
 
 def projection_summary(optimizer: torch.optim.Optimizer, family: str) -> dict[str, dict[str, int]]:
-    """How many tensors and parameters the optimizer projects, by kind (``tucker``, ``matrix``, ``dense``).
+    """How many tensors and parameters the optimizer projects, by kind (``tucker``, ``conv_input``, ``matrix``, ``dense``).
 
-    COAP's kinds are read from its state (``proj_out``: Tucker-2, ``proj``: matrix); GaLore and
+    COAP's kinds are read from its state (``proj_out``: Tucker-2, ``proj_in`` alone: a kernel projected on
+    its input channels, ``proj``: matrix); GaLore and
     APOLLO project the parameters of their groups with a ``rank``; dense optimizers project nothing.
     """
     summary: dict[str, dict[str, int]] = {}
@@ -128,7 +129,15 @@ def projection_summary(optimizer: torch.optim.Optimizer, family: str) -> dict[st
         for param in group["params"]:
             state = optimizer.state.get(param, {})
             if family == "coap":
-                kind = "tucker" if "proj_out" in state else "matrix" if "proj" in state else "dense"
+                kind = (
+                    "tucker"
+                    if "proj_out" in state
+                    else "conv_input"
+                    if "proj_in" in state
+                    else "matrix"
+                    if "proj" in state
+                    else "dense"
+                )
             elif family in ("galore", "apollo"):
                 kind = "matrix" if "rank" in group else "dense"
             else:

@@ -11,7 +11,7 @@ from torch import nn
 
 from .._deps import require
 from ..frechet import CLASSIFIER_STEPS
-from ..optimizers import OPTIMIZERS, LowRankSettings
+from ..optimizers import OPTIMIZERS, PROJECTION_SIDES, LowRankSettings
 
 __all__ = [
     "DDPM_PRESETS",
@@ -173,6 +173,8 @@ class DdpmConfig:
     scale: float | None = None
     proj_gap: int | None = None
     correlation_normalize: bool = False
+    projection_side: str | None = None
+    conv_projection: str | None = None
     weight_decay: float = 0.0
     lr: float | None = None
     lr_sweep: bool = False
@@ -198,6 +200,8 @@ class DdpmConfig:
     stop_after: int | None = None
     plots: str | None = None
     progress: bool = True
+    #: ``"ddp"`` or ``"fsdp2"``: a ``torchrun`` job (see :mod:`coap_bench.ddpm.distributed`).
+    distributed: str | None = None
     argv: list[str] = field(default_factory=list)
 
     def resolved(self) -> DdpmConfig:
@@ -213,6 +217,10 @@ class DdpmConfig:
             raise ValueError(f"unknown optimizer {', '.join(map(repr, unknown))}; known: {', '.join(OPTIMIZERS)}")
         if self.rank_ratio is not None and self.rank_ratio < 1:
             raise ValueError(f"rank_ratio must be >= 1, got {self.rank_ratio}")
+        if self.projection_side is not None and self.projection_side not in PROJECTION_SIDES:
+            raise ValueError(
+                f"unknown projection_side {self.projection_side!r}; choose from {', '.join(PROJECTION_SIDES)}"
+            )
         if self.image_dir and self.cifar10:
             raise ValueError("image_dir and cifar10 are two different datasets: give one of them")
         preset = DDPM_PRESETS[self.preset]
@@ -256,6 +264,8 @@ class DdpmConfig:
             scale=self.scale,
             proj_gap=self.proj_gap,
             correlation_normalize=self.correlation_normalize,
+            projection_side=self.projection_side,
+            conv_projection=self.conv_projection,
             weight_decay=self.weight_decay,
             seed=self.seed,
         )
@@ -274,6 +284,8 @@ def recipe_settings(
     scale: float | None = None,
     proj_gap: int | None = None,
     correlation_normalize: bool = False,
+    projection_side: str | None = None,
+    conv_projection: str | None = None,
     weight_decay: float = 0.0,
     seed: int = 0,
 ) -> LowRankSettings:
@@ -306,6 +318,8 @@ def recipe_settings(
         base,
         **{k: v for k, v in overrides.items() if v is not None},
         correlation_normalize=correlation_normalize,
+        projection_side=projection_side,
+        conv_projection=conv_projection,
         weight_decay=weight_decay,
         seed=seed,
     )

@@ -81,7 +81,11 @@ def _columns(result: dict[str, Any], with_fid: bool) -> list[str]:
 def _projection_line(result: dict[str, Any]) -> str | None:
     summary = result.get("projected") or {}
     parts = []
-    for kind, label in (("tucker", "Tucker-2 kernels"), ("matrix", "matrices")):
+    for kind, label in (
+        ("tucker", "Tucker-2 kernels"),
+        ("conv_input", "kernels on their input channels"),
+        ("matrix", "matrices"),
+    ):
         if kind in summary:
             parts.append(f"{summary[kind]['tensors']} {label} ({summary[kind]['parameters']:,} parameters)")
     if not parts:
@@ -98,7 +102,14 @@ def _recipe_line(config: dict[str, Any]) -> str:
     lrs = sorted(set(config["lrs"].values()))
     return (
         f"recipe {config['recipe']}: every parameter offered for projection; COAP rank ratio {low['rank_ratio']:g} "
-        f"for matrices and 3x3 kernels (Tucker-2), T_u {low['update_interval']}, lambda {low['reproject_factor']}; "
+        f"for matrices and 3x3 kernels (Tucker-2), T_u {low['update_interval']}, lambda {low['reproject_factor']}"
+        + (f", P of matrices on the {low['projection_side']} side" if low.get("projection_side") else "")
+        + (
+            f", conv kernels projected on the {low['conv_projection']} mode"
+            if low.get("conv_projection") == "input"
+            else ""
+        )
+        + "; "
         f"GaLore/APOLLO rank ratio {low['rank_ratio']:g} on 2-D weights only (conv kernels dense), "
         f"update_proj_gap {low['proj_gap']}; update scale {low['scale']:g}, weight decay {low['weight_decay']:g}; "
         f"peak lr {', '.join(f'{lr:g}' for lr in lrs)} for every optimizer"

@@ -101,7 +101,6 @@ def _train_one(
     fid_reference: tuple[Tensor, Tensor] | None,
     checkpoint: Path | None,
 ) -> dict[str, Any]:
-    tqdm = require("tqdm").tqdm
     spec = OPTIMIZERS[name]
     settings = config.settings()
     device = torch.device(config.device)
@@ -129,14 +128,68 @@ def _train_one(
     workarounds = checkpoint_workarounds(spec, checkpoint)
     if checkpoint is not None:
         loop.resume(FileCheckpoint(checkpoint, spec, _fingerprint(name, lr, config, data), _CHECKPOINT_FORMAT))
+    messages = run_recording_warnings(loop)
+    heldout_loss = loop.evaluate(len(loop.losses))
+    scores = score_samples(model, name, lr, config, scorer, fid_reference, label)
+    return ddpm_result(name, lr, config, loop, baseline_rss, heldout_loss, scores, workarounds, messages)
+
+
+def run_recording_warnings(loop: TrainingLoop) -> list[str]:
+    """``loop.run()``; the distinct warnings it raised, ``"Category: message"`` each, in the order first raised."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         loop.run()
-    heldout_curve = loop.logs["heldout_curve"]
-    heldout_loss = loop.evaluate(len(loop.losses))
-    if not config.eval_every:
-        heldout_curve.clear()
+    return list(dict.fromkeys(f"{w.category.__name__}: {str(w.message).strip()}" for w in caught))
 
+
+def ddpm_result(
+    name: str,
+    lr: float,
+    config: DdpmConfig,
+    loop: TrainingLoop,
+    baseline_rss: int,
+    heldout_loss: float | None,
+    scores: dict[str, Any],
+    workarounds: list[str],
+    messages: list[str],
+    **more: Any,
+) -> dict[str, Any]:
+    """The result row of a finished DDPM run (one process's, or one rank's with the rank's figures in
+    ``more``): the loop's measurements, the optimizer's state by kind and what it projects, the held-out
+    loss and the loop's held-out curve (none without ``eval_every``), the sample ``scores``, the
+    ``workarounds`` and the first five warning ``messages``."""
+    spec = OPTIMIZERS[name]
+    return result_row(
+        name,
+        spec,
+        lr,
+        **loop.measurements(spec, config.settings(), items_per_step=config.batch_size, throughput="images_per_s"),
+        state_bytes_by_kind=state_nbytes_by_kind(loop.optimizer),
+        projected=projection_summary(loop.optimizer, spec.family),
+        rss_before_model_bytes=baseline_rss if loop.device.type == "cpu" else None,
+        heldout_loss=heldout_loss,
+        heldout_curve=loop.logs["heldout_curve"] if config.eval_every else [],
+        **scores,
+        workarounds=workarounds,
+        warnings=messages[:5],
+        **more,
+    )
+
+
+def score_samples(
+    model: torch.nn.Module,
+    name: str,
+    lr: float,
+    config: DdpmConfig,
+    scorer: FrechetScorer,
+    fid_reference: tuple[Tensor, Tensor] | None,
+    label: str,
+) -> dict[str, Any]:
+    """The sample-quality figures of a trained ``model``: ``config.samples`` images generated from seeded
+    noise, their classifier Frechet distance, their FID (with ``fid_reference``), and the PNG grid of the
+    first of them (with ``config.plots``)."""
+    tqdm = require("tqdm").tqdm
+    device = next(model.parameters()).device
     sampling_started = time.perf_counter()
     chunks = math.ceil(config.samples / config.eval_batch_size)
     with tqdm(
@@ -170,26 +223,13 @@ def _train_one(
         grid = save_sample_grid(
             samples[:GRID_SAMPLES], Path(config.plots) / f"ddpm_samples_{run_stem(name, lr, config.lr_sweep)}.png"
         )
-
-    messages = list(dict.fromkeys(f"{w.category.__name__}: {str(w.message).strip()}" for w in caught))
-    return result_row(
-        name,
-        spec,
-        lr,
-        **loop.measurements(spec, settings, items_per_step=config.batch_size, throughput="images_per_s"),
-        state_bytes_by_kind=state_nbytes_by_kind(optimizer),
-        projected=projection_summary(optimizer, spec.family),
-        rss_before_model_bytes=baseline_rss if device.type == "cpu" else None,
-        heldout_loss=heldout_loss,
-        heldout_curve=heldout_curve,
-        classifier_frechet_distance=frechet,
-        fid=fid,
-        samples=config.samples,
-        sampling_seconds=sampling_seconds,
-        sample_grid=str(grid) if grid is not None else None,
-        workarounds=workarounds,
-        warnings=messages[:5],
-    )
+    return {
+        "classifier_frechet_distance": frechet,
+        "fid": fid,
+        "samples": config.samples,
+        "sampling_seconds": sampling_seconds,
+        "sample_grid": str(grid) if grid is not None else None,
+    }
 
 
 #: Measurements listed for every lr of a sweep.
@@ -210,9 +250,23 @@ def run_ddpm(config: DdpmConfig) -> dict[str, Any]:
         return _run_ddpm(config)
 
 
-def _run_ddpm(config: DdpmConfig) -> dict[str, Any]:
+@dataclasses.dataclass
+class DdpmInputs:
+    """What the runs of a DDPM job share: the images, the held-out set and the sample scorers (``scorer``
+    ``None`` where no samples are scored: the other ranks of a distributed job)."""
+
+    data: ImageData
+    heldout: HeldoutSet
+    scorer: FrechetScorer | None = None
+    fid_reference: tuple[Tensor, Tensor] | None = None
+    fid_info: dict[str, Any] | None = None
+
+
+def load_inputs(config: DdpmConfig, *, scoring: bool = True) -> DdpmInputs:
+    """The images and held-out set of ``config`` and, with ``scoring``, the sample scorers (the feature
+    classifier, trained here, and with ``config.fid`` the Inception statistics of the training images)."""
     preset = DDPM_PRESETS[config.preset]
-    if config.fid:  # fail before training when real FID cannot work here
+    if config.fid and scoring:  # fail before training when real FID cannot work here
         from ..frechet import inception_features
 
         backend, _ = inception_features(config.device)
@@ -226,18 +280,35 @@ def _run_ddpm(config: DdpmConfig) -> dict[str, Any]:
     if config.batch_size > len(data.train):
         raise ValueError(f"batch size {config.batch_size} exceeds the {len(data.train)} training images")
     num_timesteps = SCHEDULER_CONFIG["num_train_timesteps"]
-    heldout = heldout_set(data.heldout, config.heldout_repeats, num_timesteps)
-    scorer = frechet_scorer(data, samples=config.samples, seed=config.seed, steps=config.classifier_steps)
-    fid_reference = None
-    fid_info = None
+    inputs = DdpmInputs(data, heldout_set(data.heldout, config.heldout_repeats, num_timesteps))
+    if not scoring:
+        return inputs
+    inputs.scorer = frechet_scorer(data, samples=config.samples, seed=config.seed, steps=config.classifier_steps)
     if config.fid:
         from ..frechet import gaussian_statistics, inception_features, inception_fid_features
 
         real_features = inception_fid_features(data.train, inception_features(config.device)[1])
-        fid_reference = gaussian_statistics(real_features)
-        fid_info = {"backend": backend, "reference": f"{len(data.train)} training images (as in the paper)"}
+        inputs.fid_reference = gaussian_statistics(real_features)
+        inputs.fid_info = {"backend": backend, "reference": f"{len(data.train)} training images (as in the paper)"}
+    return inputs
 
-    results = run_optimizers(config, train_one, (config, data, heldout, scorer, fid_reference), _SWEEP_KEYS)
+
+def _run_ddpm(config: DdpmConfig) -> dict[str, Any]:
+    inputs = load_inputs(config)
+    results = run_optimizers(
+        config,
+        train_one,
+        (config, inputs.data, inputs.heldout, inputs.scorer, inputs.fid_reference),
+        _SWEEP_KEYS,
+    )
+    return summarize_run(config, inputs, results, config.device)
+
+
+def summarize_run(
+    config: DdpmConfig, inputs: DdpmInputs, results: list[dict[str, Any]], device: torch.device | str
+) -> dict[str, Any]:
+    """The job's result: its settings, data, environment and ``results`` (with the clf-FD ratios to AdamW added)."""
+    preset = DDPM_PRESETS[config.preset]
     base = next((r for r in results if r["name"] == "adamw" and not r.get("failed")), None)
     for result in results:
         if base is not None and not result.get("failed") and base.get("classifier_frechet_distance"):
@@ -253,18 +324,18 @@ def _run_ddpm(config: DdpmConfig) -> dict[str, Any]:
         unet=_jsonable(preset.unet_config()),
         scheduler={**SCHEDULER_CONFIG, "variance_type": DDPM_VARIANCE},
         parameters=preset.num_parameters(),
-        heldout_evaluations=len(heldout.images),
+        heldout_evaluations=len(inputs.heldout.images),
         lr_sweep_factors=list(LR_SWEEP_FACTORS) if config.lr_sweep else None,
         final_lr_fraction=FINAL_LR_FRACTION,
         torch_threads=torch.get_num_threads(),
-        frechet=scorer.info,
-        fid=fid_info,
+        frechet=inputs.scorer.info,
+        fid=inputs.fid_info,
     )
     return {
         "config": settings,
-        "data": data.describe(),
+        "data": inputs.data.describe(),
         "versions": versions(),
-        "hardware": hardware(config.device),
+        "hardware": hardware(device),
         "argv": list(config.argv),
         "results": results,
         "import_notes": gather_import_notes(results),

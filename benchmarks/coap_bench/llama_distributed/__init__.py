@@ -4,6 +4,8 @@ Distributed runs are started by ``torchrun``::
 
     torchrun --nproc-per-node 2 -m coap_bench.cli llama --distributed fsdp2 --preset micro --steps 20
 
+The launch, the training loop of a rank, the collective counts, the checkpoints and the per-rank
+table are those of :mod:`coap_bench.distributed`, which ``coap-bench ddpm --distributed`` shares.
 Every rank builds the same model (:func:`~coap_bench.llama_model.build_llama`, same seed),
 wraps it (``DistributedDataParallel``, or ``fully_shard`` on each decoder layer and on the root)
 and trains on its slice of each global batch: the global batch is ``--batch-size`` sequences, the
@@ -36,8 +38,7 @@ in single-process and FSDP2 runs, and :func:`measure_per_layer_saving` measures 
 peak of allocated tensor bytes of a few training steps with and without it.
 """
 
-from .checkpoint import DistributedCheckpoint
-from .collectives import CollectiveBytes, EngineCollectives
+from ..distributed import CollectiveBytes, DistributedCheckpoint, EngineCollectives
 from .launch import ENGINES, launch_environment
 from .per_layer import measure_per_layer_saving
 from .report import format_distributed_table, format_per_layer_saving

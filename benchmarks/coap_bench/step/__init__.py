@@ -11,11 +11,13 @@ Three sections, each printed as a table and written to a JSON file:
 2. **Step time** of one optimizer step on a single ``nn.Parameter`` with a fixed random gradient:
    for each of the four optimizers its steady step (no refresh of ``P``), its Eq. 2 refresh step,
    its low-cost-SVD refresh step, and the step amortised over a full ``T_u * lambda`` cycle, as
-   ratios to the matmul floor (the two ``(max, min, r)`` matmuls ``G P`` and ``U P^T``), with the
+   ratios to the matmul floor (the two ``(m, n, r)`` matmuls ``G P`` and ``U P^T``), with the
    ratio 8-bit / 32-bit of the same optimizer; and CoapAdamW's step against
    ``torch.optim.AdamW`` (``foreach=False`` and ``foreach=True``) and against the *floor*: the
-   two matmuls plus Adam's elementwise moment update on the ``max * r`` projected entries, all
-   timed in the same run.
+   two matmuls plus Adam's elementwise moment update on the ``m * r`` projected entries, all
+   timed in the same run. ``(m, n)`` is the matrix the optimizer works on, ``P`` (n, r): the
+   weight with ``P`` on its input side (the library's default), its transpose with ``P`` on its
+   first axis; the floor follows the optimizer's layout (``--projection-side`` sets it).
 3. **Refresh cost** at one shape: ``correlation_aware_step`` and the warm-started ``low_cost_svd``
    as ratios to a full ``torch.linalg.svd(G, full_matrices=False)`` (GaLore's per-refresh cost),
    and the closed-form Eq. 2 step against an autograd reference of the same step.

@@ -60,6 +60,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         # One thread: a smoke test should not depend on (or suffer from) other load on the machine;
         # BLAS threads oversubscribed by a concurrent process can make it 10x slower.
         args.threads = args.threads or 1
+    args.projection_side = getattr(args, "projection_side", None)
     args.shapes = args.shapes or FULL_SHAPES
     args.rank = args.rank or FULL_RANK
     args.refresh_shape = args.refresh_shape or FULL_REFRESH_SHAPE
@@ -118,6 +119,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         "full_svd_repeats": args.full_svd_repeats,
         "shapes": [list(s) for s in args.shapes],
         "rank": args.rank,
+        "projection_side": args.projection_side,
         "update_interval": args.update_interval,
         "reproject_factor": args.reproject_factor,
         "lr": LR,
@@ -127,7 +129,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         "correlation_lr": CORRELATION_LR,
         "statistic": "median",
         "amortisation": "((T_u*lambda - lambda) * steady + (lambda - 1) * eq2 + 1 * svd) / (T_u*lambda)",
-        "floor": "G_c @ P + Adam elementwise moment update on (max(m,n), r) + U @ P^T in the parameter's layout",
+        "floor": "G_c @ P + Adam elementwise moment update on the (m, r) moments + U @ P^T in the parameter's layout",
         "floor_matmuls": "G_c @ P + U @ P^T in the parameter's layout",
         "optimizers": list(COAP_OPTIMIZERS),
         "adafactor": {"lr": ADAFACTOR_LR, "beta1": ADAFACTOR_BETA1, "relative_step": False, "scale_parameter": False},

@@ -1,5 +1,9 @@
 """Closed forms of the state bytes (README, "The four optimizers") for one projected ``(m, n)`` matrix, and
-the state bytes each optimizer holds after one step, against them (section 1 of ``coap-bench step``)."""
+the state bytes each optimizer holds after one step, against them (section 1 of ``coap-bench step``).
+
+``(m, n)`` is the matrix the optimizer works on: ``P`` is (n, r) and the moments (m, r). With the
+library's default (``P`` on the input side) that is the weight (out, in) itself; with ``P`` on its
+first axis it is the transpose. :func:`measure_state_bytes` asks the optimizer which one it is."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from torch import Tensor, nn
 from coap_torch import optimizer_state_nbytes
 from coap_torch.utils import state_nbytes_by_kind
 
-from .settings import BLOCK_SIZE, MIN_8BIT_SIZE, coap_optimizer, fresh_param
+from .settings import BLOCK_SIZE, MIN_8BIT_SIZE, coap_optimizer, fresh_param, optimizer_layout
 
 
 def moment_8bit_bytes(numel: int, block_size: int = BLOCK_SIZE, min_8bit_size: int = MIN_8BIT_SIZE) -> int:
@@ -27,25 +31,25 @@ def moment_8bit_bytes(numel: int, block_size: int = BLOCK_SIZE, min_8bit_size: i
 
 
 def coap_adamw_bytes(shape: tuple[int, int], rank: int, element_size: int = 4) -> int:
-    """``CoapAdamW``: ``4 (2 m r + n r)`` (m >= n): two moments (m, r) and ``P`` (n, r)."""
-    big, small = max(shape), min(shape)
-    return element_size * (2 * big * rank + small * rank)
+    """``CoapAdamW``: ``4 (2 m r + n r)``: two moments (m, r) and ``P`` (n, r)."""
+    m, n = shape
+    return element_size * (2 * m * rank + n * rank)
 
 
 def coap_adamw8bit_bytes(
     shape: tuple[int, int], rank: int, block_size: int = BLOCK_SIZE, min_8bit_size: int = MIN_8BIT_SIZE
 ) -> int:
-    """``CoapAdamW8bit``: ``4 n r + 2 m r + 8 ceil(m r / 256)`` (m >= n): ``P`` in float32, both
-    moments 8-bit (float32 if ``m r < min_8bit_size``)."""
-    big, small = max(shape), min(shape)
-    return 4 * small * rank + 2 * moment_8bit_bytes(big * rank, block_size, min_8bit_size)
+    """``CoapAdamW8bit``: ``4 n r + 2 m r + 8 ceil(m r / 256)``: ``P`` (n, r) in float32, both
+    moments (m, r) 8-bit (float32 if ``m r < min_8bit_size``)."""
+    m, n = shape
+    return 4 * n * rank + 2 * moment_8bit_bytes(m * rank, block_size, min_8bit_size)
 
 
 def coap_adafactor_bytes(shape: tuple[int, int], rank: int, beta1: bool = True) -> int:
-    """``CoapAdafactor``: ``4 (n r + m r + m + r)`` with ``beta1`` set, ``4 (n r + m + r)`` without
-    (m >= n): ``P`` (n, r), the first moment (m, r), row (m,) and column (r,) accumulators."""
-    big, small = max(shape), min(shape)
-    return 4 * (small * rank + (big * rank if beta1 else 0) + big + rank)
+    """``CoapAdafactor``: ``4 (n r + m r + m + r)`` with ``beta1`` set, ``4 (n r + m + r)`` without:
+    ``P`` (n, r), the first moment (m, r), row (m,) and column (r,) accumulators."""
+    m, n = shape
+    return 4 * (n * rank + (m * rank if beta1 else 0) + m + rank)
 
 
 def coap_adafactor8bit_bytes(
@@ -55,14 +59,14 @@ def coap_adafactor8bit_bytes(
     block_size: int = BLOCK_SIZE,
     min_8bit_size: int = MIN_8BIT_SIZE,
 ) -> int:
-    """``CoapAdafactor8bit``: ``4 n r + m r + 4 ceil(m r / 256) + 4 (m + r)`` with ``beta1`` set
-    (m >= n), where an accumulator with ``>= min_8bit_size`` entries is 8-bit too: the row
-    accumulator (m,) costs ``m + 4 ceil(m / 256)`` when ``m >= 4096``, the column one (r,) likewise."""
-    big, small = max(shape), min(shape)
-    first = moment_8bit_bytes(big * rank, block_size, min_8bit_size) if beta1 else 0
-    rows = moment_8bit_bytes(big, block_size, min_8bit_size)
+    """``CoapAdafactor8bit``: ``4 n r + m r + 4 ceil(m r / 256) + 4 (m + r)`` with ``beta1`` set,
+    where an accumulator with ``>= min_8bit_size`` entries is 8-bit too: the row accumulator (m,)
+    costs ``m + 4 ceil(m / 256)`` when ``m >= 4096``, the column one (r,) likewise."""
+    m, n = shape
+    first = moment_8bit_bytes(m * rank, block_size, min_8bit_size) if beta1 else 0
+    rows = moment_8bit_bytes(m, block_size, min_8bit_size)
     cols = moment_8bit_bytes(rank, block_size, min_8bit_size)
-    return 4 * small * rank + first + rows + cols
+    return 4 * n * rank + first + rows + cols
 
 
 def adamw_bytes(shape: tuple[int, int]) -> int:
@@ -70,7 +74,8 @@ def adamw_bytes(shape: tuple[int, int]) -> int:
     return 8 * shape[0] * shape[1]
 
 
-#: The closed form of each COAP optimizer, as configured by :func:`coap_optimizer`.
+#: The closed form of each COAP optimizer, as configured by :func:`coap_optimizer`, of the matrix
+#: ``(m, n)`` it works on (``P`` (n, r), moments (m, r)).
 FORMULAS: dict[str, Callable[[tuple[int, int], int], int]] = {
     "CoapAdamW": coap_adamw_bytes,
     "CoapAdamW8bit": coap_adamw8bit_bytes,
@@ -84,13 +89,14 @@ FORMULA_TEXT = {
     "CoapAdafactor8bit": "4*n*r + q(m*r) + q(m) + q(r)",
 }
 FORMULA_NOTE = (
-    "m = max(m,n), n = min(m,n); q(k) = k + 4*ceil(k/256) (uint8 codes + fp32 absmax per block) if "
-    "k >= min_8bit_size = 4096, else 4*k (fp32)"
+    "m x n = the matrix the optimizer works on, P (n, r) and moments (m, r): the weight (out x in) with P on "
+    "the input side (the library's default), its transpose with P on the first axis; q(k) = k + 4*ceil(k/256) "
+    "(uint8 codes + fp32 absmax per block) if k >= min_8bit_size = 4096, else 4*k (fp32)"
 )
 
 
 def formula_bytes(shape: tuple[int, int], rank: int, element_size: int = 4) -> int:
-    """CoapAdamW's closed form (kept under its old name)."""
+    """CoapAdamW's closed form of the matrix ``(m, n)`` it works on (kept under its old name)."""
     return coap_adamw_bytes(shape, rank, element_size)
 
 
@@ -98,13 +104,19 @@ def measure_state_bytes(
     name: str, shape: tuple[int, int], args: argparse.Namespace, weight: Tensor, grad: Tensor
 ) -> tuple[nn.Parameter, torch.optim.Optimizer, dict[str, Any]]:
     """Build optimizer ``name`` on a copy of ``weight``, take one step, and compare its state bytes
-    with the closed form. Returns the parameter, the optimizer and the row for the JSON."""
+    with the closed form of the matrix it works on (its own layout of ``shape``: the weight, or its
+    transpose when ``P`` sits on the first axis). Returns the parameter, the optimizer and the row
+    for the JSON."""
     param = fresh_param(weight, grad)
     opt = coap_optimizer(param, args, name)
     opt.step()
+    layout = optimizer_layout(param, opt)
+    worked_on = tuple(layout.canonical_shape)
     measured = optimizer_state_nbytes(opt)
-    formula = FORMULAS[name](shape, args.rank)
+    formula = FORMULAS[name](worked_on, args.rank)
     row = {
+        "transposed": layout.transposed,
+        "worked_on_shape": list(worked_on),
         "measured_bytes": measured,
         "measured_bytes_incl_step": optimizer_state_nbytes(opt, include_step=True),
         "formula_bytes": formula,

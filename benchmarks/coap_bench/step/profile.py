@@ -29,6 +29,8 @@ def profile_steady_step(
     The pieces of a steady step and of the two refreshes are re-run one by one on the same
     tensors with the public functional API (so the breakdown does not depend on private code),
     and torch.profiler's op table of one real step of each kind is kept as the ground truth.
+    ``transposed`` is the optimizer's layout of ``param`` (``P`` on dim 0): the pieces then work
+    on ``G^T`` as the optimizer does, so (m, n) below is the matrix it works on, ``P`` (n, r).
     """
     grad = param.grad
     P = state["proj"].clone()
@@ -62,7 +64,7 @@ def profile_steady_step(
     cases = {
         # steady step
         "steady: project G_c @ P": Case(lambda: G_c @ P),
-        "steady: adam_direction_ on (max, r)": Case(
+        "steady: adam_direction_ on (m, r)": Case(
             lambda: adam_direction_(exp_avg, exp_avg_sq, R, step=2, beta1=BETAS[0], beta2=BETAS[1], eps=EPS)
         ),
         "steady: restore + decay + update, one addmm_": Case(fused_restore_apply),
@@ -73,10 +75,10 @@ def profile_steady_step(
         # SVD refresh = steady + low_cost_svd + rotations; low_cost_svd's pieces:
         "svd: low_cost_svd (warm)": Case(lambda: low_cost_svd(G_c, rank, sketch=P)),
         "svd:   G_c @ P": Case(lambda: G_c @ P),
-        "svd:   qr (max, r)": Case(lambda: torch.linalg.qr(R)),
+        "svd:   qr (m, r)": Case(lambda: torch.linalg.qr(R)),
         "svd:   Q^T G_c": Case(lambda: Q.mT @ G_c),
-        "svd:   svd (r, min)": Case(lambda: torch.linalg.svd(B, full_matrices=False)),
-        "svd:   orthonormalize (min, r)": Case(lambda: orthonormalize(Vh.mT)),
+        "svd:   svd (r, n)": Case(lambda: torch.linalg.svd(B, full_matrices=False)),
+        "svd:   orthonormalize (n, r)": Case(lambda: orthonormalize(Vh.mT)),
     }
     parts = timer.interleaved(cases)
     steady_parts = [k for k in parts if k.startswith("steady:")]

@@ -12,7 +12,7 @@ from torch import Tensor
 from coap_torch.functional import coap_objective, correlation_aware_step, low_cost_svd, orthonormalize
 
 from ..timing import Case, Timer
-from .settings import CLOSED_FORM_TARGET, CORRELATION_LR, REFRESH_TARGET, random_matrix
+from .settings import CLOSED_FORM_TARGET, CORRELATION_LR, REFRESH_TARGET, coap_layout, random_matrix
 
 
 def autograd_correlation_step(P: Tensor, grad: Tensor, exp_avg_proj: Tensor, lr: float = CORRELATION_LR) -> Tensor:
@@ -26,12 +26,13 @@ def autograd_correlation_step(P: Tensor, grad: Tensor, exp_avg_proj: Tensor, lr:
 def bench_refresh(
     shape: tuple[int, int], args: argparse.Namespace, timer: Timer, device: torch.device, generator: torch.Generator
 ) -> dict[str, Any]:
-    m, n = shape
     rank = args.refresh_rank
+    # The orientation CoapAdamW gives this matrix (projection_side): (m, n) with P (n, r).
+    transposed = coap_layout(shape, args, rank).transposed
     G = random_matrix(shape, generator, device)
-    G_c = G.mT if m < n else G  # (max, min), the optimizer's orientation; P is (min, r)
-    P = orthonormalize(random_matrix((min(shape), rank), generator, device))
-    M = (G_c @ P) * 0.1  # a plausible low-rank first moment (max, r)
+    G_c = G.mT if transposed else G  # (m, n), the optimizer's orientation
+    P = orthonormalize(random_matrix((G_c.shape[-1], rank), generator, device))
+    M = (G_c @ P) * 0.1  # a plausible low-rank first moment (m, r)
 
     timings = timer.interleaved(
         {
@@ -55,6 +56,7 @@ def bench_refresh(
     return {
         "shape": list(shape),
         "rank": rank,
+        "transposed": transposed,
         "ms": {
             "full_svd": full,
             "correlation_aware_step": t_cas.median,

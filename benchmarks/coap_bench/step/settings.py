@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from coap_torch import CoapAdafactor, CoapAdafactor8bit, CoapAdamW, CoapAdamW8bit
+from coap_torch.optim import Layout, layout_of
 
 from ..arguments import parse_shape
 
@@ -84,6 +85,9 @@ def coap_optimizer(param: nn.Parameter, args: argparse.Namespace, name: str = "C
         "reproject_factor": args.reproject_factor,
         "correlation_lr": CORRELATION_LR,
     }
+    side = getattr(args, "projection_side", None)
+    if side is not None:  # else the library's default
+        coap["projection_side"] = side
     quant = {"block_size": BLOCK_SIZE, "min_8bit_size": MIN_8BIT_SIZE}
     if name in ("CoapAdamW", "CoapAdamW8bit"):
         cls, extra = (CoapAdamW, {}) if name == "CoapAdamW" else (CoapAdamW8bit, quant)
@@ -94,6 +98,22 @@ def coap_optimizer(param: nn.Parameter, args: argparse.Namespace, name: str = "C
             [param], lr=ADAFACTOR_LR, beta1=ADAFACTOR_BETA1, relative_step=False, scale_parameter=False, **coap, **extra
         )
     raise ValueError(f"unknown optimizer {name!r}; expected one of {COAP_OPTIMIZERS}")
+
+
+def optimizer_layout(param: nn.Parameter, opt: torch.optim.Optimizer) -> Layout:
+    """Where ``opt`` puts ``P`` on ``param``: the optimizer's own routing of it (its ``canonical_shape``
+    (m, n) is the matrix the optimizer works on, ``P`` (n, r) and the moments (m, r))."""
+    group = next(g for g in opt.param_groups if any(p is param for p in g["params"]))
+    return layout_of(param, group)
+
+
+def coap_layout(shape: Sequence[int], args: argparse.Namespace, rank: int) -> Layout:
+    """The layout CoapAdamW with the benchmark's settings and ``rank`` gives a matrix of ``shape``
+    (asked of an optimizer built on a parameter on the meta device: nothing is allocated)."""
+    param = nn.Parameter(torch.empty(tuple(shape), device="meta"))
+    side = getattr(args, "projection_side", None)
+    opt = CoapAdamW([param], rank=rank, **({"projection_side": side} if side is not None else {}))
+    return optimizer_layout(param, opt)
 
 
 def fresh_param(weight: Tensor, grad: Tensor) -> nn.Parameter:

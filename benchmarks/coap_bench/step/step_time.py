@@ -29,6 +29,7 @@ from .settings import (
     WEIGHT_DECAY,
     eight_bit_target_key,
     fresh_param,
+    optimizer_layout,
     random_matrix,
 )
 
@@ -107,7 +108,6 @@ def optimizer_step_rows(
 def bench_shape(
     shape: tuple[int, int], args: argparse.Namespace, timer: Timer, device: torch.device, generator: torch.Generator
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
-    m, n = shape
     rank = args.rank
     T_u, lam = args.update_interval, args.reproject_factor
     weight = random_matrix(shape, generator, device) * 0.02
@@ -124,6 +124,9 @@ def bench_shape(
     state = coap.state[coap_param]
     measured = coap_rows["CoapAdamW"]["measured_bytes"]
     formula = coap_rows["CoapAdamW"]["formula_bytes"]
+    # Where CoapAdamW puts P on this matrix (projection_side): the floor below follows it.
+    layout = optimizer_layout(coap_param, coap)
+    transposed = layout.transposed
     proj_shape = tuple(state["proj"].shape)
     moment_shape = tuple(state["exp_avg"].shape)
 
@@ -144,6 +147,8 @@ def bench_shape(
     state_row = {
         "shape": list(shape),
         "rank": rank,
+        "projection_side": getattr(args, "projection_side", None),
+        "transposed": transposed,
         "proj_shape": list(proj_shape),
         "moment_shape": list(moment_shape),
         "coap_measured_bytes": measured,
@@ -174,10 +179,10 @@ def bench_shape(
         raise ValueError("--update-interval must be > 2 for a steady (refresh-free) step to exist")
     eq2_step = T_u if lam > 1 else None
     svd_step = T_u * lam
-    # -- the floor: G P, Adam's elementwise update on (max, r), U P^T in the parameter's layout --
-    transposed = m < n
-    P = state["proj"].clone()
-    G_c = grad.mT if transposed else grad  # (max, min), the optimizer's orientation
+    # -- the floor: G P, Adam's elementwise update on (m, r), U P^T in the parameter's layout ----
+    # (m, n) is the matrix the optimizer works on: the weight, or its transpose when P is on dim 0.
+    P = state["proj"].clone()  # (n, r)
+    G_c = grad.mT if transposed else grad  # (m, n), the optimizer's orientation
     exp_avg = torch.zeros(moment_shape, device=device)
     exp_avg_sq = torch.zeros(moment_shape, device=device)
     beta1, beta2 = BETAS
@@ -195,7 +200,7 @@ def bench_shape(
     U = floor_adam()
 
     def floor_restore(U: Tensor = U) -> Tensor:
-        return P @ U.mT if transposed else U @ P.mT  # (m, n), contiguous
+        return P @ U.mT if transposed else U @ P.mT  # in the parameter's shape, contiguous
 
     def floor() -> Tensor:
         return floor_restore(floor_adam(floor_project()))

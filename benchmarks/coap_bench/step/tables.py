@@ -65,6 +65,14 @@ def print_state_bytes(rows: list[dict[str, Any]]) -> None:
         + "; torch AdamW 8*m*n"
     )
     print(f"  {FORMULA_NOTE}")
+    side = rows[0].get("projection_side") if rows else None
+    print(
+        f"  P on the {side or 'input'} side{'' if side else ' (the library default)'}: "
+        + "; ".join(
+            f"{shape_str(r['shape'])} P {shape_str(r['proj_shape'])}, moments {shape_str(r['moment_shape'])}"
+            for r in rows
+        )
+    )
     print(
         f"  CoapAdafactor*: beta1={ADAFACTOR_BETA1} (first moment kept); 8-bit: block_size={BLOCK_SIZE}, "
         f"min_8bit_size={MIN_8BIT_SIZE}"
@@ -147,7 +155,9 @@ def print_step_times(rows: list[dict[str, Any]], args: argparse.Namespace) -> No
         f"  amortised = (({cycle} - {lam}) * steady + ({lam} - 1) * Eq.2 + 1 * SVD) / {cycle}"
         f"  (T_u={T_u}, lambda={lam}; each step kind timed separately by setting the step counter)"
     )
-    print("  floor = G_c @ P + Adam elementwise moment update on (max(m,n), r) + U @ P^T (in the parameter's layout)")
+    print(
+        "  floor = G_c @ P + Adam elementwise moment update on the (m, r) moments + U @ P^T (in the parameter's layout)"
+    )
     print("  AdamW fe=F / fe=T: torch.optim.AdamW(foreach=False) / (foreach=True)")
     if any(r["ms"]["coap_full_cycle_mean"] is not None for r in rows):
         print(f"  full cycle: mean step time over {cycle} consecutive real steps (--full-cycle)")
@@ -208,7 +218,7 @@ def print_coap_step_times(rows: list[dict[str, Any]], args: argparse.Namespace) 
             parts.append(f"{name}/{e['over']} amort. {fmt_ratio(e['amortised_from_min'])}")
         print(f"  from the fastest samples, {shape_str(r['shape'])}: " + ", ".join(parts))
     print(
-        "  floor mm = G_c @ P + U @ P^T (the two (max, min, r) matmuls every optimizer here performs); "
+        "  floor mm = G_c @ P + U @ P^T (the two (m, n, r) matmuls every optimizer here performs); "
         "floor = floor mm + Adam's elementwise update (AdamW variants only)"
     )
     print(

@@ -16,8 +16,9 @@ from ..training import TrainingLoop
 
 __all__ = ["DistributedCheckpoint"]
 
-#: Format of the checkpoints of distributed runs (``latest.json`` and the folders it points to).
-_CHECKPOINT_FORMAT = 1
+#: Format of the checkpoints of distributed runs (``latest.json`` and the folders it points to); 2 since
+#: the loop also logs the optimizer's calls per step.
+_CHECKPOINT_FORMAT = 2
 
 
 def _read_marker(path: Path) -> dict[str, Any] | str:
