@@ -53,8 +53,8 @@ def test_routed_dense_kernel_holds_less_state_than_tucker_would():
 @pytest.mark.parametrize(
     "shape,side,P_rows",
     [
-        ((96, 32), None, 32),  # the default: the input side
-        ((32, 96), None, 96),
+        ((96, 32), None, 32),  # the paper: the smaller side
+        ((32, 96), None, 32),
         ((96, 32), "smaller", 32),
         ((32, 96), "input", 96),  # dim 1 whatever the shape
         ((96, 32), "input", 32),

@@ -7,9 +7,9 @@ optimizers), byte-exact against their state.
 Next to each figure stands the one the COAP paper prints, the ratio, and, where the two differ
 by more than 1%, the reason, found by taking the difference apart.
 
-Layout. The library's default puts ``P`` on the input side of every matrix; the COAP rows here use
-``projection_side="smaller"`` (:data:`PAPER_PROJECTION_SIDE`), the paper's layout and its release's,
-so that they compare with the paper's figures (and :func:`paper_release_values`) like for like.
+Layout. The COAP rows here say ``projection_side="smaller"`` (:data:`PAPER_PROJECTION_SIDE`): the
+paper's layout, its release's and the library's default, named so that they compare with the
+paper's figures (and :func:`paper_release_values`) like for like whatever the default.
 
 Units. The paper's "MB" and "GB" are binary (MiB, GiB): AdamW on the DDPM CIFAR-10 UNet
 (35,746,307 fp32 values, two moments) is 285,970,456 bytes = 272.72 MiB (285.97 MB), the figure
@@ -51,8 +51,8 @@ __all__ = [
     "run_memory",
 ]
 
-#: Where the COAP rows put ``P`` on a matrix: the paper's side (its release's too), not the library's
-#: default (the input side), so that ours and the paper's figures count the same layout.
+#: Where the COAP rows put ``P`` on a matrix: the paper's side (its release's too), so that ours
+#: and the paper's figures count the same layout.
 PAPER_PROJECTION_SIDE = "smaller"
 
 # -- the models, from their published configurations ------------------------------------------
@@ -471,7 +471,7 @@ def _import_peer(optimizer: str) -> None:
 # -- the report -----------------------------------------------------------------------------------
 _LAYOUT = (
     f"COAP rows: projection_side={PAPER_PROJECTION_SIDE!r}, P on each matrix's smaller side as in the paper "
-    "(the library's default puts P on the input side)."
+    "(the library's default too)."
 )
 _UNITS = (
     'MB = 10^6 bytes. MiB / GiB = 2^20 / 2^30 bytes: the paper\'s "MB" / "GB", as its figures show '

@@ -209,8 +209,8 @@ def test_lr_sweep_keeps_the_best_heldout_loss(tmp_path):
 
 
 def test_drop_in_state_at_rank_ratio_4_is_the_readme_formula(tmp_path):
-    """Every (out=m, in=n) matrix projected at r = min(m, n) // 4 with P (n, r) on the input side (the
-    library's default) and two moments (m, r): 4 (2 m r + n r) bytes each, 8 bytes per other entry."""
+    """Every matrix projected at r = min // 4 with P (min, r) on the smaller side (the library's
+    default) and two moments (max, r): 4 (2 max r + min r) bytes each, 8 bytes per other entry."""
     from coap_bench.llama_model import build_llama
 
     run = _run(tmp_path, "--steps", "2", "--optimizers", "adamw,coap_adamw", "--recipe", "drop-in", "--rank-ratio", "4")
@@ -218,8 +218,8 @@ def test_drop_in_state_at_rank_ratio_4_is_the_readme_formula(tmp_path):
     expected = 0
     for param in model.parameters():
         if param.ndim == 2:
-            m, n = param.shape  # (out, in)
-            r = min(m, n) // 4  # the rank still comes from the smaller side
+            m, n = max(param.shape), min(param.shape)
+            r = n // 4
             expected += 4 * (2 * m * r + n * r)
         else:
             expected += 8 * param.numel()

@@ -64,6 +64,9 @@ def _torchrun(folder, cache: str, *args: str) -> dict:
 
 #: Checkpoints every 2 steps: a run stopped after 3 steps resumes from step 2.
 _CHECKPOINTS = ["--checkpoint-every", "2"]
+#: P on the input side of every matrix, the side FSDP2 does not shard: steady steps send nothing
+#: (the default, the paper's smaller side, sums the wide down-projection's gradient every step).
+_UNSHARDED_SIDE = ["--projection-side", "input"]
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +84,7 @@ def fsdp2_run(fsdp2_folder, cache):
         "fsdp2",
         "--optimizers",
         "adamw,coap_adamw",
+        *_UNSHARDED_SIDE,
         *_CHECKPOINTS,
         "--checkpoint-dir",
         str(fsdp2_folder / "checkpoints"),
@@ -153,7 +157,9 @@ def test_ddp_matches_one_process_and_replicates_the_state(tmp_path, cache, fsdp2
 
 @pytest.mark.slow
 def test_fsdp2_per_layer_updates_train_like_regular_steps(tmp_path, cache, fsdp2_run):
-    run = _torchrun(tmp_path, cache, "--distributed", "fsdp2", "--per-layer", "--optimizers", "coap_adamw")
+    run = _torchrun(
+        tmp_path, cache, "--distributed", "fsdp2", "--per-layer", "--optimizers", "coap_adamw", *_UNSHARDED_SIDE
+    )
     result = by_name(run)["coap_adamw"]
     assert result["per_layer"]
     assert result["loss_curve"] == pytest.approx(by_name(fsdp2_run)["coap_adamw"]["loss_curve"], abs=1e-5)
@@ -208,6 +214,7 @@ def _assert_identical(a, b, where: str = "") -> None:
 def test_interrupted_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path, cache, engine, request):
     options = ["--distributed", engine, "--optimizers", "adamw,coap_adamw", *_CHECKPOINTS]
     if engine == "fsdp2":
+        options += _UNSHARDED_SIDE  # as the run it compares with
         whole = request.getfixturevalue("fsdp2_run")
         whole_folder = request.getfixturevalue("fsdp2_folder") / "checkpoints"
     else:
@@ -288,6 +295,7 @@ def test_a_damaged_checkpoint_stops_every_rank_with_one_line_naming_it(tmp_path,
         "fsdp2",
         "--optimizers",
         "adamw,coap_adamw",
+        *_UNSHARDED_SIDE,
         *_CHECKPOINTS,
         "--checkpoint-dir",
         str(folder),

@@ -58,11 +58,13 @@ def test_quick_run_writes_json_with_state_bytes_equal_to_formula(tmp_path, capsy
     # Section 1: measured state bytes equal the closed form, and AdamW's 8 m n.
     assert [tuple(r["shape"]) for r in run["state_bytes"]] == shapes
     for row in run["state_bytes"]:
-        # The library's default puts P on the input side: P (n, r) and moments (m, r) of the
-        # (out=m, in=n) weight itself, whichever side is smaller.
-        m, n = row["shape"]
+        # The library's default puts P on the smaller side (the paper): the optimizer works on
+        # the (max, min) orientation, P (min, r) and moments (max, r).
+        out, inp = row["shape"]
+        transposed = out < inp
+        m, n = (inp, out) if transposed else (out, inp)
         r = row["rank"]
-        assert row["projection_side"] is None and row["transposed"] is False
+        assert row["projection_side"] is None and row["transposed"] is transposed
         assert row["proj_shape"] == [n, r] and row["moment_shape"] == [m, r]
         assert row["coap_formula_bytes"] == 4 * (2 * m * r + n * r)
         assert row["coap_measured_bytes"] == row["coap_formula_bytes"]
@@ -71,7 +73,7 @@ def test_quick_run_writes_json_with_state_bytes_equal_to_formula(tmp_path, capsy
         # ... and so do the other three COAP optimizers', exactly.
         assert tuple(row["optimizers"]) == OPTIMIZERS
         for name, o in row["optimizers"].items():
-            assert o["transposed"] is False and o["worked_on_shape"] == [m, n]
+            assert o["transposed"] is transposed and o["worked_on_shape"] == [m, n]
             assert o["formula_bytes"] == _expected_bytes(name, (m, n), r) == formulas.FORMULAS[name]((m, n), r)
             assert o["measured_bytes"] == o["formula_bytes"], name
             assert o["minus_formula_bytes"] == 0

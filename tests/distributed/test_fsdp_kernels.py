@@ -27,14 +27,12 @@ OPTIMIZERS = {
     "CoapAdafactor": lambda params, **kw: CoapAdafactor(params, **{**REFRESH, **kw}),
     "CoapAdafactor8bit": lambda params, **kw: CoapAdafactor8bit(params, beta1=0.9, **{**REFRESH, **kw}),
 }
-#: Each net, its batches, and the options it is trained with: the defaults (P on the input side
-#: of matrices, Tucker-2 kernels), kernels on their input channels (no collective on steady
-#: steps), and P on the sharded side of wide (the paper's side) or tall matrices.
+#: Each net, its batches, and the options it is trained with: the defaults, and the layouts
+#: that need no collective on steady steps (P on the input side of matrices and of kernels).
 NETS = {
     "unet": (make_unet_like, image_batch, {}),
     "experts": (make_expert_net, token_batch, {}),
-    "unet_input": (make_unet_like, image_batch, {"conv_projection": "input"}),
-    "unet_smaller": (make_unet_like, image_batch, {"projection_side": "smaller"}),
+    "unet_input": (make_unet_like, image_batch, {"projection_side": "input", "conv_projection": "input"}),
     "unet_larger": (make_unet_like, image_batch, {"projection_side": "larger"}),
 }
 #: The nets trained at the default options.
@@ -242,3 +240,30 @@ def test_input_side_layouts_are_what_the_net_is_trained_with():
         for p in model.parameters()
     ]
     assert kinds.count("conv_input") == 2 and "tucker" not in kinds
+
+
+def old_default_worker(rank, world_size):
+    """A state built with P on the input side (FSDP2's default before it followed one process),
+    loaded into an optimizer at today's default: refused, with what loads it."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    mesh = _mesh(world_size)
+    model = _sharded("unet", mesh)
+    opt = OPTIMIZERS["CoapAdamW"](model.parameters(), projection_side="input")
+    train_on(model, opt, image_batch, 2, rank=rank, world_size=world_size)
+    model_sd, opt_sd = get_state_dict(model, opt)
+    for group in opt_sd["param_groups"]:  # as those versions saved it: the default, None
+        group["projection_side"] = None
+    fresh = OPTIMIZERS["CoapAdamW"](model.parameters())
+    try:
+        set_state_dict(model, fresh, model_state_dict=model_sd, optim_state_dict=opt_sd)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def test_state_of_the_old_fsdp2_default_is_refused_with_the_option_that_loads_it():
+    message = launch(old_default_worker, world_size=2, timeout=120)[0]
+    assert message is not None and "the FSDP2 default of earlier versions" in message
+    assert "build the optimizer with projection_side='input' to load it" in message
+    assert "(24, 33, 1, 1)" in message  # the first parameter whose side changed: the wide 1x1 conv

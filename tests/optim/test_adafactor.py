@@ -64,9 +64,9 @@ def test_projected_state_shapes_and_memory():
     model = make_net()
     opt = CoapAdafactor(model.parameters(), beta1=0.9, rank_ratio_matrix=2, min_conv_numel=0)
     train(model, opt, 1)
-    fc1 = opt.state[model.fc1.weight]  # (40, 192): P on the input side (192, 20), r = 20
-    assert fc1["proj"].shape == (192, 20) and fc1["exp_avg"].shape == (40, 20)
-    assert fc1["exp_avg_sq_row"].shape == (40,) and fc1["exp_avg_sq_col"].shape == (20,)
+    fc1 = opt.state[model.fc1.weight]  # (40, 192): canonical (192, 40), r = 20
+    assert fc1["proj"].shape == (40, 20) and fc1["exp_avg"].shape == (192, 20)
+    assert fc1["exp_avg_sq_row"].shape == (192,) and fc1["exp_avg_sq_col"].shape == (20,)
     conv = opt.state[model.conv.weight]  # (16, 8, 3, 3) at ratio 2: core (11, 5, 3, 3)
     assert conv["exp_avg"].shape == (11, 5, 3, 3)
     assert conv["exp_avg_sq_row"].shape == (11, 5, 3) and conv["exp_avg_sq_col"].shape == (11, 5, 3)

@@ -29,9 +29,9 @@ def test_project_page_call_works_and_routes_every_kind():
     assert state[model.conv.weight]["proj_out"].shape == (16, 11)  # floor(16 / sqrt 2)
     assert state[model.conv.weight]["proj_in"].shape == (8, 5)
     assert state[model.conv.weight]["exp_avg"].shape == (11, 5, 3, 3)
-    assert state[model.pointwise.weight]["proj"].shape == (16, 6)  # 1x1 kernel: a (16 -> 12) matrix, P on its input
-    assert state[model.fc1.weight]["proj"].shape == (192, 20)  # (40, 192): P on the input side
-    assert state[model.fc1.weight]["exp_avg"].shape == (40, 20)
+    assert state[model.pointwise.weight]["proj"].shape == (12, 6)  # 1x1 kernel: a (16 -> 12) matrix
+    assert state[model.fc1.weight]["proj"].shape == (40, 20)  # (40, 192): P on the smaller side
+    assert state[model.fc1.weight]["exp_avg"].shape == (192, 20)
     assert state[model.fc2.weight]["proj"].shape == (40, 20)
     assert state[model.fc2.weight]["exp_avg"].shape == (48, 20)
     assert "proj" not in state[model.norm.weight] and state[model.norm.weight]["exp_avg"].shape == (48,)
@@ -54,7 +54,7 @@ def test_rank_and_ratio_resolution():
     assert layout_of(p, CoapAdamW([p], rank=48).param_groups[0]).kind == "dense"  # smaller side <= rank
     stacked = torch.nn.Parameter(torch.zeros(3, 20, 30))  # MoE-style experts
     layout = layout_of(stacked, CoapAdamW([stacked], rank=4).param_groups[0])
-    assert layout.kind == "matrix" and layout.factor_shapes() == [(3, 30, 4)]  # each expert's input side
+    assert layout.kind == "matrix" and layout.factor_shapes() == [(3, 20, 4)]
 
 
 def test_param_groups_are_kept_with_overrides_and_opt_out():
@@ -71,7 +71,7 @@ def test_param_groups_are_kept_with_overrides_and_opt_out():
         assert kept["params"] == given["params"]
     assert opt.param_groups[1]["update_interval"] == 2 and opt.param_groups[0]["update_interval"] == 3
     train(model, opt, 2)
-    assert opt.state[model.fc1.weight]["proj"].shape == (192, 8)  # the input side
+    assert opt.state[model.fc1.weight]["proj"].shape == (40, 8)
     assert opt.state[model.conv.weight]["proj_out"].shape == (16, 8)
     assert "proj" not in opt.state[model.head.weight]
 

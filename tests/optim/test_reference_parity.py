@@ -38,8 +38,7 @@ def _run_ours(optimizer: torch.optim.Optimizer, weight: torch.nn.Parameter, grad
 
 
 #: The reference is the paper's algorithm, which puts P on a matrix's smaller side (a wide
-#: matrix works on G^T); the library's default puts it on the input side, which for the tall
-#: case is the same side.
+#: matrix works on G^T): the library's default, said explicitly.
 PAPER_SIDE = {"projection_side": "smaller"}
 
 

@@ -86,7 +86,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--projection-side",
         choices=list(PROJECTION_SIDES),
-        help="where the COAP optimizers put P on each matrix (default: the library's default, the input side)",
+        help="where the COAP optimizers put P on each matrix (default: the library's default, the smaller side)",
     )
     parser.add_argument("--update-interval", type=int, default=32, help="T_u (default: 32)")
     parser.add_argument("--reproject-factor", type=int, default=5, help="lambda (default: 5)")

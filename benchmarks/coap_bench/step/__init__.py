@@ -16,8 +16,9 @@ Three sections, each printed as a table and written to a JSON file:
    ``torch.optim.AdamW`` (``foreach=False`` and ``foreach=True``) and against the *floor*: the
    two matmuls plus Adam's elementwise moment update on the ``m * r`` projected entries, all
    timed in the same run. ``(m, n)`` is the matrix the optimizer works on, ``P`` (n, r): the
-   weight with ``P`` on its input side (the library's default), its transpose with ``P`` on its
-   first axis; the floor follows the optimizer's layout (``--projection-side`` sets it).
+   weight with ``P`` on its input side, its transpose with ``P`` on its first axis (the library's
+   default, the smaller side, does that to wide weights); the floor follows the optimizer's layout
+   (``--projection-side`` sets it).
 3. **Refresh cost** at one shape: ``correlation_aware_step`` and the warm-started ``low_cost_svd``
    as ratios to a full ``torch.linalg.svd(G, full_matrices=False)`` (GaLore's per-refresh cost),
    and the closed-form Eq. 2 step against an autograd reference of the same step.

@@ -2,8 +2,8 @@
 the state bytes each optimizer holds after one step, against them (section 1 of ``coap-bench step``).
 
 ``(m, n)`` is the matrix the optimizer works on: ``P`` is (n, r) and the moments (m, r). With the
-library's default (``P`` on the input side) that is the weight (out, in) itself; with ``P`` on its
-first axis it is the transpose. :func:`measure_state_bytes` asks the optimizer which one it is."""
+library's default (``P`` on the smaller side) that is (max, min); with ``P`` on the input side the
+weight (out, in) itself; with ``P`` on its first axis the transpose. :func:`measure_state_bytes` asks the optimizer which one it is."""
 
 from __future__ import annotations
 
@@ -89,8 +89,8 @@ FORMULA_TEXT = {
     "CoapAdafactor8bit": "4*n*r + q(m*r) + q(m) + q(r)",
 }
 FORMULA_NOTE = (
-    "m x n = the matrix the optimizer works on, P (n, r) and moments (m, r): the weight (out x in) with P on "
-    "the input side (the library's default), its transpose with P on the first axis; q(k) = k + 4*ceil(k/256) "
+    "m x n = the matrix the optimizer works on, P (n, r) and moments (m, r): (max x min) with P on the smaller "
+    "side (the library's default), the weight (out x in) with P on the input side; q(k) = k + 4*ceil(k/256) "
     "(uint8 codes + fp32 absmax per block) if k >= min_8bit_size = 4096, else 4*k (fp32)"
 )
 

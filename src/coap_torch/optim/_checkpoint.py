@@ -180,7 +180,8 @@ def checked_state(
             try:
                 loaded[param] = _converted(optimizer, entry, param, final, where)
             except CheckpointError as error:
-                raise CheckpointError(f"{error}{_options_hint(differences)}") from None
+                hint = _options_hint(differences) or _side_hint(optimizer, entry, param, final, where)
+                raise CheckpointError(f"{error}{hint}") from None
     if changed:
         warnings.warn(
             "load_state_dict kept this optimizer's COAP options where the checkpoint differs ("
@@ -216,3 +217,19 @@ def _options_hint(differences: dict[str, tuple[Any, Any]]) -> str:
         return ""
     listed = ", ".join(f"{key}={old!r} (this optimizer: {new!r})" for key, (old, new) in differences.items())
     return f". The checkpoint was written with {listed}: build the optimizer with those options to load it"
+
+
+def _side_hint(optimizer: Any, entry: dict[str, Any], param: Tensor, final: dict[str, Any], where: str) -> str:
+    """Earlier versions put ``P`` on the input side of FSDP2-sharded parameters when
+    ``projection_side`` was ``None``; now ``None`` means the smaller side in every engine. Such a
+    checkpoint is refused (its projections have other shapes), with what loads it."""
+    if final.get("projection_side") is not None or not placement.sharded_on_rows(param):
+        return ""
+    try:
+        convert_loaded_state(entry, optimizer.planned_state(param, {**final, "projection_side": "input"}), param, where)
+    except CheckpointError:
+        return ""
+    return (
+        ". It was written with P on the input side, the FSDP2 default of earlier versions (projection_side=None "
+        "now means the smaller side in every engine): build the optimizer with projection_side='input' to load it"
+    )

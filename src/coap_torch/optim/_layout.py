@@ -5,14 +5,12 @@ Four kinds of parameter:
 * ``dense``: updated by the plain moment rule (1-D tensors, matrices whose smaller side does
   not exceed the rank, small kernels, and every parameter of a group with ``coap=False``).
 * ``matrix``: ``G`` (m, n), or a stack (B, m, n) of independent matrices such as MoE experts,
-  or a 1x1 convolution kernel (O, I, 1, 1) seen as the (O, I) matrix it is. By default the
-  projection ``P`` sits on the input side (the last axis, n), whatever the shape: measured against
-  the paper's smaller side it trains as well, holds less AdamW state, and is the side FSDP2 does
-  not shard (see the README's "Where P sits"). The group option ``projection_side`` moves it:
-  ``"smaller"`` (the paper) or ``"larger"``; where ``P`` sits on the first axis we work on ``G^T``
-  (``transposed``), so there is one code path and the Eq. 2 cosine is taken over the rows of the
-  canonical orientation. The choice is the same in every engine (FSDP2's cost of each:
-  :mod:`coap_torch.optim._sharding`).
+  or a 1x1 convolution kernel (O, I, 1, 1) seen as the (O, I) matrix it is. The projection ``P``
+  sits on the smaller side (the paper): when m < n we work on ``G^T`` (``transposed``), so there
+  is one code path and the Eq. 2 cosine is taken over the rows of the canonical orientation. The
+  group option ``projection_side`` moves it: ``"input"`` to the last axis (n, the input side of a
+  linear layer, which FSDP2 does not shard), ``"larger"`` to the larger side. The choice is the
+  same in every engine (FSDP2's cost of each: :mod:`coap_torch.optim._sharding`).
 * ``tucker``: kernels (O, I, *k) with a kernel of more than one tap and at least
   ``min_conv_numel`` entries: Tucker-2 with ``P_O`` (O, r_O) and ``P_I`` (I, r_I).
 * ``conv_input``: the same kernels with ``conv_projection="input"``: only the input-channel mode
@@ -48,13 +46,13 @@ DEFAULT_RANK_RATIO = 2.0
 #: the last axis), ``"larger"`` (the larger side, the moments on the smaller one).
 PROJECTION_SIDES = (None, "smaller", "input", "larger")
 
-#: Where ``projection_side=None`` puts ``P`` on a matrix whose state is created now: the input
-#: side. Chosen by measurement against the paper's smaller side and the larger side (README,
-#: "Where P sits"): as good a held-out loss, less AdamW state, no steady-step traffic under FSDP2.
-DEFAULT_PROJECTION_SIDE = "input"
+#: Where ``projection_side=None`` puts ``P`` on a matrix whose state is created now: the smaller
+#: side, the paper's, chosen by measurement against the input and larger sides (README, "Where P
+#: sits"): the best held-out loss on both training jobs.
+DEFAULT_PROJECTION_SIDE = "smaller"
 
 #: Where earlier versions put it in one process: with ``projection_side=None``, a matrix whose
-#: saved state was built there keeps it (:func:`earlier_default`), so their checkpoints resume.
+#: saved state was built there keeps it (:func:`keeps_earlier_side`), so their checkpoints resume.
 EARLIER_DEFAULT_SIDE = "smaller"
 
 #: Values of the ``conv_projection`` option: Tucker-2 on both channel modes, or the input mode only.
@@ -239,7 +237,7 @@ def tucker_saves_memory(shape: tuple[int, ...], ranks: tuple[int, int]) -> bool:
 def route(shape: tuple[int, ...], group: dict[str, Any]) -> Layout:
     """The :class:`Layout` of a parameter of ``shape`` in ``group`` (pure: shape + group only).
 
-    ``group`` may leave out ``projection_side`` (:data:`DEFAULT_PROJECTION_SIDE` is used).
+    ``group`` may leave out ``projection_side`` (the smaller side is used).
     """
     shape = tuple(shape)
     side = group.get("projection_side") or DEFAULT_PROJECTION_SIDE

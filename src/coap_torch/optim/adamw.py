@@ -83,8 +83,7 @@ ADAM = AdamRule()
 class CoapAdamW(LowRankOptimizer):
     r"""AdamW whose moments live in a correlation-aware low-rank subspace (COAP).
 
-    For a projected matrix with gradient ``G`` (m, n) and ``P`` (n, r) on its input side (the
-    default; ``G^T`` and ``P`` (m, r) when ``projection_side`` puts it on the output side):
+    For a projected matrix with gradient ``G`` (m, n), m >= n (``G^T`` otherwise):
 
     .. math::
         \begin{aligned}
@@ -138,14 +137,12 @@ class CoapAdamW(LowRankOptimizer):
         coap: set ``False`` in a group to train it densely, e.g. embeddings and output heads
             (default True).
         projection_side: where ``P`` sits on a matrix, the same in one process, under DDP and under
-            FSDP2: ``None`` (default) or ``"input"`` dim 1, the input side (the side FSDP2 does not
-            shard, so that its steady steps send nothing); ``"smaller"`` the smaller side (the
-            paper); ``"larger"`` the larger side, with the moments on the smaller one
-            (``max*r + 2*min*r`` floats of state instead of ``2*max*r + min*r``). The default was
-            chosen by measurement (README, "Where P sits"); a matrix whose state was built on the
-            smaller side (the default of earlier versions) keeps it, so their checkpoints resume.
-            Under FSDP2, ``P`` on dim 0 costs an all-reduce of the projected gradient at every step
-            (see ``docs/distributed.md``).
+            FSDP2: ``None`` (default) or ``"smaller"`` the smaller side (the paper, and the best of the
+            three in our measurements: README, "Where P sits"); ``"input"`` dim 1,
+            the side FSDP2 does not shard, so that its steady steps send nothing; ``"larger"`` the
+            larger side, with the moments on the smaller one (``max*r + 2*min*r`` floats of state
+            instead of ``2*max*r + min*r``). Under FSDP2, ``P`` on dim 0 costs an all-reduce of the
+            projected gradient at every step (see ``docs/distributed.md``).
         conv_projection: how conv kernels with more than one tap are projected: ``"tucker2"``
             (default) on both channel modes (Algorithm 2); ``"input"`` on the input-channel mode
             only, the moments (O, *k, r_I): more state than Tucker-2, but no steady-step
@@ -157,7 +154,7 @@ class CoapAdamW(LowRankOptimizer):
         ...                 rank_ratio_cnn=2, update_interval=32, reproject_factor=5)
         >>> model(torch.randn(256, 64)).square().mean().backward()
         >>> opt.step()
-        >>> tuple(opt.state[model[0].weight]["proj"].shape)  # P on the input side (64) of (128, 64)
+        >>> tuple(opt.state[model[0].weight]["proj"].shape)  # P on the smaller side (64) of (128, 64)
         (64, 32)
 
     Note:
