@@ -94,12 +94,13 @@ def test_the_names_are_our_four_optimizers():
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # rank-deficient first gradients of tiny models
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
-def test_estimate_matches_the_real_state_to_the_byte(name, model_name):
+def test_estimate_matches_the_real_state_to_the_byte(name, model_name, state_dtype):
     torch.manual_seed(0)
     model, loss = MODELS[model_name]()
-    options = _options(name)
+    options = {**_options(name), "state_dtype": state_dtype}
     estimate = estimate_state_bytes(model, name, **options)
     optimizer = COAP[name](model.parameters(), **options)
     for step in range(1, 6):  # across both kinds of refresh

@@ -94,14 +94,19 @@ def test_ddp_equals_single_process_on_the_whole_batch(ddp_runs, name, accumulati
     assert any("proj" in s for s in ddp["state"]) and any("proj_out" in s for s in ddp["state"])
     # The all-reduce sums in another order than one process does (gradients differ by ~1e-7
     # relative); the subspace refreshes amplify that by their singular-value gaps, and 8-bit
-    # codes can round to the neighbouring code. After 7 steps of lr 3e-3 the weights moved ~2e-2.
-    atol = 3e-4 if "8bit" in name else 2e-5
+    # codes (and bfloat16 state, stochastic rounding included) can round to the neighbouring
+    # value. After 7 steps of lr 3e-3 the weights moved ~2e-2.
+    rounded = "8bit" in name or "bf16" in name
+    atol = 3e-4 if rounded else 2e-5
     for p, q in zip(ddp["params"], reference["params"]):
         torch.testing.assert_close(p, q, rtol=0, atol=atol)
     # A flipped 8-bit code changes a moment by up to 0.7% of its block's maximum, and the next
     # refresh turns that into a small rotation of P: measured up to 6e-3 on one machine, 2e-3 on
-    # another, for P entries of about 0.3. The weights above are the tight check.
-    proj_atol = 2e-2 if "8bit" in name else 10 * atol
+    # another, for P entries of about 0.3. The weights above are the tight check; with bfloat16
+    # state, P itself is rounded (0.4%) before the refreshes amplify it, so they are the only one.
+    if "bf16" in name:
+        return
+    proj_atol = 2e-2 if rounded else 10 * atol
     for a, b in zip(ddp["state"], reference["state"]):
         for key in ("proj", "proj_out", "proj_in"):
             if key in a:

@@ -34,6 +34,8 @@ NETS = {
     "experts": (make_expert_net, token_batch, {}),
     "unet_input": (make_unet_like, image_batch, {"projection_side": "input", "conv_projection": "input"}),
     "unet_larger": (make_unet_like, image_batch, {"projection_side": "larger"}),
+    # bfloat16 state: P (replicated and row-split) and the moments (sharded like the weight).
+    "unet_bf16": (make_unet_like, image_batch, {"state_dtype": "bf16"}),
 }
 #: The nets trained at the default options.
 DEFAULTS = ("unet", "experts")
@@ -115,12 +117,17 @@ def resume_worker(rank, world_size, folder, names):
     return {(net, name): _resume(net, name, mesh, rank, world_size, folder) for net in NETS for name in names}
 
 
-def one_process(net: str, name: str, halves: bool = False) -> dict:
+#: The nets with bfloat16 state: its stochastic rounding draws per shard (a row shard from a stream
+#: of its own), so FSDP2 equals one process in distribution, not to float rounding.
+STOCHASTIC = ("unet_bf16",)
+
+
+def one_process(net: str, name: str, halves: bool = False, **override) -> dict:
     """One process on the whole batch; with ``halves``, its gradient summed from the two ranks'
     halves (the order of sums data parallelism uses)."""
     make, batches, options = NETS[net]
     model = make()
-    opt = OPTIMIZERS[name](model.parameters(), **options)
+    opt = OPTIMIZERS[name](model.parameters(), **{**options, **override})
     train_on(model, opt, batches, STEPS, accumulate=2 if halves else 1)
     return snapshot(model, opt)
 
@@ -164,6 +171,11 @@ def _cases() -> list:
     ]
 
 
+def _rounding_noise(net: str, name: str) -> float:
+    """How far bfloat16 state moves one process from float32 state: the scale its rounding has."""
+    return _largest_gap(one_process(net, name), one_process(net, name, state_dtype=torch.float32))
+
+
 def assert_close(a, b, atol):
     for i, (p, q) in enumerate(zip(a["params"], b["params"])):
         torch.testing.assert_close(p, q, rtol=0, atol=atol, msg=lambda m, i=i: f"parameter {i}: {m}")
@@ -172,7 +184,13 @@ def assert_close(a, b, atol):
 @pytest.mark.parametrize(("net", "name"), _cases())
 def test_fsdp2_equals_one_process(runs, net, name):
     fsdp, one = runs["trained"][0][net, name], one_process(net, name)
-    if net in DEFAULTS:
+    if net in STOCHASTIC:
+        # Other rounding draws on each shard: two independent draws are about sqrt(2) times as far
+        # apart as one draw is from float32 state; FSDP2 stays within twice that (and ranks still
+        # agree bitwise, and resume bitwise on 2 ranks).
+        noise = _rounding_noise(net, name)
+        assert 0 < _largest_gap(fsdp, one) <= 2 * noise
+    elif net in DEFAULTS:
         assert_close(fsdp, one, TOLERANCE[name])
     else:
         # In float32 no two orders of sums agree bitwise, and Adam's first steps (the sign of
@@ -198,7 +216,10 @@ def test_ranks_agree_bitwise(runs, net, name):
 def test_dcp_resume_on_two_and_on_one_rank(runs, net, name):
     uninterrupted = runs["trained"][0][net, name]
     assert_close(runs["resumed_2"][net, name], uninterrupted, 0.0)
-    assert_close(runs["resumed_1"][net, name], uninterrupted, TOLERANCE[name])
+    if net in STOCHASTIC:  # one rank draws the rounding of the whole moment from one stream
+        assert _largest_gap(runs["resumed_1"][net, name], uninterrupted) <= 2 * _rounding_noise(net, name)
+    else:
+        assert_close(runs["resumed_1"][net, name], uninterrupted, TOLERANCE[name])
 
 
 #: What each optimizer of the file passes to the estimate (its routing and Adafactor options).

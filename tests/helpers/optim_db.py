@@ -74,6 +74,12 @@ class OptimizerInfo:
     def make(self, params: Iterable[Any], **overrides: Any) -> torch.optim.Optimizer:
         return self.cls(params, **{**self.config, **overrides})
 
+    def float_state_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the floating-point state (not 8-bit) it keeps for a parameter of ``param_dtype``."""
+        if self.config.get("state_dtype") in (torch.bfloat16, "bfloat16", "bf16"):
+            return torch.bfloat16
+        return torch.float64 if param_dtype == torch.float64 else torch.float32
+
     def __str__(self) -> str:
         return self.name
 
@@ -100,6 +106,8 @@ _COAP_ERRORS = (
     ErrorInput({"coap": "no"}, r"coap: 'no'"),
     ErrorInput({"projection_side": "left"}, r"projection_side: 'left'"),
     ErrorInput({"conv_projection": "output"}, r"conv_projection: 'output'"),
+    ErrorInput({"state_dtype": torch.float16}, r"state_dtype: torch\.float16"),
+    ErrorInput({"state_dtype": "half"}, r"state_dtype: 'half'"),
 )
 
 _ADAMW_ERRORS = (
@@ -157,6 +165,7 @@ _ADAMW_INPUTS = (
     {"correlation_max_norm": None, "scale": 0.5},
     {"projection_side": "input", "seed": 7},
     {"projection_side": "larger", "conv_projection": "input"},
+    {"state_dtype": torch.bfloat16, "amsgrad": True},
 )
 
 _ADAFACTOR_INPUTS = (
@@ -168,9 +177,10 @@ _ADAFACTOR_INPUTS = (
     {"lr": torch.tensor([[1e-2]]), "relative_step": False},
     {"rank": 5, "rank_ratio_matrix": None, "rank_ratio_cnn": None, "correlation_normalize": True},
     {"projection_side": "larger", "conv_projection": "input"},
+    {"state_dtype": "bf16", "lr": 1e-2, "relative_step": False},
 )
 
-_8BIT_INPUTS = ({"block_size": 64}, {"min_8bit_size": 0}, {"min_8bit_size": 10**9})
+_8BIT_INPUTS = ({"block_size": 64}, {"min_8bit_size": 0}, {"min_8bit_size": 10**9}, {"state_dtype": "bf16"})
 
 _ADAM_FEATURES = frozenset({"amsgrad", "maximize", "tensor_lr"})
 _ADAFACTOR_FEATURES = frozenset({"relative_step", "tensor_lr"})
@@ -222,6 +232,26 @@ OPTIM_DB: tuple[OptimizerInfo, ...] = (
         eight_bit=True,
         constructor_inputs=_ADAFACTOR_INPUTS[:3] + _8BIT_INPUTS,
         error_inputs=_COAP_ERRORS + _ADAFACTOR_ERRORS + _8BIT_ERRORS,
+        supports=_ADAFACTOR_FEATURES,
+    ),
+    # bfloat16 state (P and moments; stochastically rounded second moments) in both storages.
+    OptimizerInfo(
+        "CoapAdamW-bf16",
+        CoapAdamW,
+        {**COAP_KWARGS, "state_dtype": torch.bfloat16},
+        "adam",
+        constructor_inputs=_ADAMW_INPUTS[:4],
+        error_inputs=(),
+        supports=_ADAM_FEATURES,
+    ),
+    OptimizerInfo(
+        "CoapAdafactor8bit-bf16",
+        CoapAdafactor8bit,
+        {**_COAP_ONLY, "beta1": 0.9, "min_8bit_size": 256, "state_dtype": "bfloat16"},
+        "adafactor",
+        eight_bit=True,
+        constructor_inputs=_ADAFACTOR_INPUTS[:3],
+        error_inputs=(),
         supports=_ADAFACTOR_FEATURES,
     ),
 )

@@ -20,6 +20,10 @@ class PerTensorAdamW(CoapAdamW):
     rule = _PerTensorAdam()
 
 
+class PerTensorAdamW8bit(CoapAdamW8bit):
+    rule = _PerTensorAdam()
+
+
 def _run(cls, steps=7, dtype=torch.float32, **kwargs):
     model = make_net(dtype=dtype)
     opt = cls(model.parameters(), **{**COAP_KWARGS, **kwargs})
@@ -43,6 +47,31 @@ def test_bulk_equals_per_tensor_bitwise(kwargs, dtype):
             assert torch.equal(bulk_opt.state[a][key], value), (name, key)
 
 
+@pytest.mark.parametrize(
+    ("bulk_cls", "ref_cls", "kwargs"),
+    [
+        (CoapAdamW, PerTensorAdamW, {"state_dtype": torch.bfloat16}),
+        (CoapAdamW8bit, PerTensorAdamW8bit, {"min_8bit_size": 16}),  # the norm's moments 8-bit too
+        (CoapAdamW8bit, PerTensorAdamW8bit, {"state_dtype": "bf16"}),
+    ],
+    ids=["bf16", "8bit", "8bit-bf16"],
+)
+def test_bulk_with_stored_moments_equals_per_tensor_bitwise(bulk_cls, ref_cls, kwargs):
+    # bfloat16 and 8-bit moments are unpacked for the bulk update and packed back, exactly as the
+    # per-tensor path does (the same stochastic-rounding streams included).
+    bulk_model, bulk_opt, bulk_losses = _run(bulk_cls, **kwargs)
+    ref_model, ref_opt, ref_losses = _run(ref_cls, **kwargs)
+    assert bulk_losses == ref_losses
+    norm = bulk_model.norm.weight
+    assert bulk_opt._bulk_key(norm, bulk_opt.param_groups[0]) is not None
+    for (name, a), b in zip(bulk_model.named_parameters(), ref_model.parameters()):
+        assert torch.equal(a, b), name
+        assert bulk_opt.state[a].keys() == ref_opt.state[b].keys(), name
+        for key, value in ref_opt.state[b].items():
+            assert torch.equal(bulk_opt.state[a][key], value), (name, key)
+            assert bulk_opt.state[a][key].dtype == value.dtype, (name, key)
+
+
 def test_bulk_takes_the_small_dense_tensors_only():
     model = make_net()
     big = torch.nn.Parameter(torch.zeros(BULK_MAX_NUMEL + 1))
@@ -56,8 +85,8 @@ def test_bulk_takes_the_small_dense_tensors_only():
     assert opt._bulk_key(big, opt.param_groups[1]) is None  # too large: temporaries stay small
     maximize = CoapAdamW([model.norm.weight], maximize=True)
     assert maximize._bulk_key(model.norm.weight, maximize.param_groups[0]) is None
-    eight_bit = CoapAdamW8bit(model.parameters(), **COAP_KWARGS)
-    assert eight_bit._bulk_key(model.norm.weight, eight_bit.param_groups[0]) is None
+    eight_bit = CoapAdamW8bit(model.parameters(), **COAP_KWARGS)  # 8-bit storage: bulk as well
+    assert eight_bit._bulk_key(model.norm.weight, eight_bit.param_groups[0]) is not None
 
 
 def test_bulk_matches_torch_adamw_on_dense_groups():

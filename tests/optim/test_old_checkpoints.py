@@ -23,8 +23,12 @@ CASES = sorted(FIXTURES.glob("v*/*.pt"))
 BEFORE, AFTER = 5, 4
 
 
+#: Configurations of the optimizer database that use options 0.1.0 did not have.
+NEWER_THAN_0_1_0 = {"CoapAdamW-bf16", "CoapAdafactor8bit-bf16"}  # state_dtype
+
+
 def test_every_release_and_optimizer_has_a_fixture():
-    assert {path.stem for path in FIXTURES.glob("v0_1_0/*.pt")} == set(OPTIMIZERS)
+    assert {path.stem for path in FIXTURES.glob("v0_1_0/*.pt")} == set(OPTIMIZERS) - NEWER_THAN_0_1_0
 
 
 def _load(path: Path):
@@ -83,7 +87,7 @@ PRE_REDESIGN = sorted((FIXTURES / "pre_redesign").glob("*.pt"))
 
 
 def test_every_optimizer_has_a_pre_redesign_fixture():
-    assert {path.stem for path in PRE_REDESIGN} == set(OPTIMIZERS)
+    assert {path.stem for path in PRE_REDESIGN} == set(OPTIMIZERS) - NEWER_THAN_0_1_0
 
 
 @pytest.mark.parametrize("path", PRE_REDESIGN, ids=[p.stem for p in PRE_REDESIGN])

@@ -66,7 +66,7 @@ def test_every_listed_dtype_trains_with_state_of_the_expected_dtype(entry: Optim
     x, y = batch(0, dtype)
     first = torch.nn.functional.cross_entropy(model(x).float(), y).item()
     train(model, opt, 7, dtype=dtype)  # past an Eq. 2 step and a low-cost SVD
-    float_state = torch.float64 if dtype == torch.float64 else torch.float32  # fp32 state below fp32
+    float_state = entry.float_state_dtype(dtype)  # fp32 state below fp32, unless bf16 state is asked for
     assert all(p.dtype == dtype and torch.isfinite(p).all() for p in model.parameters())
     for p in model.parameters():
         for key, value in opt.state[p].items():

@@ -29,6 +29,7 @@ from .quantization import (
     quantize_blockwise,
     quantize_blockwise_,
 )
+from .rounding import round_to_bfloat16, stochastic_round_to_bfloat16
 from .subspace import DEFAULT_SKETCH_SEED, gaussian_sketch, low_cost_svd, orthonormalize
 from .tucker import (
     conv_ranks,
@@ -66,6 +67,8 @@ __all__ = [
     "quantize_blockwise_",
     "rotate_first_moment",
     "rotate_second_moment",
+    "round_to_bfloat16",
+    "stochastic_round_to_bfloat16",
     "tucker2_add_restored_",
     "tucker2_project",
     "tucker2_restore",

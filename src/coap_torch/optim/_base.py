@@ -35,7 +35,7 @@ from ._refresh import Problem, initial_factors, local_problems, refreshed_factor
 from ._rule import MomentRule
 from ._sharded import CommunicationLog, run_coalesced
 from ._sharding import ShardPlan, plan_shard, replicated_state
-from ._storage import FLOAT32, LazyMoments, MomentStorage
+from ._storage import FLOAT32, LazyMoments, MomentStorage, parse_state_dtype, rounding_seed, stored_dtype
 
 __all__ = ["COAP_DEFAULTS", "COAP_OPTIONS", "LowRankOptimizer", "layout_of"]
 
@@ -108,6 +108,7 @@ class LowRankOptimizer(Optimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         self.rule.check(group)
+        group["state_dtype"] = parse_state_dtype(group["state_dtype"])  # one spelling: the dtype
         CoapOptions.check(group)
         self.storage.check(group)
 
@@ -183,14 +184,14 @@ class LowRankOptimizer(Optimizer):
         """
         views: dict[int, dict[str, Any]] = {}
         planned = [self._plan_step(param, _step_view(group, views), index) for param, group, index in params]
-        bulk: dict[tuple[Any, ...], tuple[dict[str, Any], list[Tensor]]] = {}
+        bulk: dict[tuple[Any, ...], tuple[dict[str, Any], list[_PlannedStep]]] = {}
         rest = []
         for item in planned:
             key = self._bulk_key(item.param, item.group)
             if key is None:
                 rest.append(item)
             else:
-                bulk.setdefault((id(item.group), *key), (item.group, []))[1].append(item.param)
+                bulk.setdefault((id(item.group), *key), (item.group, []))[1].append(item)
         for group, members in bulk.values():
             self._bulk_step(members, group)
         run_coalesced((self._param_step(item) for item in rest), self.communication)
@@ -234,11 +235,11 @@ class LowRankOptimizer(Optimizer):
         Bulk is for what needs none of the per-parameter machinery: a small (at most
         :data:`BULK_MAX_NUMEL` entries), local (not DTensor), dense, float32/float64 parameter
         with a dense gradient of its dtype, routed dense, whose state is empty or holds only the
-        moments and step counter. Everything else (projections, shards, 8-bit or bf16 storage,
-        ``maximize``, state of another layout) takes :meth:`_param_step`. Buckets share step
-        count, device and dtype.
+        moments (in any storage: bfloat16 and 8-bit moments are widened for the step) and step
+        counter. Everything else (projections, shards, ``maximize``, state of another layout)
+        takes :meth:`_param_step`. Buckets share step count, device and dtype.
         """
-        if not (self.rule.bulk and self.storage.bulk) or group.get("maximize", False):
+        if not self.rule.bulk or group.get("maximize", False):
             return None
         grad = param.grad
         if (
@@ -254,21 +255,28 @@ class LowRankOptimizer(Optimizer):
         state = self.state.get(param)
         if not state:
             return (0, param.device, param.dtype)
-        if any(key in state for key in ("proj", "proj_out", "proj_in")) or not self.rule.bulk_state_ok(state, group):
+        moments = {placement.moment_name(key) for key in state} - {"step"}
+        if "step" not in state or not self.rule.bulk_state_ok(moments, group):
             return None
         return (int(state["step"]), param.device, param.dtype)
 
-    def _bulk_step(self, params: list[Tensor], group: dict[str, Any]) -> None:
-        """Step plain dense ``params`` of ``group`` that share a step count, all at once."""
-        states = []
-        for param in params:
-            state = self.state[param]
+    def _bulk_step(self, items: list[_PlannedStep], group: dict[str, Any]) -> None:
+        """Step plain dense parameters of ``group`` that share a step count, all at once: their
+        stored moments are unpacked, updated together and stored back."""
+        stored, work = [], []
+        for item in items:
+            state = self.state[item.param]
             if not state:
                 state["step"] = new_step_counter()
-                state.update(self.rule.init(tuple(param.shape), group, param))
-            states.append(state)
-        torch._foreach_add_([state["step"] for state in states], 1)
-        self.rule.bulk_step(params, states, group, int(states[0]["step"]))
+                state.update(self.rule.init(tuple(item.param.shape), group, item.param))
+            stored.append(state)
+            work.append(self.storage.unpack(state, group, self.rule.rotations, None, item.param.dtype))
+        torch._foreach_add_([state["step"] for state in stored], 1)  # shared with the unpacked views
+        step = int(stored[0]["step"])
+        self.rule.bulk_step([item.param for item in items], work, group, step)
+        for item, moments, state in zip(items, work, stored):
+            seed = rounding_seed(group["seed"], item.index, step)
+            self.storage.pack(moments, state, group, self.rule.rotations, None, seed)
 
     def _param_step(self, item: _PlannedStep) -> Task[None]:
         param, group, layout, plan, shard = item.param, item.group, item.layout, item.plan, item.shard
@@ -321,7 +329,7 @@ class LowRankOptimizer(Optimizer):
             target = param if param.dtype == dtype else param.to(dtype)
         local_factors = factors if plan is None else plan.local_factors(factors)
         _apply(target, layout, local_factors, direction, decay, alpha, group["scale"])
-        self.storage.pack(state, stored, group, rotations, shard)
+        self.storage.pack(state, stored, group, rotations, shard, rounding_seed(group["seed"], item.index, step))
         if target is not param:
             param.copy_(target)
         if shard is not None:
@@ -387,7 +395,7 @@ class LowRankOptimizer(Optimizer):
         """
         group = self._group_of(param) if group is None else group
         layout = layout_of(param, group)
-        dtype = _compute_dtype(param)
+        dtype = stored_dtype(group, _compute_dtype(param))
         planned = {"step": torch.empty((), dtype=torch.int64, device="meta")}
         for key, shape in zip(layout.factor_keys, layout.factor_shapes()):
             planned[key] = torch.empty(shape, dtype=dtype, device="meta")

@@ -13,9 +13,12 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+import torch
+
 from ..functional.correlation import DEFAULT_CORRELATION_LR, DEFAULT_CORRELATION_MAX_NORM
 from . import _validation as check
 from ._layout import CONV_PROJECTIONS, PROJECTION_SIDES
+from ._storage import parse_state_dtype
 
 __all__ = [
     "COAP_DEFAULTS",
@@ -50,6 +53,7 @@ class CoapOptions:
     coap: bool = True
     projection_side: str | None = None
     conv_projection: str = "tucker2"
+    state_dtype: torch.dtype | str = torch.float32
 
     @staticmethod
     def check(group: Mapping[str, Any]) -> None:
@@ -71,6 +75,7 @@ class CoapOptions:
             raise ValueError(
                 f"Invalid projection_side: {group['projection_side']!r} (must be one of {PROJECTION_SIDES})"
             )
+        parse_state_dtype(group["state_dtype"])
         if group["conv_projection"] not in CONV_PROJECTIONS:
             raise ValueError(
                 f"Invalid conv_projection: {group['conv_projection']!r} (must be one of {CONV_PROJECTIONS})"

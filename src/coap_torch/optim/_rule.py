@@ -82,8 +82,9 @@ class MomentRule:
     #: ``True`` implement :meth:`bulk_state_ok` and :meth:`bulk_step`.
     bulk: ClassVar[bool] = False
 
-    def bulk_state_ok(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
-        """Whether an existing dense state is in the plain form :meth:`bulk_step` expects."""
+    def bulk_state_ok(self, moments: set[str], group: dict[str, Any]) -> bool:
+        """Whether a dense state that holds ``moments`` (their names, however stored) is the
+        state :meth:`bulk_step` expects."""
         return False
 
     def bulk_step(self, params: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any], step: int) -> None:

@@ -1,4 +1,4 @@
-"""How moments are kept between steps: float32 as they are, or block-wise quantized to 8 bits.
+"""How state is kept between steps: in full precision, in bfloat16, or block-wise quantized to 8 bits.
 
 A storage turns a parameter's stored state into the moments the moment rule works on
 (:meth:`unpack`), writes them back after the step (:meth:`pack`), and says what a moment of a
@@ -28,11 +28,25 @@ One process with that ``block_size`` stores the same codes.
 During a step the moments are dequantized to float32, go through exactly the code of the
 32-bit optimizer (moment rule, refresh and change of basis included), and are re-quantized:
 one code path for both precisions.
+
+**bfloat16** (the group option ``state_dtype=torch.bfloat16``, with either storage): every
+floating-point entry that is not 8-bit (``P``, first moments, second moments, Adafactor's
+accumulators) is kept in bfloat16 and widened to the compute dtype for the step. First moments
+and projections are rounded to nearest; non-negative accumulators (second moments, Adafactor's
+row and column sums) are rounded stochastically (:func:`~coap_torch.functional.stochastic_round_to_bfloat16`),
+because round-to-nearest stalls them: ``v * 0.999`` rounds back to ``v``. The random bits come
+from a generator seeded with ``(seed, parameter index, step, key)``, never from the global RNG,
+so training is reproducible and a resumed run continues bitwise without saving any RNG state.
+Measured on an Adam second moment over 4000 steps of gradients whose scale shrinks tenfold
+(``beta2 = 0.999``): round-to-nearest ends 6.3x too large, round-to-nearest of ``sqrt(v)`` (the
+8-bit path's storage) 5.0x, stochastic rounding of ``sqrt(v)`` has a 7.6% median error, and
+stochastic rounding of ``v`` a 5.1% median error with no bias (+0.02%): the scheme used.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -40,10 +54,78 @@ import torch
 from torch import Tensor
 
 from ..functional.quantization import DEFAULT_BLOCK_SIZE, dequantize_blockwise, quantize_blockwise_
+from ..functional.rounding import round_to_bfloat16, stochastic_round_to_bfloat16
 from . import _validation as check
 from ._placement import RowShard, moment_name
 
-__all__ = ["FLOAT32", "INT8_BLOCKWISE", "Int8Blockwise", "Int8Options", "LazyMoments", "MomentStorage"]
+__all__ = [
+    "FLOAT32",
+    "INT8_BLOCKWISE",
+    "STATE_DTYPES",
+    "Int8Blockwise",
+    "Int8Options",
+    "LazyMoments",
+    "MomentStorage",
+    "parse_state_dtype",
+    "rounding_seed",
+    "stored_dtype",
+]
+
+#: The values of the group option ``state_dtype``, by the names it also accepts.
+STATE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def parse_state_dtype(value: Any) -> torch.dtype:
+    """The ``state_dtype`` option as a dtype: ``torch.float32`` or ``torch.bfloat16``, or one of
+    their names in :data:`STATE_DTYPES`; anything else raises ``ValueError``."""
+    if isinstance(value, str) and value in STATE_DTYPES:
+        return STATE_DTYPES[value]
+    if value in (torch.float32, torch.bfloat16):
+        return value
+    raise ValueError(
+        f"Invalid state_dtype: {value!r} (must be torch.float32 or torch.bfloat16, or one of {tuple(STATE_DTYPES)})"
+    )
+
+
+def stored_dtype(group: dict[str, Any], compute: torch.dtype) -> torch.dtype:
+    """The dtype of a group's floating-point state between steps: bfloat16 when the group asks
+    for it, else the compute dtype (float32; float64 for float64 parameters)."""
+    return torch.bfloat16 if group["state_dtype"] == torch.bfloat16 else compute
+
+
+def rounding_seed(seed: int, index: int, step: int) -> int:
+    """The seed of the stochastic rounding of parameter ``index``'s state after ``step``."""
+    return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + step * 0x94D049BB133111EB + 7) % (2**63)
+
+
+def _narrowed(key: str, value: Any, rotations: dict[str, str], shard: RowShard | None, seed: int) -> Any:
+    """A floating-point state entry as a bfloat16 group keeps it (see the module docstring)."""
+    if not isinstance(value, Tensor) or not value.is_floating_point() or value.dtype == torch.bfloat16:
+        return value
+    if rotations.get(key, "linear") == "linear":  # projections and first moments
+        return round_to_bfloat16(value)
+    # Streams per key; a row shard's own rows get their own stream, replicated entries the same
+    # one on every rank (they must stay equal).
+    offset = 0 if shard is None or shard.replicates(key) else shard.offset
+    key_seed = (seed + zlib.crc32(key.encode()) * 0xD6E8FEB86659FD93 + offset) % (2**63)
+    generator = torch.Generator(device=value.device).manual_seed(key_seed)
+    return stochastic_round_to_bfloat16(value, generator)
+
+
+def _widened(state: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """``state`` with its floating-point tensors in ``dtype`` (itself when they all are)."""
+    if all(not isinstance(v, Tensor) or not v.is_floating_point() or v.dtype == dtype for v in state.values()):
+        return state
+    return {
+        key: value.to(dtype) if isinstance(value, Tensor) and value.is_floating_point() else value
+        for key, value in state.items()
+    }
+
 
 #: Moments with fewer entries stay float32, as in bitsandbytes: the absmax and bookkeeping
 #: would outweigh the saving.
@@ -61,8 +143,6 @@ class MomentStorage:
 
     #: A dataclass of the storage's own group options, or ``None``.
     options: ClassVar[type | None] = None
-    #: Whether plain dense tensors may be stepped in bulk (their moments are stored as they are).
-    bulk: ClassVar[bool] = True
 
     def check(self, group: dict[str, Any]) -> None:
         """Refuse out-of-range storage options, naming the option and the value."""
@@ -75,8 +155,9 @@ class MomentStorage:
         shard: RowShard | None,
         dtype: torch.dtype,
     ) -> dict[str, Any]:
-        """The state as the moment rule works on it; the stored state itself here."""
-        return state
+        """The state as the moment rule works on it, in the compute ``dtype`` (the stored state
+        itself when it is already)."""
+        return _widened(state, dtype)
 
     def pack(
         self,
@@ -85,9 +166,14 @@ class MomentStorage:
         group: dict[str, Any],
         rotations: dict[str, str],
         shard: RowShard | None,
+        seed: int = 0,
     ) -> None:
-        """Store what :meth:`unpack` returned back into ``state`` after the step."""
-        if work is not state:
+        """Store what :meth:`unpack` returned back into ``state`` after the step (``seed``: of
+        the stochastic rounding, see :func:`rounding_seed`)."""
+        if group["state_dtype"] == torch.bfloat16:
+            for key, value in work.items():
+                state[key] = _narrowed(key, value, rotations, shard, seed)
+        elif work is not state:
             state.update(work.items())
 
     def stored(
@@ -115,7 +201,6 @@ class Int8Blockwise(MomentStorage):
     """Moments of at least ``min_8bit_size`` entries stored block-wise quantized to 8 bits."""
 
     options = Int8Options
-    bulk = False  # 8-bit moments are decoded and encoded per tensor
 
     def check(self, group: dict[str, Any]) -> None:
         check.positive_int("block_size", group["block_size"])
@@ -155,7 +240,7 @@ class Int8Blockwise(MomentStorage):
         shard: RowShard | None,
         dtype: torch.dtype,
     ) -> dict[str, Any]:
-        work = {}
+        work: dict[str, Any] = {}
         for key, value in state.items():
             if key.endswith(_CODES):
                 name = key[: -len(_CODES)]
@@ -170,7 +255,7 @@ class Int8Blockwise(MomentStorage):
                 work[name] = decoded if signed else decoded.square_()
             elif not key.endswith(_ABSMAX):
                 work[key] = value
-        return work
+        return _widened(work, dtype)
 
     def pack(
         self,
@@ -179,7 +264,9 @@ class Int8Blockwise(MomentStorage):
         group: dict[str, Any],
         rotations: dict[str, str],
         shard: RowShard | None,
+        seed: int = 0,
     ) -> None:
+        narrow = group["state_dtype"] == torch.bfloat16
         for key, value in work.items():
             block = self._block_size(key, tuple(value.shape), group, shard) if key in rotations else None
             if block is not None and isinstance(value, Tensor):
@@ -198,7 +285,7 @@ class Int8Blockwise(MomentStorage):
                 state[key + _CODES], state[key + _ABSMAX] = codes, flat_absmax
                 state.pop(key, None)
             else:
-                state[key] = value
+                state[key] = _narrowed(key, value, rotations, shard, seed) if narrow else value
 
 
 #: The two storages (stateless, shared by every optimizer of their kind).

@@ -189,7 +189,8 @@ class CoapAdafactor(LowRankOptimizer):
         warmup_init: with ``relative_step``, warm up as ``min(1e-6 t, 1/sqrt(t))`` (default False).
         rank, rank_ratio_matrix, rank_ratio_cnn, update_interval, reproject_factor, correlation_lr,
         correlation_normalize, correlation_max_norm, scale, min_conv_numel, seed, coap,
-        projection_side, conv_projection: the COAP options, as documented in :class:`~coap_torch.CoapAdamW`.
+        projection_side, conv_projection, state_dtype: the COAP options, as documented in
+            :class:`~coap_torch.CoapAdamW`.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))

@@ -56,9 +56,10 @@ class AdamRule(MomentRule):
         lr = group["lr"]
         return Update(AdamDirection(*parts), 1 - lr * group["weight_decay"], -lr)
 
-    def bulk_state_ok(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
-        keys = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if group["amsgrad"] else set())
-        return state.keys() == keys and all(state[key].dtype == state["exp_avg"].dtype for key in keys - {"step"})
+    def bulk_state_ok(self, moments: set[str], group: dict[str, Any]) -> bool:
+        return moments == (
+            {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"} if group["amsgrad"] else {"exp_avg", "exp_avg_sq"}
+        )
 
     def bulk_step(self, params: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any], step: int) -> None:
         beta1, beta2 = group["betas"]
@@ -147,6 +148,12 @@ class CoapAdamW(LowRankOptimizer):
             (default) on both channel modes (Algorithm 2); ``"input"`` on the input-channel mode
             only, the moments (O, *k, r_I): more state than Tucker-2, but no steady-step
             communication under FSDP2, which shards the output channels.
+        state_dtype: precision of the state between steps: ``torch.float32`` (default; float64
+            for float64 parameters) or ``torch.bfloat16`` (also ``"bfloat16"`` / ``"bf16"``):
+            ``P`` and every moment not stored 8-bit kept in bfloat16, half the bytes. Each step
+            widens the state to float32 and rounds it back: ``P`` and first moments to nearest,
+            second moments stochastically (round-to-nearest would stall them), from a generator
+            seeded with ``(seed, parameter index, step, key)``.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
@@ -183,8 +190,9 @@ class CoapAdamW(LowRankOptimizer):
         * Rank-deficient gradients get a deterministic subspace, see
           :func:`~coap_torch.functional.low_cost_svd`.
 
-        State is float32 (float64 for float64 parameters) whatever the parameter dtype; bf16 and
-        fp16 parameters are updated in float32 and rounded back once per step. ``step`` is an
+        State is float32 (float64 for float64 parameters) whatever the parameter dtype, unless
+        ``state_dtype=torch.bfloat16``; bf16 and fp16 parameters are updated in float32 and
+        rounded back once per step. ``step`` is an
         exact int64 counter on the CPU. Complex parameters are refused at construction: their
         real view would put the real and imaginary parts on an axis of their own, which a real
         projection would mix; optimize them with ``torch.optim.AdamW``.
@@ -235,7 +243,8 @@ class CoapAdamW8bit(CoapAdamW):
     The low-rank moments of projected parameters, and the moments of unprojected parameters with
     at least ``min_8bit_size`` entries, are kept as ``exp_avg_codes`` / ``exp_avg_sq_codes``
     (uint8) with ``exp_avg_absmax`` / ``exp_avg_sq_absmax`` (float32 per block): a signed dynamic
-    code map for the first moment, an unsigned one for the second. ``P`` stays float32. Each step
+    code map for the first moment, an unsigned one for the second. ``P`` stays float32 (bfloat16
+    with ``state_dtype=torch.bfloat16``, as the moments too small for 8 bits). Each step
     dequantizes, runs the float32 update of :class:`CoapAdamW` (refreshes and the change of basis
     included) and re-quantizes.
 

@@ -92,7 +92,7 @@ def estimate_fsdp2_communication(
     reproject_factor: int = COAP_DEFAULTS["reproject_factor"],
     world_size: int = 8,
     param_bytes: int | None = None,
-    state_dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype = torch.float32,
     **group_options: Any,
 ) -> CommunicationEstimate:
     """A COAP optimizer's traffic under FSDP2 (dim-0 sharding) for ``model``, amortised, against FSDP2's own.
@@ -107,11 +107,13 @@ def estimate_fsdp2_communication(
             counted for rank 0, which holds the largest one).
         param_bytes: bytes per value that FSDP2 gathers and reduces (2 for bf16 mixed precision);
             default: each parameter's own element size.
-        state_dtype: the dtype of ``P`` and of the gradient sums (float32 for float32, bf16 and
-            fp16 parameters).
+        compute_dtype: the dtype the optimizer computes and sums in (float32 for float32, bf16
+            and fp16 parameters; float64 for float64 ones).
         **group_options: the optimizer's options (``rank``, ``rank_ratio_matrix``, ``coap``,
             ``projection_side``, ``min_conv_numel``; Adafactor's ``beta1`` and
-            ``scale_parameter``), applied to every group that does not set its own.
+            ``scale_parameter``), applied to every group that does not set its own. The
+            optimizer's ``state_dtype`` is accepted and changes nothing: bfloat16 state is widened
+            before any sum, so the traffic is the same.
 
     Example:
         >>> with torch.device("meta"):
@@ -124,7 +126,7 @@ def estimate_fsdp2_communication(
         raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZER_NAMES)}")
     adafactor = optimizer.startswith("coap_adafactor")
     groups, _, _ = named_param_groups(model)
-    size = torch.empty((), dtype=state_dtype).element_size()
+    size = torch.empty((), dtype=compute_dtype).element_size()
     totals = {"steady": 0, "first": 0, "svd": 0, "eq2": 0}
     projected = fsdp2 = 0
     for group in groups:
