@@ -408,3 +408,27 @@ def test_a_nan_entry_makes_only_its_block_nan():
     x[300] = float("nan")
     out = dequantize_blockwise(*quantize_blockwise(x, signed=True), signed=True)
     assert torch.isnan(out[256:512]).all() and torch.isfinite(out[:256]).all() and torch.isfinite(out[512:]).all()
+
+
+@pytest.mark.parametrize("signed", SIGNS)
+def test_encoder_equals_bucketize_at_every_edge(signed):
+    # The table encoder (float16 pattern -> lowest code and one threshold) must pick exactly the
+    # code torch.bucketize picks: checked on every float16 value in range and its float32
+    # neighbours, on every midpoint and its neighbours (the ties go down), and on random values.
+    from coap_torch.functional.quantization import _encode_, _tables
+
+    _, midpoints = _tables(signed, torch.device("cpu"))
+    halves = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    halves = halves[torch.isfinite(halves) & (halves.abs() <= 1)]
+    lower = -1.0 if signed else 0.0
+    points = torch.cat([halves, midpoints, torch.rand(200_000, generator=torch.Generator().manual_seed(0)) * 2 - 1])
+    up = torch.nextafter(points, torch.tensor(2.0))
+    down = torch.nextafter(points, torch.tensor(-2.0))
+    # float16 rounding boundaries: halfway between consecutive float16 values, and their neighbours
+    edges = (halves[1:] + halves[:-1]) / 2
+    x = torch.cat([points, up, down, edges, torch.nextafter(edges, torch.tensor(2.0)),
+                   torch.nextafter(edges, torch.tensor(-2.0))])  # fmt: skip
+    x = x[(x >= lower) & (x <= 1.0)]
+    codes = torch.empty(x.shape, dtype=torch.uint8)
+    _encode_(codes, x, signed)
+    assert torch.equal(codes.long(), torch.bucketize(x, midpoints))

@@ -25,11 +25,21 @@ __all__ = ["round_to_bfloat16", "stochastic_round_to_bfloat16"]
 
 _LOW_BITS = 16
 _HIGH_MASK = -(1 << _LOW_BITS)  # 0xFFFF0000 as an int32
+_SIGN = -(1 << 31)  # 0x80000000 as an int32
+_LARGEST_NAN_BASE = 0x7FFF0000  # a NaN pattern; no magnitude at or below it carries past the exponent
 
 
 def round_to_bfloat16(x: Tensor) -> Tensor:
     """``x`` rounded to nearest (ties to even) bfloat16, torch's own cast."""
     return x.to(torch.bfloat16)
+
+
+def _random_halves(numel: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
+    """``numel`` uniform 16-bit integers: full-range 64-bit draws cut in four (a quarter of the
+    generator calls of drawing each one)."""
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-(2**63), None, generator=generator)
+    return words.view(torch.int16)[:numel]
 
 
 def stochastic_round_to_bfloat16(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -54,8 +64,15 @@ def stochastic_round_to_bfloat16(x: Tensor, generator: torch.Generator | None = 
     """
     x32 = x.to(torch.float32).contiguous()
     bits = x32.view(torch.int32)
-    noise = torch.randint(0, 1 << _LOW_BITS, x32.shape, dtype=torch.int32, device=x32.device, generator=generator)
-    rounded = bits.add(noise).bitwise_and_(_HIGH_MASK).view(torch.float32)
-    # A NaN's payload could carry into its sign or exponent; keep it as it is.
-    rounded = torch.where(torch.isnan(x32), x32, rounded)
-    return rounded.to(torch.bfloat16)  # exact: the low 16 bits are zero
+    # Uniform in [0, 2^16): adding it to the magnitude's bits and clearing the low 16 rounds up
+    # exactly when it reaches past the gap's fraction below x.
+    rounded = _random_halves(x32.numel(), x32.device, generator).view(x32.shape).to(torch.int32)
+    rounded += 1 << (_LOW_BITS - 1)
+    magnitude = bits & ~_SIGN
+    # A NaN whose payload's top bits are all ones would carry into the sign; capped, it stays NaN
+    # (infinities and finite values are below the cap).
+    magnitude.clamp_max_(_LARGEST_NAN_BASE)
+    rounded += magnitude
+    rounded &= _HIGH_MASK
+    rounded |= bits & _SIGN
+    return rounded.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
