@@ -86,3 +86,15 @@ def test_a_second_moment_stalls_with_round_to_nearest_and_tracks_with_stochastic
     stochastic_bias = (stochastic.float() / reference - 1).mean().item()
     assert nearest_error > 1.0  # stalled: more than twice the true value
     assert stochastic_error < 0.1 and abs(stochastic_bias) < 0.01
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_rounds_to_a_neighbour_without_bias():
+    x = (torch.rand(64, device="cuda") * 100 + 1e-3).repeat(20_000, 1)
+    y = stochastic_round_to_bfloat16(x, torch.Generator(device="cuda").manual_seed(0)).float()
+    low, high = _neighbours(x[0].cpu())
+    y0 = y.cpu()
+    assert torch.all((y0 == low) | (y0 == high))
+    gap = (high - low).abs()
+    assert torch.all((y0.mean(0) - x[0].cpu()).abs() <= 5 * gap / 2 / 20_000**0.5)

@@ -71,6 +71,8 @@ def test_cuda_matches_cpu(dtype, make_opt):
     tol = 1e-3 if dtype == torch.float32 else 5e-2
     if "_codes" in "".join(str(k) for s in cpu_opt.state.values() for k in s):
         tol = max(tol, 1e-2)  # 8-bit: a code can flip between devices on float rounding
+    if any(v.dtype == torch.bfloat16 for s in cpu_opt.state.values() for v in s.values()):
+        tol = max(tol, 1e-2)  # bfloat16 state: the devices' generators draw other rounding bits
     for p, q in zip(cpu_model.parameters(), gpu_model.parameters()):
         torch.testing.assert_close(q.cpu(), p, atol=tol, rtol=tol)
 
