@@ -139,7 +139,8 @@ _CODES, _ABSMAX = "_codes", "_absmax"
 
 
 class MomentStorage:
-    """Moments kept as the rule makes them (float32, or float64 for float64 parameters)."""
+    """State kept as the rule makes it (float32, or float64 for float64 parameters), or in
+    bfloat16 when the group's ``state_dtype`` asks for it."""
 
     #: A dataclass of the storage's own group options, or ``None``.
     options: ClassVar[type | None] = None
