@@ -44,6 +44,11 @@ __all__ = ["COAP_DEFAULTS", "COAP_OPTIONS", "LowRankOptimizer", "layout_of"]
 #: the bulk update's temporaries (two per tensor, alive at once) stay small.
 BULK_MAX_NUMEL = 2**16
 
+#: Large dense parameters whose state is stored converted (bfloat16, 8-bit) are stepped this
+#: many entries at a time: the widened moments then never exist for the whole tensor (an
+#: embedding's would be twice its float32 moments), and each chunk's passes stay in cache.
+DENSE_CHUNK_NUMEL = 2**18
+
 
 def _compute_dtype(param: Tensor) -> torch.dtype:
     # Moments, projections and the update math are float32 (float64 for float64 params):
@@ -287,6 +292,9 @@ class LowRankOptimizer(Optimizer):
         param, grad = placement.local(param), placement.local(param.grad).to(dtype)
         if group.get("maximize", False):
             grad = -grad
+        if self._chunkable(item, stored, param):
+            self._chunked_dense_step(item, stored, param, grad)
+            return
         canonical = layout.canonical(grad)
         if not stored:
             factors = {}
@@ -334,6 +342,49 @@ class LowRankOptimizer(Optimizer):
             param.copy_(target)
         if shard is not None:
             placement.store_sharded(stored_state, stored, shard)
+
+    def _chunkable(self, item: _PlannedStep, stored: dict[str, Any], param: Tensor) -> bool:
+        """Whether ``item`` is stepped by :meth:`_chunked_dense_step`: a large, local, contiguous
+        dense parameter with an element-wise rule, whose existing state is stored converted."""
+        return (
+            self.rule.elementwise
+            and item.shard is None
+            and not item.layout.projected
+            and bool(stored)
+            and param.numel() > DENSE_CHUNK_NUMEL
+            and param.is_contiguous()
+            and (self.storage.options is not None or item.group["state_dtype"] == torch.bfloat16)
+        )
+
+    def _chunked_dense_step(self, item: _PlannedStep, stored: dict[str, Any], param: Tensor, grad: Tensor) -> None:
+        """Step a dense parameter ``DENSE_CHUNK_NUMEL`` entries at a time: each chunk's stored
+        moments are unpacked, updated with its entries of the gradient and written back in place.
+
+        Chunks start on 8-bit block boundaries, so the codes are those of the whole-tensor step,
+        bit for bit; bfloat16 chunks draw their stochastic rounding from streams of their own.
+        """
+        group, rotations = item.group, self.rule.rotations
+        dtype = _compute_dtype(param)
+        stored["step"] += 1
+        step = int(stored["step"])
+        block = group.get("block_size", 1)
+        chunk = max(1, DENSE_CHUNK_NUMEL // block) * block
+        weight, gradient = param.view(-1), grad.reshape(-1)
+        seed = rounding_seed(group["seed"], item.index, step)
+        for number, begin in enumerate(range(0, weight.numel(), chunk)):
+            stop = min(begin + chunk, weight.numel())
+            views = self.storage.chunk_views(stored, begin, stop, group)
+            work = self.storage.unpack(dict(views), group, rotations, None, dtype)
+            target = weight[begin:stop] if param.dtype == dtype else weight[begin:stop].to(dtype)
+            direction, decay, alpha = self.rule.update(work, gradient[begin:stop], group, step, target)
+            _apply(target, item.layout, [], direction, decay, alpha, group["scale"])
+            packed = dict(views)
+            self.storage.pack(work, packed, group, rotations, None, (seed + number * 0x9E3779B97F4A7C15) % 2**63)
+            for key, view in views.items():
+                if packed.get(key) is not view:
+                    view.copy_(packed[key])
+            if target.data_ptr() != weight[begin:stop].data_ptr():
+                weight[begin:stop].copy_(target)
 
     @staticmethod
     def _project(plan: ShardPlan | None, layout: Layout, grad: Tensor, factors: list[Tensor]) -> Task[Tensor]:

@@ -48,6 +48,10 @@ class MomentRule:
     #: takes them from a :class:`~coap_torch.functional.reduction.Rows`: the identity in one
     #: process, all-reduces under FSDP2).
     collective: ClassVar[bool] = False
+    #: Whether :meth:`update` of a dense parameter is element-wise (each entry's new moments and
+    #: update depend on that entry alone), so that a large dense parameter can be stepped a chunk
+    #: of entries at a time (see ``LowRankOptimizer._chunked_dense_step``).
+    elementwise: ClassVar[bool] = False
 
     def check(self, group: dict[str, Any]) -> None:
         """Refuse out-of-range hyper-parameters, naming the argument and the value."""

@@ -184,6 +184,11 @@ class MomentStorage:
         (``shard``: a global-shaped one for a parameter sharded on dim 0)."""
         return {key: moment}
 
+    def chunk_views(self, state: dict[str, Any], begin: int, stop: int, group: dict[str, Any]) -> dict[str, Tensor]:
+        """Views of a dense parameter's stored moments for its flat entries ``[begin, stop)``
+        (``step`` left out); :meth:`unpack` and :meth:`pack` take them like a whole state."""
+        return {key: value.view(-1)[begin:stop] for key, value in state.items() if key != "step"}
+
 
 @dataclasses.dataclass(frozen=True)
 class Int8Options:
@@ -206,6 +211,17 @@ class Int8Blockwise(MomentStorage):
     def check(self, group: dict[str, Any]) -> None:
         check.positive_int("block_size", group["block_size"])
         check.non_negative_int("min_8bit_size", group["min_8bit_size"])
+
+    def chunk_views(self, state: dict[str, Any], begin: int, stop: int, group: dict[str, Any]) -> dict[str, Tensor]:
+        # ``begin`` is a multiple of the block size: the chunk's blocks are whole blocks of the tensor.
+        block = group["block_size"]
+        views = {}
+        for key, value in state.items():
+            if key.endswith(_ABSMAX):
+                views[key] = value.view(-1)[begin // block : -(-stop // block)]
+            elif key != "step":
+                views[key] = value.view(-1)[begin:stop]
+        return views
 
     @staticmethod
     def _block_size(key: str, shape: tuple[int, ...], group: dict[str, Any], shard: RowShard | None) -> int | None:
@@ -270,6 +286,8 @@ class Int8Blockwise(MomentStorage):
         narrow = group["state_dtype"] == torch.bfloat16
         for key, value in work.items():
             block = self._block_size(key, tuple(value.shape), group, shard) if key in rotations else None
+            if block is None and shard is None and key + _CODES in state:  # a chunk of a quantized moment
+                block = group["block_size"]
             if block is not None and isinstance(value, Tensor):
                 codes, absmax = state.get(key + _CODES), state.get(key + _ABSMAX)
                 blocks = -(-value.numel() // block)

@@ -25,6 +25,7 @@ class AdamRule(MomentRule):
     rotations: ClassVar[dict[str, str]] = {"exp_avg": "linear", "exp_avg_sq": "squared", "max_exp_avg_sq": "squared"}
     defaults: ClassVar[dict[str, Any]] = {"amsgrad": False, "maximize": False}
     bulk = True
+    elementwise = True
 
     def check(self, group: dict[str, Any]) -> None:
         check.non_negative("lr", group["lr"])
