@@ -2,7 +2,7 @@
 
 from . import functional
 from .optim import CoapAdafactor, CoapAdafactor8bit, CoapAdamW, CoapAdamW8bit
-from .utils import StateEstimate, estimate_state_bytes, optimizer_state_nbytes
+from .utils import PeakEstimate, StateEstimate, estimate_peak_bytes, estimate_state_bytes, optimizer_state_nbytes
 
 __version__ = "0.1.0"
 
@@ -11,8 +11,10 @@ __all__ = [
     "CoapAdafactor8bit",
     "CoapAdamW",
     "CoapAdamW8bit",
+    "PeakEstimate",
     "StateEstimate",
     "__version__",
+    "estimate_peak_bytes",
     "estimate_state_bytes",
     "functional",
     "optimizer_state_nbytes",

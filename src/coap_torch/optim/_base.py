@@ -344,16 +344,20 @@ class LowRankOptimizer(Optimizer):
             placement.store_sharded(stored_state, stored, shard)
 
     def _chunkable(self, item: _PlannedStep, stored: dict[str, Any], param: Tensor) -> bool:
-        """Whether ``item`` is stepped by :meth:`_chunked_dense_step`: a large, local, contiguous
-        dense parameter with an element-wise rule, whose existing state is stored converted."""
+        """Whether ``item`` is stepped by :meth:`_chunked_dense_step` (see :meth:`steps_in_chunks`)."""
+        return item.shard is None and not item.layout.projected and self.steps_in_chunks(param, item.group)
+
+    def steps_in_chunks(self, param: Tensor, group: dict[str, Any] | None = None) -> bool:
+        """Whether a dense (unprojected) ``param`` is stepped :data:`DENSE_CHUNK_NUMEL` entries
+        at a time, its first step included: a large, contiguous parameter with an element-wise
+        moment rule (Adam's) whose state is stored converted (bfloat16 or 8-bit). The widened
+        moments then never exist for the whole tensor."""
+        group = self._group_of(param) if group is None else group
         return (
             self.rule.elementwise
-            and item.shard is None
-            and not item.layout.projected
-            and bool(stored)
             and param.numel() > DENSE_CHUNK_NUMEL
             and param.is_contiguous()
-            and (self.storage.options is not None or item.group["state_dtype"] == torch.bfloat16)
+            and (self.storage.options is not None or group["state_dtype"] == torch.bfloat16)
         )
 
     def _chunked_dense_step(self, item: _PlannedStep, stored: dict[str, Any], param: Tensor, grad: Tensor) -> None:
@@ -365,6 +369,11 @@ class LowRankOptimizer(Optimizer):
         """
         group, rotations = item.group, self.rule.rotations
         dtype = _compute_dtype(param)
+        if not stored:
+            # Stored zeros, as packed (8-bit: zero scales, so every code decodes to 0).
+            planned = self.planned_state(param, group)
+            stored.update({k: torch.zeros(t.shape, dtype=t.dtype, device=param.device) for k, t in planned.items()})
+            stored["step"] = new_step_counter()
         stored["step"] += 1
         step = int(stored["step"])
         block = group.get("block_size", 1)
