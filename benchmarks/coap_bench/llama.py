@@ -43,7 +43,7 @@ from coap_torch.optim import LowRankOptimizer, enable_per_layer_updates
 from ._quiet import gather_import_notes, import_note_lines
 from .environment import hardware, versions
 from .llama_model import PRESETS, RECIPES, LlamaPreset, projected_parameter_groups
-from .optimizers import OPTIMIZERS, PROJECTION_SIDES, LowRankSettings, build_optimizer
+from .optimizers import OPTIMIZERS, PROJECTION_SIDES, STATE_DTYPES, LowRankSettings, build_optimizer
 from .report import _number, markdown_table
 from .runner import checkpoint_workarounds
 from .training import (
@@ -135,6 +135,7 @@ class LlamaConfig:
     proj_gap: int | None = None
     correlation_normalize: bool = False
     projection_side: str | None = None
+    state_dtype: str = "float32"
     weight_decay: float = 0.0
     lr: float | None = None
     lr_sweep: bool = False
@@ -179,6 +180,8 @@ class LlamaConfig:
             raise ValueError(
                 f"unknown projection_side {self.projection_side!r}; choose from {', '.join(PROJECTION_SIDES)}"
             )
+        if self.state_dtype not in STATE_DTYPES:
+            raise ValueError(f"unknown state_dtype {self.state_dtype!r}; choose from {', '.join(STATE_DTYPES)}")
         if self.c4 and self.data_dir:
             raise ValueError("c4 and data_dir are two different corpora: give one of them")
         preset = LLAMA_PRESETS[self.preset]
@@ -210,6 +213,7 @@ class LlamaConfig:
             proj_gap=self.proj_gap,
             correlation_normalize=self.correlation_normalize,
             projection_side=self.projection_side,
+            state_dtype=self.state_dtype,
             weight_decay=self.weight_decay,
             seed=self.seed,
         )
@@ -234,6 +238,7 @@ def recipe_settings(
     proj_gap: int | None = None,
     correlation_normalize: bool = False,
     projection_side: str | None = None,
+    state_dtype: str = "float32",
     weight_decay: float = 0.0,
     seed: int = 0,
 ) -> LowRankSettings:
@@ -269,6 +274,7 @@ def recipe_settings(
         **{k: v for k, v in overrides.items() if v is not None},
         correlation_normalize=correlation_normalize,
         projection_side=projection_side,
+        state_dtype=state_dtype,
         weight_decay=weight_decay,
         seed=seed,
     )
@@ -451,6 +457,11 @@ def _side(low: dict[str, Any]) -> str:
     return f", P on the {side} side" if side else ""
 
 
+def _state_dtype(low: dict[str, Any]) -> str:
+    """``", state in bf16"`` when the run set COAP's ``state_dtype`` to bf16, else nothing."""
+    return ", state in bf16" if low.get("state_dtype", "float32") != "float32" else ""
+
+
 def _recipe_line(config: dict[str, Any]) -> str:
     low = config["low_rank"]
     rank = f"rank {low['rank']}" if low["rank"] is not None else f"rank min(m, n) // {low['rank_ratio']:g}"
@@ -458,7 +469,7 @@ def _recipe_line(config: dict[str, Any]) -> str:
     lrs = ", ".join(f"{name} {lr:g}" for name, lr in config["lrs"].items())
     return (
         f"recipe {config['recipe']}: low-rank methods project the {projected} at {rank} (COAP T_u "
-        f"{low['update_interval']}, lambda {low['reproject_factor']}{_side(low)}; GaLore/APOLLO update_proj_gap "
+        f"{low['update_interval']}, lambda {low['reproject_factor']}{_side(low)}{_state_dtype(low)}; GaLore/APOLLO update_proj_gap "
         f"{low['proj_gap']}; update scale {low['scale']:g}), weight decay {low['weight_decay']:g}; peak lr: {lrs}"
         + (f"; lr sweep x{config['lr_sweep_factors']}, best held-out kept" if config.get("lr_sweep") else "")
     )

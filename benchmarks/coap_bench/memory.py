@@ -9,7 +9,17 @@ by more than 1%, the reason, found by taking the difference apart.
 
 Layout. The COAP rows here say ``projection_side="smaller"`` (:data:`PAPER_PROJECTION_SIDE`): the
 paper's layout, its release's and the library's default, named so that they compare with the
-paper's figures (and :func:`paper_release_values`) like for like whatever the default.
+paper's figures (and :func:`paper_release_values`) like for like whatever the default. The 8-bit
+COAP rows quantize in blocks of 4096 values (:data:`PAPER_BLOCK_SIZE`), the block of the release's
+quantizer (bitsandbytes' ``quantize_blockwise``); the library's default is 256.
+
+Precision. Every row is at the precision of the paper's figures for its model (``Study.state_dtype``):
+the UNets, ControlNet and SiT train float32 weights and keep float32 state (AdamW on the DDPM
+CIFAR-10 UNet is 272.72 MiB = 8 bytes per value); the LLaMA runs are bfloat16 models whose state
+the release keeps in the parameters' bfloat16 (AdamW on LLaMA-1B is 4.99 GiB = 4 bytes per value),
+so our rows there use ``state_dtype=torch.bfloat16``, and the peers, whose state follows the
+parameters' dtype, are bf16 by themselves. Our rows also show the float32 state of the library's
+default (``ours_fp32_state``).
 
 Units. The paper's "MB" and "GB" are binary (MiB, GiB): AdamW on the DDPM CIFAR-10 UNet
 (35,746,307 fp32 values, two moments) is 285,970,456 bytes = 272.72 MiB (285.97 MB), the figure
@@ -44,6 +54,7 @@ __all__ = [
     "DDPM_CELEBAHQ_CONFIG",
     "DDPM_CIFAR10_CONFIG",
     "MODELS",
+    "PAPER_BLOCK_SIZE",
     "PAPER_PROJECTION_SIDE",
     "SDXL_UNET_CONFIG",
     "format_memory_report",
@@ -54,6 +65,10 @@ __all__ = [
 #: Where the COAP rows put ``P`` on a matrix: the paper's side (its release's too), so that ours
 #: and the paper's figures count the same layout.
 PAPER_PROJECTION_SIDE = "smaller"
+#: Values per quantization block (one float32 absmax each) of the 8-bit COAP rows: the block of the
+#: release's quantizer (``bitsandbytes.functional.quantize_blockwise``'s default), so that ours and the
+#: release hold the same bytes. The library's default is 256.
+PAPER_BLOCK_SIZE = 4096
 
 # -- the models, from their published configurations ------------------------------------------
 #: ``google/ddpm-cifar10-32``'s UNet2DModel config: the DDPM CIFAR-10 UNet (35.7M parameters).
@@ -205,6 +220,35 @@ def paper_release_values(shape: Sequence[int], ratio: float, *, adafactor: bool)
     return out * r_out + inp * r_in + moments((r_out, r_in, *kernel))
 
 
+def paper_release_llama_bytes(
+    shape: Sequence[int], rank: int | None, *, eight_bit: bool, block: int = PAPER_BLOCK_SIZE
+) -> tuple[int, int]:
+    """Bytes of state the paper's release keeps for one parameter of its bf16 LLaMA runs, and the bytes its
+    ``show_memory_usage`` counts of them: ``(holds, counts)``.
+
+    Its rules, read from its code (``optimizer/adamw.py``, ``optimizer/adamw_8bit.py``,
+    ``utils/memory.py``, ``examples/llama/torchrun_main.py``): the attention and MLP matrices
+    (``rank`` set) are projected at ``r = min(rank, min(m, n))`` with ``P`` (min(m, n), r) and moments
+    (max(m, n), r); every other tensor (embeddings, head, norms; ``rank=None``) keeps dense moments. ``P``
+    and the moments of ``CoapAdamW`` are in the parameters' bf16. ``CoapAdamW8bit`` stores every moment,
+    whatever its size, with ``bitsandbytes.functional.quantize_blockwise``: one byte per value and, in the
+    ``QuantState`` next to it, one float32 absmax per block of 4096 values. Its counter sums tensors,
+    tuples, lists and dicts (and the projector's ``ortho_matrix``), and counts the ``QuantState`` as 0:
+    it skips the absmax.
+    """
+    shape = tuple(shape)
+    if rank is not None and len(shape) == 2:
+        r = min(int(rank), min(shape))
+        proj, moment = 2 * min(shape) * r, max(shape) * r
+    else:
+        proj, moment = 0, math.prod(shape)
+    if not eight_bit:
+        total = proj + 2 * 2 * moment
+        return total, total
+    counted = proj + 2 * moment
+    return counted + 2 * 4 * -(-moment // block), counted
+
+
 def _category(shape: tuple[int, ...]) -> str:
     if len(shape) < 2:
         return "1-D (biases, norms)"
@@ -237,6 +281,11 @@ class Case:
             return "-"
         return f"rank {self.rank}" if self.rank else f"ratio {self.ratio:g}"
 
+    @property
+    def ours(self) -> bool:
+        """One of our optimizers (``state_dtype`` applies), not a peer's."""
+        return self.optimizer.startswith("coap_")
+
 
 @dataclass(frozen=True)
 class Study:
@@ -247,6 +296,8 @@ class Study:
     cases: tuple[Case, ...]
     recipe: str = "drop-in"  # "paper": LLaMA's attention + MLP projected, the rest dense
     notes: tuple[str, ...] = ()
+    #: The precision of the paper's state figures for this model: our rows use it as ``state_dtype``.
+    state_dtype: str = "float32"
 
 
 def _cases(paper: dict[str, float], notes: dict[str, tuple[str, ...]], **setting: Any) -> tuple[Case, ...]:
@@ -270,11 +321,12 @@ MODELS: dict[str, Study] = {
             {"adamw": 867.26, "galore_adamw": 562.56, "coap_adamw": 525.18, "adafactor": 714.64,
              "galore_adafactor": 549.27, "coap_adafactor": 447.59}, _DDPM_NOTES, ratio=2)),
         Study("llama-1b", "LLaMA-1B (bf16)", "GiB", _llama("1b"), _cases(
-            {"adamw": 4.99, "coap_adamw": 1.94}, {"coap_adamw": ("llama-dtype",)}, rank=512), recipe="paper"),
+            {"adamw": 4.99, "coap_adamw": 1.94}, {"coap_adamw": ("llama-dtype",)}, rank=512), recipe="paper",
+            state_dtype="bf16"),
         Study("llama-7b", "LLaMA-7B (bf16)", "GiB", _llama("7b"), _cases(
             {"adamw8bit": 12.55, "coap_adamw8bit": 5.25},
             {"adamw8bit": ("absmax",), "coap_adamw8bit": ("llama-8bit",), "coap_adamw": ("llama-dtype",)},
-            rank=1024), recipe="paper"),
+            rank=1024), recipe="paper", state_dtype="bf16"),
         Study("controlnet-sdxl", "ControlNet-SDXL (fp32 master weights)", "GiB", _controlnet_sdxl, (
             *_cases({"adafactor": 5.1, "galore_adafactor": 4.7, "galore_adamw8bit": 2.4, "coap_adafactor": 3.6},
                     {"galore_adafactor": ("galore-controlnet",), "galore_adamw8bit": ("galore-controlnet",)}, ratio=2),
@@ -286,12 +338,19 @@ MODELS: dict[str, Study] = {
 }  # fmt: skip
 
 
-def _inputs(study: Study, model: nn.Module, case: Case) -> tuple[Any, dict[str, Any]]:
+def _inputs(
+    study: Study, model: nn.Module, case: Case, *, state_dtype: str | None = None
+) -> tuple[Any, dict[str, Any]]:
     """What ``estimate_state_bytes`` gets for ``case``: the parameters (or groups) and the options
-    (COAP's with ``P`` on the paper's side, :data:`PAPER_PROJECTION_SIDE`)."""
+    (COAP's with ``P`` on the paper's side, :data:`PAPER_PROJECTION_SIDE`, the release's 8-bit block,
+    :data:`PAPER_BLOCK_SIZE`, and the state at the paper's precision, ``study.state_dtype``, unless
+    ``state_dtype`` says otherwise; a COAP optimizer's ``state_dtype`` covers its dense group too)."""
     options = dict(ADAFACTOR) if "adafactor" in case.optimizer else {}
-    if case.optimizer.startswith("coap_"):
+    if case.ours:
         options["projection_side"] = PAPER_PROJECTION_SIDE
+        options["state_dtype"] = state_dtype or study.state_dtype
+        if case.optimizer.endswith("8bit"):
+            options["block_size"] = PAPER_BLOCK_SIZE
     if case.optimizer in ("adamw", "adafactor", "adamw8bit"):
         return model, options
     if study.recipe == "paper":
@@ -317,12 +376,27 @@ def _unit_bytes(unit: str) -> int:
     return {"MiB": 2**20, "GiB": 2**30}[unit]
 
 
-def _row(study: Study, case: Case, estimate: Any = None, error: str | None = None) -> dict[str, Any]:
+def _printed_digits(value: float) -> int:
+    """Decimals of a figure as the paper prints it (``5.1`` -> 1, ``272.72`` -> 2)."""
+    return len(repr(value).partition(".")[2].rstrip("0"))
+
+
+def _row(study: Study, case: Case, estimate: Any = None, error: str | None = None, fp32: Any = None) -> dict[str, Any]:
+    """One row: ``ours`` at the paper's precision (``state_dtype``), and for our optimizers ``ours_fp32_state``
+    (the library's default float32 state); ``vs_paper`` compares ``ours`` with the paper's figure at the digits
+    the paper prints (``"<"``, ``"="`` or ``">"``)."""
     row: dict[str, Any] = {"model": study.key, "optimizer": case.optimizer, "setting": case.setting,
-                           "unit": study.unit, "paper": case.paper, "notes": list(case.notes), "error": error}  # fmt: skip
+                           "unit": study.unit, "paper": case.paper, "notes": list(case.notes), "error": error,
+                           "state_dtype": study.state_dtype if case.ours else None}  # fmt: skip
     if estimate is not None:
-        ours = estimate.total / _unit_bytes(study.unit)
+        scale = _unit_bytes(study.unit)
+        ours = estimate.total / scale
         row.update(bytes=estimate.total, ours=ours, ratio=ours / case.paper if case.paper else None)
+        if fp32 is not None:
+            row.update(bytes_fp32_state=fp32.total, ours_fp32_state=fp32.total / scale)
+        if case.paper is not None:
+            printed = round(ours, _printed_digits(case.paper))
+            row["vs_paper"] = "<" if printed < case.paper else "=" if printed == case.paper else ">"
         if row["ratio"] is not None and abs(row["ratio"] - 1) > 0.01 and not case.notes:
             row["notes"].append("unexplained")
     return row
@@ -358,12 +432,17 @@ def _explain(study: Study, model: nn.Module, estimates: dict[tuple[str, float | 
         )
     if study.key.startswith("llama"):
         rank = next(c.rank for c in study.cases if c.rank)
-        coap = estimates.get(("coap_adamw", rank))
-        if coap is not None:
+        release = _llama_release(study, model, rank)
+        coap, coap32 = estimates.get(("coap_adamw", rank)), estimates.get(("coap_adamw", rank, "float32"))
+        if coap is not None and coap32 is not None:
+            holds = release["coap_adamw"][0]
+            same = "the same bytes as" if coap.total == holds else f"{coap.total - holds:+,} bytes against"
             notes["llama-dtype"] = (
-                "Dtype: our optimizers keep their state in float32 for bf16 parameters (a bf16 second moment "
-                "stalls: v * 0.999 rounds back to v), the release keeps moments and P in the parameters' bf16. "
-                f"The same layout at 2 bytes per value is {coap.total / 2 / scale:.2f} {unit}."
+                "Precision: the paper's LLaMA runs are bf16 models, and the release keeps P and the moments in the "
+                "parameters' bf16 (so AdamW's 4.99 GB: 2 bf16 moments per value). Ours is at that precision here, "
+                f"state_dtype=torch.bfloat16: {coap.total / scale:.4f} {unit}, {same} the release "
+                f"({holds / scale:.4f} {unit} by its rules, paper_release_llama_bytes). At the library's default "
+                f"float32 state the same layout is {coap32.total / scale:.2f} {unit} (column 'ours, fp32 state')."
             )
         adam8 = estimates.get(("adamw8bit", None))
         if adam8 is not None:
@@ -373,13 +452,28 @@ def _explain(study: Study, model: nn.Module, estimates: dict[tuple[str, float | 
                 f"2 bytes per parameter. Without absmax: {(adam8.total - absmax) / scale:.2f} {unit}."
             )
         coap8 = estimates.get(("coap_adamw8bit", rank))
-        if coap8 is not None:
+        case8 = next((c for c in study.cases if c.optimizer == "coap_adamw8bit"), None)
+        if coap8 is not None and case8 is not None:
             proj = coap8.by_key.get("proj", 0)
+            codes = sum(v for k, v in coap8.by_key.items() if k.endswith("_codes"))
             absmax = sum(v for k, v in coap8.by_key.items() if k.endswith("_absmax"))
+            holds, counts = release["coap_adamw8bit"]
+            same = "the bytes the release holds" if coap8.total == holds else f"{coap8.total - holds:+,} bytes against"
+            params, options = _inputs(study, model, case8)
+            default_block = estimate_state_bytes(params, "coap_adamw8bit", **{**options, "block_size": 256})
+            paper = f" (the paper's {case8.paper:g} {unit})" if case8.paper is not None else ""
             notes["llama-8bit"] = (
-                f"P is float32 in ours ({proj / scale:.2f} {unit}), bf16 in the release, and the paper does not count "
-                "the absmax (the release hides it in a quantization-state object its counter skips). With P at 2 "
-                f"bytes and no absmax: {(coap8.total - proj / 2 - absmax) / scale:.2f} {unit}."
+                f"At the release's configuration (P in bf16, 8-bit moments in blocks of {PAPER_BLOCK_SIZE} values, "
+                f"every tensor's moments 8-bit) ours is {coap8.total / scale:.4f} {unit}, {same}: P "
+                f"{proj / scale:.4f}, 8-bit codes {codes / scale:.4f}, absmax {absmax / scale:.4f} {unit}. The paper's "
+                "figure is what the release's counter (show_memory_usage) prints, and it skips the absmax: "
+                "bitsandbytes keeps it in a QuantState object next to the codes, which the counter counts as 0. "
+                f"Without the absmax ours is {(coap8.total - absmax) / scale:.4f} {unit}, the release's count "
+                f"{counts / scale:.4f} {unit}{paper}: the absmax ({absmax / coap8.total:.2%}), which the release "
+                "holds too, is all the difference. With the library's default block_size=256 the absmax is 16 "
+                "times larger: "
+                f"{default_block.total / scale:.2f} {unit}; with float32 P (the library's default precision) "
+                f"{estimates[('coap_adamw8bit', rank, 'float32')].total / scale:.2f} {unit}."
             )
     if study.key == "controlnet-sdxl":
         at2 = estimates.get(("coap_adafactor8bit", 2))
@@ -398,6 +492,52 @@ def _explain(study: Study, model: nn.Module, estimates: dict[tuple[str, float | 
         notes["sit"] = "The supplementary prints no memory figure for SiT-XL/2."
     notes["unexplained"] = "Not explained yet."
     return notes
+
+
+def _llama_release(study: Study, model: nn.Module, rank: int) -> dict[str, tuple[int, int]]:
+    """``(holds, counts)`` of the release's CoapAdamW and CoapAdamW8bit on this LLaMA, summed over its parameters."""
+    from .llama_model import projected_parameter_groups
+
+    projected = {id(p) for _, p in projected_parameter_groups(model, study.recipe).projected}
+    totals: dict[str, tuple[int, int]] = {}
+    for optimizer in ("coap_adamw", "coap_adamw8bit"):
+        eight_bit = optimizer.endswith("8bit")
+        pairs = [
+            paper_release_llama_bytes(p.shape, rank if id(p) in projected else None, eight_bit=eight_bit)
+            for p in model.parameters()
+        ]
+        totals[optimizer] = (sum(h for h, _ in pairs), sum(c for _, c in pairs))
+    return totals
+
+
+def _llama_layers(name: str, projected: bool) -> str:
+    if projected:
+        return "attention + MLP matrices (projected)"
+    return "embeddings + lm_head" if name.endswith(("embed_tokens.weight", "lm_head.weight")) else "RMSNorm weights"
+
+
+def _llama_breakdown(study: Study, model: nn.Module, estimates: dict[Any, Any]) -> list[dict[str, Any]]:
+    """Layer-by-layer (by kind of layer) state of CoapAdamW and CoapAdamW8bit at the paper's precision on a
+    LLaMA: ours against the bytes the release holds and the bytes its counter prints."""
+    from .llama_model import projected_parameter_groups
+
+    rank = next(c.rank for c in study.cases if c.rank)
+    projected = {name for name, _ in projected_parameter_groups(model, study.recipe).projected}
+    rows: dict[str, dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        layers = _llama_layers(name, name in projected)
+        row = rows.setdefault(layers, {"layers": layers, "tensors": 0, "values": 0})
+        row["tensors"] += 1
+        row["values"] += param.numel()
+        for optimizer in ("coap_adamw", "coap_adamw8bit"):
+            estimate = estimates.get((optimizer, rank))
+            if estimate is not None:
+                row[optimizer] = row.get(optimizer, 0) + estimate.per_parameter[name]
+            holds, counts = paper_release_llama_bytes(
+                param.shape, rank if name in projected else None, eight_bit=optimizer.endswith("8bit"))  # fmt: skip
+            row[f"{optimizer}_release"] = row.get(f"{optimizer}_release", 0) + holds
+            row[f"{optimizer}_release_counted"] = row.get(f"{optimizer}_release_counted", 0) + counts
+    return list(rows.values())
 
 
 def _breakdown(study: Study, model: nn.Module, estimates: dict[Any, Any]) -> list[dict[str, Any]]:
@@ -440,8 +580,15 @@ def run_memory(models: Sequence[str] = tuple(MODELS)) -> dict[str, Any]:
             except ImportError as error:
                 rows.append(_row(study, case, error=f"{error.name or error} not installed"))
                 continue
+            fp32 = None
+            if case.ours:  # the library's default precision too
+                fp32 = estimate
+                if study.state_dtype != "float32":
+                    params32, options32 = _inputs(study, model, case, state_dtype="float32")
+                    fp32 = estimate_state_bytes(params32, case.optimizer, **options32)
+                estimates[(case.optimizer, case.rank or case.ratio, "float32")] = fp32
             estimates[(case.optimizer, case.rank or case.ratio)] = estimate
-            rows.append(_row(study, case, estimate))
+            rows.append(_row(study, case, estimate, fp32=fp32))
         texts = _explain(study, model, estimates)
         if len(rows) > first:
             rows[first]["notes"] = [*study.notes, *rows[first]["notes"]]
@@ -450,13 +597,20 @@ def run_memory(models: Sequence[str] = tuple(MODELS)) -> dict[str, Any]:
             notes.update({name: texts[name.split(":", 1)[1]] for name in row["notes"]})
         if key.startswith("ddpm"):
             breakdowns[key] = _breakdown(study, model, estimates)
-        built[key] = {"title": study.title, "parameters": sum(p.numel() for p in model.parameters())}
+        elif key.startswith("llama"):
+            breakdowns[key] = _llama_breakdown(study, model, estimates)
+        built[key] = {"title": study.title, "parameters": sum(p.numel() for p in model.parameters()),
+                      "state_dtype": study.state_dtype}  # fmt: skip
     return {
         "rows": rows,
         "notes": notes,
         "breakdowns": breakdowns,
         "models": built,
-        "config": {"models": list(models), "coap_projection_side": PAPER_PROJECTION_SIDE},
+        "config": {
+            "models": list(models),
+            "coap_projection_side": PAPER_PROJECTION_SIDE,
+            "coap_8bit_block_size": PAPER_BLOCK_SIZE,
+        },
         "import_notes": import_notes(),
     }
 
@@ -471,7 +625,15 @@ def _import_peer(optimizer: str) -> None:
 # -- the report -----------------------------------------------------------------------------------
 _LAYOUT = (
     f"COAP rows: projection_side={PAPER_PROJECTION_SIDE!r}, P on each matrix's smaller side as in the paper "
-    "(the library's default too)."
+    f"(the library's default too); 8-bit rows quantize blocks of {PAPER_BLOCK_SIZE} values, the block of the "
+    "release's quantizer (the library's default is 256)."
+)
+_PRECISION = (
+    "Precision: 'ours' is at the precision of the paper's figures for the model: float32 state for the UNets, "
+    "ControlNet and SiT (float32 weights); bf16 state for LLaMA (bf16 weights, whose state the release keeps in "
+    "bf16), where our rows use state_dtype=torch.bfloat16 and the peers keep their state in the parameters' bf16 "
+    "by themselves. 'ours, fp32 state' is our optimizers at the library's default float32 state. 'vs paper' "
+    "compares 'ours' with the paper's figure at the digits the paper prints."
 )
 _UNITS = (
     'MB = 10^6 bytes. MiB / GiB = 2^20 / 2^30 bytes: the paper\'s "MB" / "GB", as its figures show '
@@ -485,34 +647,52 @@ def _cell(value: float | None, spec: str = ".2f") -> str:
 
 
 def format_memory_report(run: dict[str, Any]) -> str:
-    """The Markdown table of ``run`` (from :func:`run_memory`), its notes and the DDPM layer tables."""
+    """The Markdown table of ``run`` (from :func:`run_memory`), its notes and the layer tables."""
     order = list(dict.fromkeys(run["notes"].values()))  # one footnote per distinct text
-    lines = ["| model | optimizer | setting | ours (MB) | ours | paper | ours / paper | note |",
-             "|---|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    lines = [
+        "| model | optimizer | setting | ours (MB) | ours | paper | ours / paper | vs paper | ours, fp32 state | note |",
+        "|---|---|---|---:|---:|---:|---:|:---:|---:|---|",
+    ]
     for row in run["rows"]:
         if row.get("error"):
             lines.append(f"| {row['model']} | {row['optimizer']} | {row['setting']} | - | - | "
-                         f"{_cell(row['paper'])} | - | {row['error']} |")  # fmt: skip
+                         f"{_cell(row['paper'])} | - | - | - | {row['error']} |")  # fmt: skip
             continue
         refs = " ".join(f"[{order.index(run['notes'][n]) + 1}]" for n in row["notes"])
         ours = f"{row['ours']:.2f} {row['unit']}"
         paper = f"{row['paper']:g} {row['unit']}" if row["paper"] is not None else "-"
+        fp32 = f"{row['ours_fp32_state']:.2f} {row['unit']}" if row.get("ours_fp32_state") is not None else "-"
         lines.append(f"| {row['model']} | {row['optimizer']} | {row['setting']} | {row['bytes'] / 1e6:,.2f} | {ours} | "
-                     f"{paper} | {_cell(row['ratio'], '.3f')} | {refs} |")  # fmt: skip
+                     f"{paper} | {_cell(row['ratio'], '.3f')} | {row.get('vs_paper', '-')} | {fp32} | "
+                     f"{refs} |")  # fmt: skip
     lines += [
         "",
-        *(f"{key}: {m['title']}, {m['parameters']:,} parameters, built on meta." for key, m in run["models"].items()),
-    ]
-    lines += ["", _UNITS, _LAYOUT]
+        *(f"{key}: {m['title']}, {m['parameters']:,} parameters, built on meta; the paper's precision: "
+          f"{_PRECISION_OF[m.get('state_dtype', 'float32')]}." for key, m in run["models"].items()),
+    ]  # fmt: skip
+    lines += ["", _UNITS, _PRECISION, _LAYOUT]
     lines += [f"[{i}] {text}" for i, text in enumerate(order, 1)]
     notes = import_note_lines(run)  # what peers printed while imported, said once
     lines += ["", *notes] if notes else []
     for key, table in run["breakdowns"].items():
-        lines += ["", f"COAP state of {key} by kind of layer, ours vs the paper's release rules (MiB):", "",
-                  "| layers | tensors | values | COAP-AdamW ours | release | COAP-Adafactor ours | release |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        llama = key.startswith("llama")
+        title, header, keys = _LLAMA_TABLE if llama else _DDPM_TABLE
+        lines += ["", f"COAP state of {key} by kind of layer, {title} (MiB):", "", header,
+                  "|---|---:|---:|" + "---:|" * len(keys)]  # fmt: skip
         for row in table:
-            mib = [_cell(row.get(k, None) and row[k] / 2**20) for k in
-                   ("coap_adamw", "coap_adamw_release", "coap_adafactor", "coap_adafactor_release")]  # fmt: skip
+            mib = [_cell(row.get(k) if row.get(k) is None else row[k] / 2**20) for k in keys]
             lines.append(f"| {row['layers']} | {row['tensors']} | {row['values']:,} | {' | '.join(mib)} |")
     return "\n".join(lines)
+
+
+_PRECISION_OF = {"float32": "float32 state", "bf16": "bf16 state (ours at state_dtype=torch.bfloat16)"}
+_DDPM_TABLE = (
+    "ours vs the paper's release rules",
+    "| layers | tensors | values | COAP-AdamW ours | release | COAP-Adafactor ours | release |",
+    ("coap_adamw", "coap_adamw_release", "coap_adafactor", "coap_adafactor_release"),
+)
+_LLAMA_TABLE = (
+    "bf16 state, ours vs what the paper's release holds and what its counter prints",
+    "| layers | tensors | values | COAP-AdamW ours | release | COAP-AdamW8bit ours | release holds | release counts |",
+    ("coap_adamw", "coap_adamw_release", "coap_adamw8bit", "coap_adamw8bit_release", "coap_adamw8bit_release_counted"),
+)

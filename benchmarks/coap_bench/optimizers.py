@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_OPTIMIZERS",
     "OPTIMIZERS",
     "PROJECTION_SIDES",
+    "STATE_DTYPES",
     "LowRankSettings",
     "OptimizerSpec",
     "build_optimizer",
@@ -41,6 +42,9 @@ __all__ = [
 DEFAULT_RANK_RATIO = 2.0
 #: The values of COAP's ``projection_side`` option a run may set (``None`` leaves the library's default).
 PROJECTION_SIDES = ("smaller", "input", "larger")
+#: The values of COAP's ``state_dtype`` option a run may set: ``"float32"`` (the library's default) or
+#: ``"bf16"`` (``P`` and every moment not stored 8-bit in bfloat16).
+STATE_DTYPES = ("float32", "bf16")
 
 Params = Sequence[nn.Parameter]
 Factory = Callable[[Params, Params, float, "LowRankSettings"], torch.optim.Optimizer]
@@ -55,7 +59,8 @@ class LowRankSettings:
     ``reproject_factor`` are COAP's T_u and lambda; ``proj_gap`` is GaLore's and APOLLO's
     ``update_proj_gap``; ``scale`` multiplies the update of projected weights for all of them.
     ``projection_side`` and ``conv_projection`` are COAP's options of the same names (``None``
-    leaves them to the library).
+    leaves them to the library). ``state_dtype`` is COAP's option of that name, given to every
+    group of a COAP optimizer (its dense group too) and ignored by the peers.
     """
 
     rank_ratio: float | None = DEFAULT_RANK_RATIO
@@ -69,6 +74,7 @@ class LowRankSettings:
     seed: int = 0
     projection_side: str | None = None
     conv_projection: str | None = None
+    state_dtype: str = "float32"
 
     def rank_of(self, shape: Sequence[int]) -> int:
         """The rank a low-rank method uses for a matrix of ``shape`` (the rule of ``rank_ratio_matrix``)."""
@@ -96,6 +102,11 @@ class LowRankSettings:
         if self.conv_projection is not None:
             options["conv_projection"] = self.conv_projection
         return options
+
+    def state_options(self) -> dict[str, Any]:
+        """COAP's options for every group, projected or dense: ``state_dtype`` when not the library's
+        default (float32)."""
+        return {} if self.state_dtype == "float32" else {"state_dtype": self.state_dtype}
 
 
 @dataclass(frozen=True)
@@ -175,7 +186,7 @@ def _coap(cls: type[torch.optim.Optimizer], **extra: Any) -> Factory:
         groups = [{"params": list(projected), **s.coap_options()}]
         if dense:
             groups.append({"params": list(dense), "coap": False})
-        return cls(groups, lr=lr, weight_decay=s.weight_decay, **extra)
+        return cls(groups, lr=lr, weight_decay=s.weight_decay, **s.state_options(), **extra)
 
     return build
 

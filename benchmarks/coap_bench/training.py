@@ -329,7 +329,13 @@ def result_row(name: str, spec: Any, lr: float, **fields: Any) -> dict[str, Any]
 
 def run_fingerprint(name: str, lr: float, config: Any, **more: Any) -> dict[str, Any]:
     """What must match for a checkpoint to be continued: the optimizer, its lr, the options that shape the
-    run (preset, steps, batch size, recipe and its settings, warm-up, seed), and ``more``."""
+    run (preset, steps, batch size, recipe and its settings, warm-up, seed), and ``more``.
+
+    A float32 ``state_dtype`` (the default) is left out, so that checkpoints written before the option
+    existed still continue."""
+    settings = dataclasses.asdict(config.settings())
+    if settings.get("state_dtype") == "float32":
+        del settings["state_dtype"]
     return {
         "optimizer": name,
         "lr": lr,
@@ -337,7 +343,7 @@ def run_fingerprint(name: str, lr: float, config: Any, **more: Any) -> dict[str,
         "steps": config.steps,
         "batch_size": config.batch_size,
         "recipe": config.recipe,
-        "settings": dataclasses.asdict(config.settings()),
+        "settings": settings,
         "warmup_steps": config.warmup_steps,
         "seed": config.seed,
         **more,

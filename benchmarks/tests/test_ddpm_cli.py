@@ -308,6 +308,36 @@ def test_projection_side_flag():
         DdpmConfig(projection_side="output").resolved()
 
 
+def test_state_dtype_flag():
+    def config(*flags: str) -> DdpmConfig:
+        return config_from_args(DdpmConfig, build_parser().parse_args(["ddpm", *flags]), list(flags))
+
+    assert config().state_dtype == "float32" and config().settings().state_options() == {}  # the library's default
+    bf16 = config("--state-dtype", "bf16")
+    assert bf16.resolved().state_dtype == "bf16"
+    assert bf16.settings().state_options() == {"state_dtype": "bf16"}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ddpm", "--state-dtype", "fp16"])
+    with pytest.raises(ValueError, match="unknown state_dtype 'fp16'"):
+        DdpmConfig(state_dtype="fp16").resolved()
+
+
+def test_bf16_state_halves_coap_state(tmp_path, capsys):
+    """``--state-dtype bf16``: P and every moment of the COAP optimizers in bfloat16 (Tucker-2 kernels,
+    matrices and the dense tensors alike), half the float32 state to the byte; the peers ignore it."""
+    names = "adamw,coap_adamw,coap_adafactor"
+    fp32 = _run(tmp_path, "--steps", "3", "--optimizers", names, name="fp32.json")
+    bf16 = _run(tmp_path, "--steps", "3", "--optimizers", names, "--state-dtype", "bf16", name="bf16.json")
+    assert "state in bf16" in capsys.readouterr().out
+    assert bf16["config"]["low_rank"]["state_dtype"] == "bf16"
+    a, b = ({r["name"]: r for r in run["results"]} for run in (fp32, bf16))
+    for name in ("coap_adamw", "coap_adafactor"):
+        assert b[name]["state_bytes"] * 2 == a[name]["state_bytes"], name
+        assert math.isfinite(b[name]["heldout_loss"]), name
+    assert b["adamw"]["state_bytes"] == a["adamw"]["state_bytes"]
+    assert b["adamw"]["heldout_loss"] == a["adamw"]["heldout_loss"]
+
+
 def test_cifar10_preset_is_the_ddpm_cifar10_unet():
     """google/ddpm-cifar10-32's UNet, written in code: 35.7M parameters (counted on the meta device)."""
     assert DDPM_PRESETS["cifar10"].num_parameters() == 35_746_307

@@ -266,6 +266,57 @@ def test_projection_side_flag():
         LlamaConfig(projection_side="output").resolved()
 
 
+def test_state_dtype_flag():
+    def config(*flags: str) -> LlamaConfig:
+        return config_from_args(LlamaConfig, build_parser().parse_args(["llama", *flags]), list(flags))
+
+    assert config().state_dtype == "float32" and config().settings().state_options() == {}  # the library's default
+    bf16 = config("--state-dtype", "bf16")
+    assert bf16.resolved().state_dtype == "bf16"
+    assert bf16.settings().state_options() == {"state_dtype": "bf16"}
+    assert "state_dtype" not in bf16.settings().coap_options()  # given to every group, not the projected one only
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["llama", "--state-dtype", "fp16"])
+    with pytest.raises(ValueError, match="unknown state_dtype 'fp16'"):
+        LlamaConfig(state_dtype="fp16").resolved()
+
+
+def test_bf16_state_halves_coap_state_and_resumes_exactly(tmp_path, capsys):
+    """``--state-dtype bf16``: P and every moment of CoapAdamW (its dense group too) in bfloat16, so the
+    state is half the float32 one, to the byte; the peers ignore it; a run resumes bitwise; a float32
+    checkpoint is not continued by a bf16 run."""
+    common = ["--steps", "6", "--warmup-steps", "1", "--checkpoint-every", "2"]
+    fp32 = _run(tmp_path, *common, "--optimizers", "adamw,coap_adamw", name="fp32.json")
+    bf16 = _run(
+        tmp_path, *common, "--optimizers", "adamw,coap_adamw", "--state-dtype", "bf16", "--checkpoint-dir",
+        str(tmp_path / "b"), name="bf16.json",
+    )  # fmt: skip
+    assert "state in bf16" in capsys.readouterr().out
+    assert fp32["config"]["low_rank"]["state_dtype"] == "float32" and bf16["config"]["state_dtype"] == "bf16"
+    a, b = ({r["name"]: r for r in run["results"]} for run in (fp32, bf16))
+    assert b["coap_adamw"]["state_bytes"] * 2 == a["coap_adamw"]["state_bytes"]
+    assert b["adamw"]["state_bytes"] == a["adamw"]["state_bytes"]  # torch's AdamW: unchanged
+    assert b["adamw"]["heldout_loss"] == a["adamw"]["heldout_loss"]
+    assert (
+        math.isfinite(b["coap_adamw"]["heldout_loss"])
+        and b["coap_adamw"]["heldout_loss"] != a["coap_adamw"]["heldout_loss"]
+    )
+    # Interrupted after 3 steps (last checkpoint at 2), then continued: the same numbers.
+    part = ["--optimizers", "coap_adamw", "--state-dtype", "bf16", "--checkpoint-dir", str(tmp_path / "c")]
+    _run(tmp_path, *common, *part, "--stop-after", "3", name="part.json")
+    resumed = _run(tmp_path, *common, *part, name="resumed.json")
+    (again,) = resumed["results"]
+    assert again["resumed_from_step"] == 2
+    assert again["loss_curve"] == b["coap_adamw"]["loss_curve"]
+    assert again["heldout_loss"] == b["coap_adamw"]["heldout_loss"]
+    # A float32 run does not continue the bf16 checkpoint.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["llama", *_SMALL, *common, "--optimizers", "coap_adamw", "--in-process", "--checkpoint-dir",
+              str(tmp_path / "c")])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "settings.state_dtype 'bf16' there, None here" in capsys.readouterr().err
+
+
 def test_table_of_a_run_with_only_failures():
     run = {
         "config": {

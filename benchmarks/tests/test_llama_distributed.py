@@ -252,6 +252,24 @@ def test_interrupted_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path
         _assert_identical(_final_checkpoint(whole_folder, a["name"]), _final_checkpoint(folder, a["name"]), a["name"])
 
 
+# Slow tier: a torchrun of the whole job; --state-dtype reaching the optimizers is tested in the fast tier
+# (test_llama_cli.py), bf16 state under FSDP2 in the library's tests.
+@pytest.mark.slow
+def test_fsdp2_bf16_state_halves_each_ranks_coap_state(tmp_path, cache, fsdp2_run):
+    run = _torchrun(
+        tmp_path, cache, "--distributed", "fsdp2", "--optimizers", "adamw,coap_adamw", *_UNSHARDED_SIDE,
+        "--state-dtype", "bf16",
+    )  # fmt: skip
+    assert run["config"]["low_rank"]["state_dtype"] == "bf16"
+    bf16, fp32 = by_name(run), by_name(fsdp2_run)
+    for a, b in zip(fp32["coap_adamw"]["ranks"], bf16["coap_adamw"]["ranks"], strict=True):
+        assert b["state_bytes"] * 2 == a["state_bytes"], a["rank"]
+        assert b["optimizer_comm_bytes_by_step"] == a["optimizer_comm_bytes_by_step"]  # the same collectives
+    assert [r["state_bytes"] for r in bf16["adamw"]["ranks"]] == [r["state_bytes"] for r in fp32["adamw"]["ranks"]]
+    assert bf16["adamw"]["loss_curve"] == fp32["adamw"]["loss_curve"]  # the peers ignore it
+    assert 0 < bf16["coap_adamw"]["heldout_loss"] < 2 * fp32["coap_adamw"]["heldout_loss"]
+
+
 # Slow tier: torchrun runs; the checkpoint checks they reach are the single-process ones, tested in the fast tier
 # (test_cli_robustness.py, test_llama_cli.py).
 @pytest.mark.slow

@@ -200,3 +200,31 @@ def test_projection_side_smaller_moves_p_and_the_formula_follows(tmp_path):
         assert o["worked_on_shape"] == [512, 256]
         assert o["measured_bytes"] == o["formula_bytes"] == _expected_bytes(name, (512, 256), 64), name
     assert run["summary"]["state_bytes_equal_formula"] is True
+
+
+def test_state_dtype_bf16_halves_the_float_state_and_the_formula_follows(tmp_path):
+    """With ``--state-dtype bf16`` P and every moment not stored 8-bit take 2 bytes a value (the 8-bit
+    codes and their float32 absmax are unchanged); the closed forms follow, to the byte."""
+    path = tmp_path / "b.json"
+    argv = ["step", "--quick", "--shapes", "512x1024", "--rank", "64", "--skip-refresh", "--repeats", "1"]
+    assert main([*argv, "--state-dtype", "bf16", "--json", str(path)]) == 0
+
+    run = json.loads(path.read_text())
+    assert run["meta"]["state_dtype"] == "bf16" and run["meta"]["formulas"]["CoapAdamW"] == "2*(2*m*r + n*r)"
+    (row,) = run["state_bytes"]
+    m, n, r = 1024, 512, 64  # P on the smaller side: the optimizer works on the transpose
+    assert row["state_dtype"] == "bf16" and row["state_element_size"] == 2
+    q = m * r + 4 * math.ceil(m * r / 256)  # an 8-bit (m, r) moment
+    expected = {
+        "CoapAdamW": 2 * (2 * m * r + n * r),
+        "CoapAdamW8bit": 2 * n * r + 2 * q,
+        "CoapAdafactor": 2 * (n * r + m * r + m + r),
+        "CoapAdafactor8bit": 2 * n * r + q + 2 * m + 2 * r,  # (m,) and (r,) below min_8bit_size: bf16
+    }
+    for name, o in row["optimizers"].items():
+        assert o["worked_on_shape"] == [m, n]
+        assert o["measured_bytes"] == o["formula_bytes"] == expected[name], name
+        assert all(dtype in ("bfloat16", "uint8", "float32") for _, dtype in o["state_shapes"].values())
+        assert o["state_shapes"]["proj"][1] == "bfloat16"
+    assert row["coap_measured_bytes"] * 2 == 4 * (2 * m * r + n * r)  # half CoapAdamW's float32 state
+    assert run["summary"]["state_bytes_equal_formula"] is True

@@ -16,7 +16,7 @@ from ..ddpm import (
     write_ddpm_plots,
 )
 from ..frechet import CLASSIFIER_STEPS
-from ..optimizers import OPTIMIZERS, PROJECTION_SIDES
+from ..optimizers import OPTIMIZERS, PROJECTION_SIDES, STATE_DTYPES
 from ..outputs import run_and_report
 
 __all__ = ["add_parser", "run"]
@@ -79,6 +79,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--projection-side",
         choices=list(PROJECTION_SIDES),
         help="where COAP puts P on each projected matrix (default: the library's default)",
+    )
+    ddpm.add_argument(
+        "--state-dtype",
+        choices=list(STATE_DTYPES),
+        default="float32",
+        help="precision of the COAP optimizers' state between steps: float32 (default, the library's) or bf16 "
+        "(P and every moment not stored 8-bit in bfloat16, half the bytes); the other optimizers ignore it",
     )
     ddpm.add_argument(
         "--conv-projection",

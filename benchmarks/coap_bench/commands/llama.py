@@ -15,7 +15,7 @@ from ..llama import (
     run_llama,
     write_llama_plots,
 )
-from ..optimizers import OPTIMIZERS, PROJECTION_SIDES
+from ..optimizers import OPTIMIZERS, PROJECTION_SIDES, STATE_DTYPES
 from ..outputs import run_and_report
 
 __all__ = ["add_parser", "run"]
@@ -81,6 +81,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--projection-side",
         choices=list(PROJECTION_SIDES),
         help="where COAP puts P on each projected matrix (default: the library's default)",
+    )
+    llama.add_argument(
+        "--state-dtype",
+        choices=list(STATE_DTYPES),
+        default="float32",
+        help="precision of the COAP optimizers' state between steps: float32 (default, the library's) or bf16 "
+        "(P and every moment not stored 8-bit in bfloat16, half the bytes); the other optimizers ignore it",
     )
     llama.add_argument(
         "--weight-decay",

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..arguments import parse_shape
-from ..optimizers import PROJECTION_SIDES
+from ..optimizers import PROJECTION_SIDES, STATE_DTYPES
 from ..report import shape_str
 from ..step import run_step
 from ..step.settings import FULL_RANK, FULL_REFRESH_SHAPE, FULL_SHAPES, QUICK_RANK, QUICK_SHAPES, parse_shapes
@@ -87,6 +87,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--projection-side",
         choices=list(PROJECTION_SIDES),
         help="where the COAP optimizers put P on each matrix (default: the library's default, the smaller side)",
+    )
+    parser.add_argument(
+        "--state-dtype",
+        choices=list(STATE_DTYPES),
+        default="float32",
+        help="precision of the COAP optimizers' state between steps: float32 (default, the library's) or bf16 "
+        "(P and every moment not stored 8-bit in bfloat16); torch.optim.AdamW ignores it",
     )
     parser.add_argument("--update-interval", type=int, default=32, help="T_u (default: 32)")
     parser.add_argument("--reproject-factor", type=int, default=5, help="lambda (default: 5)")

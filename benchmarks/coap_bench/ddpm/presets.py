@@ -11,7 +11,7 @@ from torch import nn
 
 from .._deps import require
 from ..frechet import CLASSIFIER_STEPS
-from ..optimizers import OPTIMIZERS, PROJECTION_SIDES, LowRankSettings
+from ..optimizers import OPTIMIZERS, PROJECTION_SIDES, STATE_DTYPES, LowRankSettings
 
 __all__ = [
     "DDPM_PRESETS",
@@ -175,6 +175,7 @@ class DdpmConfig:
     correlation_normalize: bool = False
     projection_side: str | None = None
     conv_projection: str | None = None
+    state_dtype: str = "float32"
     weight_decay: float = 0.0
     lr: float | None = None
     lr_sweep: bool = False
@@ -221,6 +222,8 @@ class DdpmConfig:
             raise ValueError(
                 f"unknown projection_side {self.projection_side!r}; choose from {', '.join(PROJECTION_SIDES)}"
             )
+        if self.state_dtype not in STATE_DTYPES:
+            raise ValueError(f"unknown state_dtype {self.state_dtype!r}; choose from {', '.join(STATE_DTYPES)}")
         if self.image_dir and self.cifar10:
             raise ValueError("image_dir and cifar10 are two different datasets: give one of them")
         preset = DDPM_PRESETS[self.preset]
@@ -266,6 +269,7 @@ class DdpmConfig:
             correlation_normalize=self.correlation_normalize,
             projection_side=self.projection_side,
             conv_projection=self.conv_projection,
+            state_dtype=self.state_dtype,
             weight_decay=self.weight_decay,
             seed=self.seed,
         )
@@ -286,6 +290,7 @@ def recipe_settings(
     correlation_normalize: bool = False,
     projection_side: str | None = None,
     conv_projection: str | None = None,
+    state_dtype: str = "float32",
     weight_decay: float = 0.0,
     seed: int = 0,
 ) -> LowRankSettings:
@@ -320,6 +325,7 @@ def recipe_settings(
         correlation_normalize=correlation_normalize,
         projection_side=projection_side,
         conv_projection=conv_projection,
+        state_dtype=state_dtype,
         weight_decay=weight_decay,
         seed=seed,
     )

@@ -109,6 +109,7 @@ def _recipe_line(config: dict[str, Any]) -> str:
             if low.get("conv_projection") == "input"
             else ""
         )
+        + (", state in bf16" if low.get("state_dtype", "float32") != "float32" else "")
         + "; "
         f"GaLore/APOLLO rank ratio {low['rank_ratio']:g} on 2-D weights only (conv kernels dense), "
         f"update_proj_gap {low['proj_gap']}; update scale {low['scale']:g}, weight decay {low['weight_decay']:g}; "

@@ -7,7 +7,8 @@ Three sections, each printed as a table and written to a JSON file:
    ``CoapAdafactor8bit`` (rank r; Adafactor with ``beta1=0.9``), each against its closed form
    (``coap_*_bytes`` in :mod:`~coap_bench.step.formulas`: README's table with the block count
    rounded up and ``min_8bit_size`` applied to every moment), and ``torch.optim.AdamW``'s
-   ``8 * m * n``.
+   ``8 * m * n``. ``--state-dtype bf16`` keeps ``P`` and the moments not stored 8-bit in bfloat16
+   (COAP's ``state_dtype``): 2 bytes a value in the closed forms.
 2. **Step time** of one optimizer step on a single ``nn.Parameter`` with a fixed random gradient:
    for each of the four optimizers its steady step (no refresh of ``P``), its Eq. 2 refresh step,
    its low-cost-SVD refresh step, and the step amortised over a full ``T_u * lambda`` cycle, as

@@ -12,7 +12,7 @@ import torch
 from ..environment import load_average, load_averages_line, platform_summary, torch_threads, usable_cpus
 from ..report import shape_str, write_json
 from ..timing import Timer
-from .formulas import FORMULA_NOTE, FORMULA_TEXT
+from .formulas import formula_texts
 from .refresh import bench_refresh
 from .settings import (
     ADAFACTOR_BETA1,
@@ -40,6 +40,7 @@ from .settings import (
     WEIGHT_DECAY,
     eight_bit_target_key,
     mark,
+    state_element_size,
 )
 from .step_time import bench_shape
 from .tables import print_coap_step_times, print_profile, print_refresh, print_state_bytes, print_step_times
@@ -61,6 +62,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         # BLAS threads oversubscribed by a concurrent process can make it 10x slower.
         args.threads = args.threads or 1
     args.projection_side = getattr(args, "projection_side", None)
+    args.state_dtype = getattr(args, "state_dtype", None) or "float32"
     args.shapes = args.shapes or FULL_SHAPES
     args.rank = args.rank or FULL_RANK
     args.refresh_shape = args.refresh_shape or FULL_REFRESH_SHAPE
@@ -106,6 +108,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
     load_before = load_average()
     timer = Timer(device, repeats=args.repeats, warmup=args.warmup, inner=args.inner)
     generator = torch.Generator().manual_seed(args.seed)
+    texts, note = formula_texts(state_element_size(args))
     meta = {
         **platform_summary(),
         "device": str(device),
@@ -120,6 +123,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         "shapes": [list(s) for s in args.shapes],
         "rank": args.rank,
         "projection_side": args.projection_side,
+        "state_dtype": args.state_dtype,
         "update_interval": args.update_interval,
         "reproject_factor": args.reproject_factor,
         "lr": LR,
@@ -134,7 +138,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         "optimizers": list(COAP_OPTIMIZERS),
         "adafactor": {"lr": ADAFACTOR_LR, "beta1": ADAFACTOR_BETA1, "relative_step": False, "scale_parameter": False},
         "eight_bit": {"block_size": BLOCK_SIZE, "min_8bit_size": MIN_8BIT_SIZE},
-        "formulas": {**FORMULA_TEXT, "torch AdamW": "8*m*n", "note": FORMULA_NOTE},
+        "formulas": {**texts, "torch AdamW": "8*m*n", "note": note},
         "targets": {
             "state_bytes_tolerance_bytes": STATE_BYTES_TOLERANCE,
             "steady_over_floor_max": STEADY_TARGET,
@@ -154,6 +158,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         f"{' (' + meta['device_name'] + ')' if meta['device_name'] else ''}, {meta['threads']} threads, "
         f"median of {args.repeats} (warm-up {args.warmup}, {args.inner} call(s) per sample), rank {args.rank}, "
         f"T_u={args.update_interval}, lambda={args.reproject_factor}"
+        + (", COAP state in bf16 (--state-dtype bf16)" if args.state_dtype == "bf16" else "")
     )
 
     state_rows, step_rows, profiles = [], [], []

@@ -33,8 +33,9 @@ def profile_steady_step(
     on ``G^T`` as the optimizer does, so (m, n) below is the matrix it works on, ``P`` (n, r).
     """
     grad = param.grad
-    P = state["proj"].clone()
-    exp_avg, exp_avg_sq = state["exp_avg"].clone(), state["exp_avg_sq"].clone()
+    # float32 copies (bf16 state, --state-dtype bf16, is widened to float32 for the update as well)
+    P = state["proj"].to(torch.float32, copy=True)
+    exp_avg, exp_avg_sq = (state[key].to(torch.float32, copy=True) for key in ("exp_avg", "exp_avg_sq"))
     G_c = grad.mT if transposed else grad
     weight = param.detach().clone()
     decay, lr = 1 - LR * WEIGHT_DECAY, LR

@@ -88,6 +88,8 @@ def coap_optimizer(param: nn.Parameter, args: argparse.Namespace, name: str = "C
     side = getattr(args, "projection_side", None)
     if side is not None:  # else the library's default
         coap["projection_side"] = side
+    if state_element_size(args) != 4:  # else the library's default, float32
+        coap["state_dtype"] = args.state_dtype
     quant = {"block_size": BLOCK_SIZE, "min_8bit_size": MIN_8BIT_SIZE}
     if name in ("CoapAdamW", "CoapAdamW8bit"):
         cls, extra = (CoapAdamW, {}) if name == "CoapAdamW" else (CoapAdamW8bit, quant)
@@ -98,6 +100,11 @@ def coap_optimizer(param: nn.Parameter, args: argparse.Namespace, name: str = "C
             [param], lr=ADAFACTOR_LR, beta1=ADAFACTOR_BETA1, relative_step=False, scale_parameter=False, **coap, **extra
         )
     raise ValueError(f"unknown optimizer {name!r}; expected one of {COAP_OPTIMIZERS}")
+
+
+def state_element_size(args: argparse.Namespace) -> int:
+    """Bytes of one value of ``P`` and of the moments not stored 8-bit: 2 with ``--state-dtype bf16``, else 4."""
+    return 2 if getattr(args, "state_dtype", "float32") == "bf16" else 4
 
 
 def optimizer_layout(param: nn.Parameter, opt: torch.optim.Optimizer) -> Layout:

@@ -31,6 +31,7 @@ from .settings import (
     fresh_param,
     optimizer_layout,
     random_matrix,
+    state_element_size,
 )
 
 
@@ -148,6 +149,8 @@ def bench_shape(
         "shape": list(shape),
         "rank": rank,
         "projection_side": getattr(args, "projection_side", None),
+        "state_dtype": getattr(args, "state_dtype", "float32"),
+        "state_element_size": state_element_size(args),
         "transposed": transposed,
         "proj_shape": list(proj_shape),
         "moment_shape": list(moment_shape),
@@ -181,7 +184,7 @@ def bench_shape(
     svd_step = T_u * lam
     # -- the floor: G P, Adam's elementwise update on (m, r), U P^T in the parameter's layout ----
     # (m, n) is the matrix the optimizer works on: the weight, or its transpose when P is on dim 0.
-    P = state["proj"].clone()  # (n, r)
+    P = state["proj"].to(torch.float32, copy=True)  # (n, r); float32 as the matmuls (bf16 state is widened)
     G_c = grad.mT if transposed else grad  # (m, n), the optimizer's orientation
     exp_avg = torch.zeros(moment_shape, device=device)
     exp_avg_sq = torch.zeros(moment_shape, device=device)

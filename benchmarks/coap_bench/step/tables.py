@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ..report import format_ms, print_table, shape_str
-from .formulas import FORMULA_NOTE, FORMULA_TEXT
+from .formulas import formula_texts
 from .settings import (
     ADAFACTOR_BETA1,
     ADAFACTOR_LR,
@@ -59,15 +59,12 @@ def print_state_bytes(rows: list[dict[str, Any]]) -> None:
         table,
         left=3,
     )
-    print(
-        "  formulas (bytes): "
-        + "; ".join(f"{name} {text}" for name, text in FORMULA_TEXT.items())
-        + "; torch AdamW 8*m*n"
-    )
-    print(f"  {FORMULA_NOTE}")
+    texts, note = formula_texts(rows[0].get("state_element_size", 4) if rows else 4)
+    print("  formulas (bytes): " + "; ".join(f"{name} {text}" for name, text in texts.items()) + "; torch AdamW 8*m*n")
+    print(f"  {note}")
     side = rows[0].get("projection_side") if rows else None
     print(
-        f"  P on the {side or 'input'} side{'' if side else ' (the library default)'}: "
+        f"  P on the {side or 'smaller'} side{'' if side else ' (the library default)'}: "
         + "; ".join(
             f"{shape_str(r['shape'])} P {shape_str(r['proj_shape'])}, moments {shape_str(r['moment_shape'])}"
             for r in rows
