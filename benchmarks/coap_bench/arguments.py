@@ -18,6 +18,7 @@ __all__ = [
     "optimizer_list",
     "parse_shape",
     "positive_int",
+    "update_scale",
 ]
 
 T = TypeVar("T")
@@ -56,6 +57,17 @@ def float_at_least(minimum: float, *, strict: bool = False) -> Callable[[str], f
         return value
 
     return parse
+
+
+def update_scale(text: str) -> float | str:
+    """``--scale``: ``auto`` (COAP's norm-matched scale) or a number > 0."""
+    if text == "auto":
+        return text
+    try:
+        float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number > 0, got {text!r}") from None
+    return float_at_least(0.0, strict=True)(text)
 
 
 def optimizer_list(text: str) -> list[str]:

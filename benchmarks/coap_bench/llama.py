@@ -14,7 +14,7 @@ Recipes (:func:`recipe_settings`):
   ``update_proj_gap`` is 200, the update scale of projected weights is 0.25, and low-rank methods
   train at lr 1e-2 (5e-3 for 7B) where the dense optimizers train at 1e-3.
 * ``drop-in``: every parameter in one group, the library defaults (rank ratio 2, ``T_u`` 32,
-  lambda 5, scale 1) and lr 1e-3 for everyone: the one-line swap of ``torch.optim.AdamW``.
+  lambda 5, scale ``"auto"``) and lr 1e-3 for everyone: the one-line swap of ``torch.optim.AdamW``.
 
 GaLore and APOLLO get the same projected set and rank as COAP in both recipes.
 
@@ -44,7 +44,7 @@ from ._quiet import gather_import_notes, import_note_lines
 from .environment import hardware, versions
 from .llama_model import PRESETS, RECIPES, LlamaPreset, projected_parameter_groups
 from .optimizers import OPTIMIZERS, PROJECTION_SIDES, STATE_DTYPES, LowRankSettings, build_optimizer
-from .report import _number, markdown_table
+from .report import _number, markdown_table, scale_text
 from .runner import checkpoint_workarounds
 from .training import (
     FINAL_LOSS_WINDOW,
@@ -131,7 +131,7 @@ class LlamaConfig:
     rank_ratio: float | None = None
     update_interval: int | None = None
     reproject_factor: int | None = None
-    scale: float | None = None
+    scale: float | str | None = None
     proj_gap: int | None = None
     correlation_normalize: bool = False
     projection_side: str | None = None
@@ -234,7 +234,7 @@ def recipe_settings(
     rank_ratio: float | None = None,
     update_interval: int | None = None,
     reproject_factor: int | None = None,
-    scale: float | None = None,
+    scale: float | str | None = None,
     proj_gap: int | None = None,
     correlation_normalize: bool = False,
     projection_side: str | None = None,
@@ -465,12 +465,12 @@ def _state_dtype(low: dict[str, Any]) -> str:
 def _recipe_line(config: dict[str, Any]) -> str:
     low = config["low_rank"]
     rank = f"rank {low['rank']}" if low["rank"] is not None else f"rank min(m, n) // {low['rank_ratio']:g}"
-    projected = "attention and MLP matrices" if config["recipe"] == "paper" else "every matrix"
+    projected = "the attention and MLP matrices" if config["recipe"] == "paper" else "every matrix"
     lrs = ", ".join(f"{name} {lr:g}" for name, lr in config["lrs"].items())
     return (
-        f"recipe {config['recipe']}: low-rank methods project the {projected} at {rank} (COAP T_u "
+        f"recipe {config['recipe']}: low-rank methods project {projected} at {rank} (COAP T_u "
         f"{low['update_interval']}, lambda {low['reproject_factor']}{_side(low)}{_state_dtype(low)}; GaLore/APOLLO update_proj_gap "
-        f"{low['proj_gap']}; update scale {low['scale']:g}), weight decay {low['weight_decay']:g}; peak lr: {lrs}"
+        f"{low['proj_gap']}; update scale {scale_text(low['scale'])}), weight decay {low['weight_decay']:g}; peak lr: {lrs}"
         + (f"; lr sweep x{config['lr_sweep_factors']}, best held-out kept" if config.get("lr_sweep") else "")
     )
 

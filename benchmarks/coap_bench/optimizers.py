@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from coap_torch.optim import CoapAdafactor, CoapAdafactor8bit, CoapAdamW, CoapAdamW8bit
+from coap_torch.functional import norm_matched_scale
+from coap_torch.optim import COAP_DEFAULTS, CoapAdafactor, CoapAdafactor8bit, CoapAdamW, CoapAdamW8bit
 
 from ._deps import require
 
@@ -57,7 +58,9 @@ class LowRankSettings:
     ``rank`` (an absolute rank for every projected matrix) wins over ``rank_ratio`` (``rank =
     min(m, n) // rank_ratio``, the library's ``rank_ratio_matrix``). ``update_interval`` and
     ``reproject_factor`` are COAP's T_u and lambda; ``proj_gap`` is GaLore's and APOLLO's
-    ``update_proj_gap``; ``scale`` multiplies the update of projected weights for all of them.
+    ``update_proj_gap``; ``scale`` multiplies the update of projected weights for all of them
+    (the library's default unless a recipe sets it). ``"auto"`` is COAP's norm-matched scale,
+    ``sqrt(n / r)`` per matrix; GaLore and APOLLO get the same factor per matrix (:meth:`scale_of`).
     ``projection_side`` and ``conv_projection`` are COAP's options of the same names (``None``
     leaves them to the library). ``state_dtype`` is COAP's option of that name, given to every
     group of a COAP optimizer (its dense group too) and ignored by the peers.
@@ -67,7 +70,7 @@ class LowRankSettings:
     rank: int | None = None
     update_interval: int = 32
     reproject_factor: int = 5
-    scale: float = 1.0
+    scale: float | str = COAP_DEFAULTS["scale"]
     proj_gap: int = 200
     correlation_normalize: bool = False
     weight_decay: float = 0.01
@@ -82,6 +85,14 @@ class LowRankSettings:
             return int(self.rank)
         ratio = self.rank_ratio if self.rank_ratio is not None else DEFAULT_RANK_RATIO
         return max(1, int(min(shape[-2], shape[-1]) // ratio))
+
+    def scale_of(self, shape: Sequence[int]) -> float:
+        """The update scale of a projected matrix of ``shape`` for GaLore and APOLLO: ``scale``, or
+        for ``"auto"`` COAP's norm-matched ``sqrt(n / r)`` with ``n`` the smaller side, the one
+        their ``std`` projection reduces (as COAP's default ``projection_side`` does)."""
+        if isinstance(self.scale, str):
+            return norm_matched_scale((min(shape[-2], shape[-1]),), (self.rank_of(shape),))
+        return float(self.scale)
 
     def coap_options(self) -> dict[str, Any]:
         ratio = self.rank_ratio if self.rank_ratio is not None else DEFAULT_RANK_RATIO
@@ -197,18 +208,21 @@ def low_rank_groups(
     """Param groups in the GaLore / APOLLO convention: a group with a ``rank`` key is projected.
 
     The projected set is the one COAP projects from ``projected``: matrices whose smaller side
-    exceeds their rank (one group per distinct rank). Everything else, conv kernels included
-    (neither method projects them), goes in a last group without ``rank``.
+    exceeds their rank (one group per distinct rank and update scale, :meth:`LowRankSettings.scale_of`).
+    Everything else, conv kernels included (neither method projects them), goes in a last group
+    without ``rank``.
     """
-    by_rank: dict[int, list[nn.Parameter]] = {}
+    by_rank: dict[tuple[int, float], list[nn.Parameter]] = {}
     rest = list(dense)
     for param in projected:
         rank = settings.rank_of(param.shape) if param.ndim == 2 else None
         if rank is not None and min(param.shape) > rank:
-            by_rank.setdefault(rank, []).append(param)
+            by_rank.setdefault((rank, settings.scale_of(param.shape)), []).append(param)
         else:
             rest.append(param)
-    groups: list[dict[str, Any]] = [{"params": params, "rank": rank, **options} for rank, params in by_rank.items()]
+    groups: list[dict[str, Any]] = [
+        {"params": params, "rank": rank, "scale": scale, **options} for (rank, scale), params in by_rank.items()
+    ]
     if rest:
         groups.append({"params": rest})
     return groups
@@ -217,7 +231,7 @@ def low_rank_groups(
 def _galore(class_name: str, **extra: Any) -> Factory:
     def build(projected: Params, dense: Params, lr: float, s: LowRankSettings) -> torch.optim.Optimizer:
         galore = require("galore_torch", package="galore-torch", hint="pip install galore-torch")
-        groups = low_rank_groups(projected, dense, s, update_proj_gap=s.proj_gap, scale=s.scale, proj_type="std")
+        groups = low_rank_groups(projected, dense, s, update_proj_gap=s.proj_gap, proj_type="std")
         return getattr(galore, class_name)(groups, lr=lr, weight_decay=s.weight_decay, **extra)
 
     return build
@@ -231,7 +245,6 @@ def _apollo(projected: Params, dense: Params, lr: float, s: LowRankSettings) -> 
         s,
         proj="random",
         scale_type="channel",
-        scale=s.scale,
         update_proj_gap=s.proj_gap,
         proj_type="std",
     )

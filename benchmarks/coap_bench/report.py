@@ -18,6 +18,7 @@ __all__ = [
     "markdown_table",
     "nonfinite_losses",
     "print_table",
+    "scale_text",
     "shape_str",
     "text_table",
     "write_json",
@@ -44,6 +45,11 @@ def format_bytes(n: float) -> str:
 def format_ms(value: float) -> str:
     """Milliseconds with three decimals below 10, one above."""
     return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+def scale_text(scale: float | str) -> str:
+    """An update scale as the run shows it: ``auto`` or the number."""
+    return scale if isinstance(scale, str) else f"{scale:g}"
 
 
 def shape_str(shape: Sequence[int]) -> str:

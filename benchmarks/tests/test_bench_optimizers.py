@@ -44,7 +44,11 @@ def test_paper_recipe_follows_the_papers_scripts():
     assert (ratio.rank, ratio.rank_ratio, ratio.update_interval, ratio.scale) == (None, 8, 10, 1.0)
     assert ratio.rank_of((256, 688)) == 32
     drop_in = recipe_settings("drop-in", "tiny")
-    assert (drop_in.rank, drop_in.rank_ratio, drop_in.update_interval, drop_in.scale) == (None, 2.0, 32, 1.0)
+    assert (drop_in.rank, drop_in.rank_ratio, drop_in.update_interval) == (
+        None,
+        2.0,
+        32,
+    )  # scale: the library's (below)
     with pytest.raises(ValueError, match="unknown recipe 'nope'"):
         recipe_settings("nope", "tiny")
 
@@ -132,3 +136,43 @@ def test_conv_projection_reaches_coap_only_when_set():
     conv(torch.randn(2, 32, 5, 5)).square().mean().backward()
     coap.step()
     assert set(coap.state[conv.weight]) == {"step", "proj_in", "exp_avg", "exp_avg_sq"}  # no P_O
+
+
+def test_auto_scale_gives_peers_the_norm_matched_factor_per_matrix():
+    # COAP gets "auto" itself; GaLore / APOLLO get the same factor as a number, sqrt(min side / r),
+    # in one group per (rank, factor).
+    projected, dense = _params()
+    settings = LowRankSettings(rank_ratio=4, scale="auto")
+    assert settings.coap_options()["scale"] == "auto"
+    assert settings.scale_of((48, 32)) == pytest.approx((32 / 8) ** 0.5)
+    assert settings.scale_of((16, 40)) == pytest.approx((16 / 4) ** 0.5)
+    assert LowRankSettings(rank=5, scale="auto").scale_of((6, 40)) == pytest.approx((6 / 5) ** 0.5)
+    assert LowRankSettings(rank_ratio=4, scale=0.25).scale_of((48, 32)) == 0.25
+    groups = low_rank_groups(projected, dense, settings)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert by_param[id(projected[0])]["scale"] == settings.scale_of((48, 32))
+    assert by_param[id(projected[1])]["scale"] == settings.scale_of((16, 40))
+    assert all("scale" not in g for g in groups if "rank" not in g)
+
+
+def test_drop_in_recipes_follow_the_library_default_scale_and_paper_recipes_keep_theirs():
+    from coap_bench.ddpm import recipe_settings as ddpm_recipe
+    from coap_torch.optim import COAP_DEFAULTS
+
+    assert recipe_settings("drop-in", "tiny").scale == COAP_DEFAULTS["scale"]
+    assert ddpm_recipe("drop-in").scale == COAP_DEFAULTS["scale"]
+    assert recipe_settings("paper", "tiny").scale == 0.25 and ddpm_recipe("paper").scale == 1.0
+    assert recipe_settings("drop-in", "tiny", scale="auto").scale == "auto"
+
+
+@pytest.mark.parametrize("command", ["llama", "ddpm"])
+def test_scale_flag_takes_auto_or_a_positive_number(command, capsys):
+    from coap_bench.cli import build_parser, main
+
+    assert build_parser().parse_args([command, "--scale", "auto"]).scale == "auto"
+    assert build_parser().parse_args([command, "--scale", "0.5"]).scale == 0.5
+    for bad, message in (("Auto", "'auto' or a number > 0"), ("0", "a number > 0"), ("-1", "a number > 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--scale", bad])
+        assert exit_info.value.code == 2
+        assert f"argument --scale: expected {message}, got {bad!r}" in capsys.readouterr().err

@@ -185,7 +185,7 @@ def _float_flags() -> list[tuple[str, str]]:
         (command, action.option_strings[0])
         for command, sub in commands.choices.items()
         for action in sub._actions
-        if "float_at_least" in getattr(action.type, "__qualname__", "")
+        if any(name in getattr(action.type, "__qualname__", "") for name in ("float_at_least", "update_scale"))
     ]
 
 

@@ -347,3 +347,12 @@ def test_table_of_a_run_with_only_failures():
     }
     text = format_llama_table(run)
     assert "| x " in text and "failed: x: E: no" in text
+
+
+def test_scale_auto_reaches_every_low_rank_optimizer(tmp_path, capsys):
+    run = _run(
+        tmp_path, "--steps", "2", "--optimizers", "coap_adamw,galore_adamw", "--recipe", "drop-in", "--scale", "auto"
+    )
+    assert run["config"]["low_rank"]["scale"] == "auto"
+    assert "update scale auto" in capsys.readouterr().out
+    assert all(math.isfinite(r["heldout_loss"]) for r in run["results"])

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from helpers.launch import launch
 from helpers.nets import batch, make_net
-from helpers.optim_db import OPTIMIZERS
+from helpers.optim_db import ENGINE_OPTIMIZERS as OPTIMIZERS
 
 STEPS = 7
 BATCH = 64  # well above every rank of SmallNet (see the rank-deficiency note in low_cost_svd)

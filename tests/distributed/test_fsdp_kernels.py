@@ -20,7 +20,9 @@ from helpers.fsdp import full_tensor, image_batch, make_expert_net, make_unet_li
 from helpers.launch import launch
 
 STEPS, SAVE_AT = 8, 4
-REFRESH = {"update_interval": 3, "reproject_factor": 2}
+# scale 1.0 as in helpers.fsdp.COAP; the net "experts_auto" trains at the norm-matched scale.
+SCHEDULE = {"update_interval": 3, "reproject_factor": 2}
+REFRESH = {**SCHEDULE, "scale": 1.0}
 OPTIMIZERS = {
     "CoapAdamW": lambda params, **kw: CoapAdamW(params, **{**REFRESH, **kw}),
     "CoapAdamW8bit": lambda params, **kw: CoapAdamW8bit(params, **{**REFRESH, **kw}),
@@ -36,6 +38,8 @@ NETS = {
     "unet_larger": (make_unet_like, image_batch, {"projection_side": "larger"}),
     # bfloat16 state: P (replicated and row-split) and the moments (sharded like the weight).
     "unet_bf16": (make_unet_like, image_batch, {"state_dtype": "bf16"}),
+    # The norm-matched scale, from global shapes: a rank whose shard of the stack is empty too.
+    "experts_auto": (make_expert_net, token_batch, {"scale": "auto"}),
 }
 #: The nets trained at the default options.
 DEFAULTS = ("unet", "experts")
@@ -236,12 +240,12 @@ def test_traffic_is_the_estimate_to_the_byte(runs, net, name):
     optimizer, options = ESTIMATE_OPTIONS[name]
     model, net_options = NETS[net][0](), NETS[net][2]
     estimate = estimate_fsdp2_communication(
-        model, optimizer=optimizer, world_size=2, **REFRESH, **options, **net_options
+        model, optimizer=optimizer, world_size=2, **{**REFRESH, **options, **net_options}
     )
     for rank in (0, 1):
         log = runs["trained"][rank][net, name]["log"]
         if rank == 0:  # the estimate counts rank 0's all-to-all share (the larger one)
-            assert log[-1][1] == estimate.bytes_over(STEPS, **REFRESH)
+            assert log[-1][1] == estimate.bytes_over(STEPS, **SCHEDULE)
         calls = [log[0][0]] + [b[0] - a[0] for a, b in itertools.pairwise(log)]
         steady = [calls[step - 1] for step in (2, 4, 5, 7, 8)]
         # One round per step for the projections summed over the ranks (and Adafactor's

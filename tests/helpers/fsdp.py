@@ -8,7 +8,10 @@ from torch import nn
 BATCH = 64
 STEPS = 7  # update_interval=3, reproject_factor=2: an Eq. 2 step at 3, a re-projection at 6
 DTYPE = torch.float64
-COAP = {"lr": 3e-3, "rank_ratio_matrix": 2, "update_interval": 3, "reproject_factor": 2}
+#: scale 1.0: the engines' comparisons are at the paper's update size, which their tolerances
+#: are set for (larger steps amplify the order of float sums through the refreshes; the
+#: norm-matched scale is a per-layout number, the same in every engine, see test_fsdp_kernels).
+COAP = {"lr": 3e-3, "rank_ratio_matrix": 2, "update_interval": 3, "reproject_factor": 2, "scale": 1.0}
 
 
 class ShardNet(nn.Module):

@@ -9,6 +9,7 @@ contract tests elsewhere parametrize over :data:`OPTIM_DB` (or its :data:`OPTIMI
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 
 from coap_torch import CoapAdafactor, CoapAdafactor8bit, CoapAdamW, CoapAdamW8bit
 
-__all__ = ["COAP_KWARGS", "OPTIMIZERS", "OPTIM_DB", "ErrorInput", "OptimizerInfo", "info"]
+__all__ = ["COAP_KWARGS", "ENGINE_OPTIMIZERS", "OPTIMIZERS", "OPTIM_DB", "ErrorInput", "OptimizerInfo", "info"]
 
 #: COAP options that make a few steps of the small net exercise everything: Tucker-2 on the conv
 #: kernel, Eq. 2 steps at 3 and 9, low-cost SVD refreshes at 6 and 12.
@@ -101,6 +102,8 @@ _COAP_ERRORS = (
     ErrorInput({"correlation_normalize": "yes"}, r"correlation_normalize: 'yes'"),
     ErrorInput({"scale": 0.0}, r"scale: 0\.0"),
     ErrorInput({"scale": float("inf")}, r"scale must be a finite number"),
+    ErrorInput({"scale": "Auto"}, r"scale: 'Auto' \(must be 'auto' or a number > 0\)"),
+    ErrorInput({"scale": "2"}, r"scale: '2'"),
     ErrorInput({"min_conv_numel": -1}, r"min_conv_numel: -1"),
     ErrorInput({"seed": -1}, r"seed: -1"),
     ErrorInput({"coap": "no"}, r"coap: 'no'"),
@@ -163,6 +166,7 @@ _ADAMW_INPUTS = (
     {"lr": torch.tensor([[3e-3]])},
     {"rank": 5, "rank_ratio_matrix": None, "rank_ratio_cnn": None, "correlation_normalize": True},
     {"correlation_max_norm": None, "scale": 0.5},
+    {"scale": "auto", "projection_side": "larger"},
     {"projection_side": "input", "seed": 7},
     {"projection_side": "larger", "conv_projection": "input"},
     {"state_dtype": torch.bfloat16, "amsgrad": True},
@@ -177,6 +181,7 @@ _ADAFACTOR_INPUTS = (
     {"lr": torch.tensor([[1e-2]]), "relative_step": False},
     {"rank": 5, "rank_ratio_matrix": None, "rank_ratio_cnn": None, "correlation_normalize": True},
     {"projection_side": "larger", "conv_projection": "input"},
+    {"scale": "auto", "clip_threshold": 0.5},
     {"state_dtype": "bf16", "lr": 1e-2, "relative_step": False},
 )
 
@@ -263,3 +268,12 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {entry.name: entry
 def info(name: str) -> OptimizerInfo:
     """The database entry called ``name``."""
     return next(entry for entry in OPTIM_DB if entry.name == name)
+
+
+#: :data:`OPTIMIZERS` at the paper's update scale (1.0), for the tests that compare engines (one
+#: process, DDP): their tolerances are set for that update size, and larger steps amplify the
+#: order of float sums through the refreshes. The norm-matched scale is a per-layout number, the
+#: same in every engine (tests/optim/test_update_scale.py, tests/distributed/test_fsdp_kernels.py).
+ENGINE_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    name: functools.partial(make, scale=1.0) for name, make in OPTIMIZERS.items()
+}

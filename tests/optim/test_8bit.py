@@ -13,7 +13,15 @@ PAIRS = {
     "adamw": (CoapAdamW, CoapAdamW8bit, {"lr": 3e-3}),
     "adafactor": (CoapAdafactor, CoapAdafactor8bit, {"beta1": 0.9}),
 }
-COMMON = {"rank_ratio_matrix": 2, "rank_ratio_cnn": 2, "update_interval": 3, "reproject_factor": 2, "min_conv_numel": 0}
+# scale 1.0: the weights' tolerance below is in units of the unscaled update.
+COMMON = {
+    "rank_ratio_matrix": 2,
+    "rank_ratio_cnn": 2,
+    "update_interval": 3,
+    "reproject_factor": 2,
+    "min_conv_numel": 0,
+    "scale": 1.0,
+}
 
 
 def _dequantized(state, key, signed, block_size=256):

@@ -228,7 +228,7 @@ def test_stacked_matrices_get_one_projection_each():
     # MoE-style experts (E, m, n): each expert is projected by its own P.
     experts = torch.nn.Parameter(torch.randn(3, 40, 24, generator=torch.Generator().manual_seed(0)))
     before = experts.detach().clone()
-    opt = CoapAdamW([experts], lr=1e-2, weight_decay=0.0, rank=6)
+    opt = CoapAdamW([experts], lr=1e-2, weight_decay=0.0, rank=6, scale=1.0)
     experts.grad = torch.randn(3, 40, 24, generator=torch.Generator().manual_seed(1))
     opt.step()
     P = opt.state[experts]["proj"]

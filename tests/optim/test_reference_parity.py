@@ -38,8 +38,8 @@ def _run_ours(optimizer: torch.optim.Optimizer, weight: torch.nn.Parameter, grad
 
 
 #: The reference is the paper's algorithm, which puts P on a matrix's smaller side (a wide
-#: matrix works on G^T): the library's default, said explicitly.
-PAPER_SIDE = {"projection_side": "smaller"}
+#: matrix works on G^T) and does not scale the update: said explicitly.
+PAPER = {"projection_side": "smaller", "scale": 1.0}
 
 
 @pytest.mark.parametrize("scale", [1.0, 300.0], ids=["mean-scale", "sum-scale"])
@@ -53,7 +53,7 @@ def test_coap_adamw_matrix_follows_the_reference(shape, scale):
         reference.step(g)
     weight = torch.nn.Parameter(W0.clone())
     ours = _run_ours(
-        CoapAdamW([weight], rank=6, update_interval=T_U, reproject_factor=LAMBDA, **PAPER_SIDE, **options),
+        CoapAdamW([weight], rank=6, update_interval=T_U, reproject_factor=LAMBDA, **PAPER, **options),
         weight,
         grads,
     )
@@ -70,7 +70,7 @@ def test_coap_adamw_conv_kernel_follows_the_reference():
         reference.step(g)
     weight = torch.nn.Parameter(W0.clone())
     opt = CoapAdamW(
-        [weight], rank_ratio_cnn=4, min_conv_numel=0, update_interval=T_U, reproject_factor=LAMBDA, **options
+        [weight], rank_ratio_cnn=4, min_conv_numel=0, update_interval=T_U, reproject_factor=LAMBDA, **PAPER, **options
     )
     ours = _run_ours(opt, weight, grads)
     assert [tuple(opt.state[weight][k].shape) for k in ("proj_out", "proj_in")] == [(16, 8), (12, 6)]
@@ -88,5 +88,5 @@ def test_coap_adafactor_follows_our_reading_of_algorithm_1(shape, beta1, scale_p
     for g in grads:
         reference.step(g)
     weight = torch.nn.Parameter(W0.clone())
-    opt = CoapAdafactor([weight], rank=6, update_interval=T_U, reproject_factor=LAMBDA, **PAPER_SIDE, **options)
+    opt = CoapAdafactor([weight], rank=6, update_interval=T_U, reproject_factor=LAMBDA, **PAPER, **options)
     torch.testing.assert_close(_run_ours(opt, weight, grads), reference.weight, rtol=0, atol=1e-9)

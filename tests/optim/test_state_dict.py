@@ -96,9 +96,11 @@ def test_old_checkpoint_without_new_group_options_loads(make_opt):
     sd = opt.state_dict()
     for group in sd["param_groups"]:
         del group["correlation_max_norm"], group["scale"]
-    opt2 = make_opt(model.parameters(), scale=0.5)
+    opt2 = make_opt(model.parameters(), scale=0.5, correlation_max_norm=2.0)
     opt2.load_state_dict(sd)
     train(model, opt2, 1, start=2)
-    # Options a checkpoint lacks are the optimizer's own: its constructor's values, not the defaults.
-    assert opt2.param_groups[0]["scale"] == 0.5
-    assert opt2.param_groups[0]["correlation_max_norm"] == 1.0
+    # COAP options a checkpoint lacks are the optimizer's own: its constructor's values, not the
+    # defaults. ``scale`` sizes the update like lr and comes from the checkpoint: one that lacks
+    # it was written by a version that did not scale, so it resumes unscaled.
+    assert opt2.param_groups[0]["correlation_max_norm"] == 2.0
+    assert opt2.param_groups[0]["scale"] == 1.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..arguments import config_from_args, float_at_least, non_negative_int, optimizer_list, positive_int
+from ..arguments import config_from_args, float_at_least, non_negative_int, optimizer_list, positive_int, update_scale
 from ..ddpm import (
     DDPM_PRESETS,
     DDPM_RECIPES,
@@ -66,8 +66,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     ddpm.add_argument("--reproject-factor", type=positive_int, help="COAP reproject_factor lambda (default: recipe's)")
     ddpm.add_argument(
         "--scale",
-        type=float_at_least(0.0, strict=True),
-        help="update scale of projected weights, every low-rank optimizer (default 1)",
+        type=update_scale,
+        help="update scale of projected weights, every low-rank optimizer: a number, or auto (COAP's norm-matched "
+        "sqrt(n / r), the same factor per matrix for GaLore / APOLLO); default: recipe's (paper 1, drop-in the library's)",
     )
     ddpm.add_argument("--proj-gap", type=positive_int, help="GaLore / APOLLO update_proj_gap (default 200)")
     ddpm.add_argument(

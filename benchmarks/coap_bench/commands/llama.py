@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..arguments import config_from_args, float_at_least, non_negative_int, optimizer_list, positive_int
+from ..arguments import config_from_args, float_at_least, non_negative_int, optimizer_list, positive_int, update_scale
 from ..llama import (
     DEFAULT_LLAMA_OPTIMIZERS,
     LLAMA_PRESETS,
@@ -68,8 +68,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     llama.add_argument("--reproject-factor", type=positive_int, help="COAP reproject_factor lambda (default: recipe's)")
     llama.add_argument(
         "--scale",
-        type=float_at_least(0.0, strict=True),
-        help="update scale of projected weights, every low-rank optimizer (default: recipe's)",
+        type=update_scale,
+        help="update scale of projected weights, every low-rank optimizer: a number, or auto (COAP's norm-matched "
+        "sqrt(n / r), the same factor per matrix for GaLore / APOLLO); default: recipe's (paper 0.25, drop-in the library's)",
     )
     llama.add_argument("--proj-gap", type=positive_int, help="GaLore / APOLLO update_proj_gap (default: recipe's, 200)")
     llama.add_argument(

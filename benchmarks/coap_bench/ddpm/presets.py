@@ -170,7 +170,7 @@ class DdpmConfig:
     rank_ratio: float | None = None
     update_interval: int | None = None
     reproject_factor: int | None = None
-    scale: float | None = None
+    scale: float | str | None = None
     proj_gap: int | None = None
     correlation_normalize: bool = False
     projection_side: str | None = None
@@ -285,7 +285,7 @@ def recipe_settings(
     rank_ratio: float | None = None,
     update_interval: int | None = None,
     reproject_factor: int | None = None,
-    scale: float | None = None,
+    scale: float | str | None = None,
     proj_gap: int | None = None,
     correlation_normalize: bool = False,
     projection_side: str | None = None,

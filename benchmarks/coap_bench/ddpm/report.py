@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .._quiet import import_note_lines
-from ..report import _number, _pyplot, markdown_table, plot_loss_curves
+from ..report import _number, _pyplot, markdown_table, plot_loss_curves, scale_text
 from ..training import FINAL_LOSS_WINDOW, measurement_columns, plot_heldout_vs_state, result_remarks, seed_label
 
 __all__ = ["format_ddpm_table", "save_sample_grid", "write_ddpm_plots"]
@@ -112,7 +112,7 @@ def _recipe_line(config: dict[str, Any]) -> str:
         + (", state in bf16" if low.get("state_dtype", "float32") != "float32" else "")
         + "; "
         f"GaLore/APOLLO rank ratio {low['rank_ratio']:g} on 2-D weights only (conv kernels dense), "
-        f"update_proj_gap {low['proj_gap']}; update scale {low['scale']:g}, weight decay {low['weight_decay']:g}; "
+        f"update_proj_gap {low['proj_gap']}; update scale {scale_text(low['scale'])}, weight decay {low['weight_decay']:g}; "
         f"peak lr {', '.join(f'{lr:g}' for lr in lrs)} for every optimizer"
         + (f"; lr sweep x{config['lr_sweep_factors']}, best held-out kept" if config.get("lr_sweep") else "")
     )

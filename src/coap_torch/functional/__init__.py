@@ -40,6 +40,7 @@ from .tucker import (
     tucker2_restore,
     unfold,
 )
+from .update_scale import norm_matched_scale
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -62,6 +63,7 @@ __all__ = [
     "low_cost_svd",
     "mode_matrices",
     "mode_product",
+    "norm_matched_scale",
     "orthonormalize",
     "quantize_blockwise",
     "quantize_blockwise_",

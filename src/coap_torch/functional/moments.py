@@ -213,7 +213,7 @@ def adafactor_direction_task(
     decay_rate: float,
     eps1: float,
     clip_threshold: float,
-    numel: int,
+    numel: float,
     exp_avg_sq: Tensor | None = None,
     exp_avg_sq_row: Tensor | None = None,
     exp_avg_sq_col: Tensor | None = None,

@@ -30,7 +30,7 @@ from . import _placement as placement
 from . import _validation as check
 from ._checkpoint import checked_state, new_step_counter
 from ._layout import Layout, earlier_default, layout_of
-from ._options import COAP_DEFAULTS, COAP_OPTIONS, CoapOptions, defaults_of, take_options
+from ._options import COAP_DEFAULTS, COAP_OPTIONS, UPDATE_OPTIONS, CoapOptions, defaults_of, take_options
 from ._refresh import Problem, initial_factors, local_problems, refreshed_factors
 from ._rule import MomentRule
 from ._sharded import CommunicationLog, run_coalesced
@@ -60,13 +60,17 @@ def _compute_dtype(param: Tensor) -> torch.dtype:
 @dataclass(frozen=True)
 class _PlannedStep:
     """A parameter's step, checked: its group, its index in the optimizer, its (local) layout and,
-    for a parameter sharded on dim 0, its :class:`~coap_torch.optim._sharding.ShardPlan`."""
+    for a parameter sharded on dim 0, its :class:`~coap_torch.optim._sharding.ShardPlan`.
+    ``scale`` and ``rms_fraction`` come from the whole parameter's layout (a shard's local
+    layout may hold part of the side ``P`` reduces)."""
 
     param: Tensor
     group: dict[str, Any]
     index: int
     layout: Layout
     plan: ShardPlan | None
+    scale: float = 1.0
+    rms_fraction: float | None = None
 
     @property
     def shard(self) -> placement.RowShard | None:
@@ -100,8 +104,9 @@ class LowRankOptimizer(Optimizer):
 
     # -- options -------------------------------------------------------------------------------
     def option_names(self) -> tuple[str, ...]:
-        """The COAP options of this optimizer: :data:`COAP_OPTIONS` and its storage's."""
-        return (*COAP_OPTIONS, *defaults_of(self.storage.options))
+        """The COAP options this optimizer keeps at load: :data:`COAP_OPTIONS` but the
+        :data:`~coap_torch.optim._options.UPDATE_OPTIONS`, and its storage's."""
+        return (*(key for key in COAP_OPTIONS if key not in UPDATE_OPTIONS), *defaults_of(self.storage.options))
 
     def group_defaults(self) -> dict[str, Any]:
         """What a group option is when a group (or a checkpoint's group) does not say: this
@@ -224,7 +229,15 @@ class LowRankOptimizer(Optimizer):
                 layout, plan = earlier_layout, earlier_plan
         if state:
             _check_layout(state, layout, _factor_shapes(layout, plan), index)
-        return _PlannedStep(param, group, index, layout if plan is None else plan.layout, plan)
+        return _PlannedStep(
+            param,
+            group,
+            index,
+            layout if plan is None else plan.layout,
+            plan,
+            layout.update_scale(group["scale"]),
+            layout.rms_fraction(group["scale"]),
+        )
 
     def _check_engine(self) -> None:
         # Once, at the first step: wrappers (DeepSpeed ZeRO) replace the parameters after the
@@ -329,14 +342,17 @@ class LowRankOptimizer(Optimizer):
         target = None if shard is not None else param if param.dtype == dtype else param.to(dtype)
         rule_grad = (yield from self._project(plan, layout, canonical, factors)) if layout.projected else grad
         weight = param if target is None else target
+        rms_fraction = item.rms_fraction
         if self.rule.collective:
-            direction, decay, alpha = yield from self.rule.update(state, rule_grad, group, step, weight, rows)
+            direction, decay, alpha = yield from self.rule.update(
+                state, rule_grad, group, step, weight, rows, rms_fraction=rms_fraction
+            )
         else:
-            direction, decay, alpha = self.rule.update(state, rule_grad, group, step, weight)
+            direction, decay, alpha = self.rule.update(state, rule_grad, group, step, weight, rms_fraction=rms_fraction)
         if target is None:
             target = param if param.dtype == dtype else param.to(dtype)
         local_factors = factors if plan is None else plan.local_factors(factors)
-        _apply(target, layout, local_factors, direction, decay, alpha, group["scale"])
+        _apply(target, layout, local_factors, direction, decay, alpha, item.scale)
         self.storage.pack(state, stored, group, rotations, shard, rounding_seed(group["seed"], item.index, step))
         if target is not param:
             param.copy_(target)
@@ -386,7 +402,7 @@ class LowRankOptimizer(Optimizer):
             work = self.storage.unpack(dict(views), group, rotations, None, dtype)
             target = weight[begin:stop] if param.dtype == dtype else weight[begin:stop].to(dtype)
             direction, decay, alpha = self.rule.update(work, gradient[begin:stop], group, step, target)
-            _apply(target, item.layout, [], direction, decay, alpha, group["scale"])
+            _apply(target, item.layout, [], direction, decay, alpha, item.scale)
             packed = dict(views)
             self.storage.pack(work, packed, group, rotations, None, (seed + number * 0x9E3779B97F4A7C15) % 2**63)
             for key, view in views.items():
@@ -482,7 +498,11 @@ class LowRankOptimizer(Optimizer):
         * **COAP options** (:data:`COAP_OPTIONS`: ``rank``, ``update_interval``,
           ``correlation_max_norm`` ... and the 8-bit ``block_size`` / ``min_8bit_size``) stay the
           ones this optimizer was built with; a checkpoint that says otherwise gets a warning
-          that lists the differences.
+          that lists the differences. The exception is ``scale``, which sizes the update as
+          ``lr`` does and comes from the checkpoint like it (``1.0`` for a checkpoint that does
+          not have it, as the versions that wrote such checkpoints did not scale): a run
+          resumes with the update it was trained with, whatever the default of the version
+          that resumes it.
         * **State** must be what this optimizer would have built for each parameter under those
           options (see :meth:`planned_state`): the same keys and shapes, finite projections.
           Floating-point state is converted to the planned dtype (float64 or bf16 state into a
@@ -518,7 +538,8 @@ class LowRankOptimizer(Optimizer):
 def _apply(
     target: Tensor, layout: Layout, factors: list[Tensor], direction: Any, decay: Any, alpha: float, scale: float
 ) -> None:
-    """``target <- decay(target) + alpha * restore(direction)`` in place (``scale`` for projected)."""
+    """``target <- decay(target) + alpha * restore(direction)`` in place (times ``scale``, the
+    parameter's :meth:`Layout.update_scale`, for projected parameters)."""
     if callable(decay):
         decay(target)
         decay = 1.0

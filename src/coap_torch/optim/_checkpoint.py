@@ -20,7 +20,9 @@ import torch
 from torch import Tensor
 
 from . import _placement as placement
+from . import _validation as check
 from ._layout import earlier_default
+from ._options import UPDATE_OPTIONS
 from ._refresh import caller_stacklevel
 
 #: Saved entries that are dropped at load: transformers' Adafactor keeps ``RMS``, the weight's
@@ -161,7 +163,7 @@ def checked_state(
     loaded: dict[Tensor, dict[str, Any]] = {}
     position = 0
     for number, (saved, group) in enumerate(zip(saved_groups, groups)):
-        options.append({key: group[key] for key in keys})
+        options.append({key: group[key] for key in keys} | _update_options(saved, number))
         differences = differing_options(saved, group, keys)
         changed += [
             f"group {number} {key}: checkpoint {old!r}, kept {new!r}" for key, (old, new) in differences.items()
@@ -191,6 +193,17 @@ def checked_state(
             stacklevel=caller_stacklevel(),
         )
     return loaded, options
+
+
+def _update_options(saved_group: dict[str, Any], number: int) -> dict[str, Any]:
+    """The :data:`UPDATE_OPTIONS` a saved group resumes with: its own, checked (a value that
+    would fail at the next step is refused now), or what the versions that lacked them did."""
+    options = {key: saved_group.get(key, earlier) for key, earlier in UPDATE_OPTIONS.items()}
+    try:
+        check.positive_or_auto("scale", options["scale"])
+    except ValueError as error:
+        raise CheckpointError(f"group {number}: {error}") from None
+    return options
 
 
 def _converted(

@@ -37,6 +37,7 @@ from ..functional.tucker import (
     tucker2_restore,
     unfold,
 )
+from ..functional.update_scale import norm_matched_scale
 
 #: The rank ratio used when neither ``rank`` nor the matching ``rank_ratio_*`` is set.
 DEFAULT_RANK_RATIO = 2.0
@@ -118,6 +119,32 @@ class Layout:
         if self.kind == "tucker":
             return (*self.ranks, *self.shape[2:])
         return self.shape
+
+    def _reduced_modes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The sizes of the modes ``P`` reduces and their ranks (per matrix of a stack, so
+        that an empty shard of one still has them)."""
+        if self.kind == "matrix":
+            return (self.canonical_shape[-1],), self.ranks
+        if self.kind == "conv_input":
+            return (self.shape[1],), self.ranks
+        return tuple(self.shape[:2]), self.ranks
+
+    def update_scale(self, scale: float | str) -> float:
+        """The factor of this parameter's restored update: ``scale``, or for ``"auto"`` the one
+        that gives it the RMS of the projected update (:func:`~coap_torch.functional.norm_matched_scale`)."""
+        if isinstance(scale, str):
+            return norm_matched_scale(*self._reduced_modes()) if self.projected else 1.0
+        return float(scale)
+
+    def rms_fraction(self, scale: float | str) -> float | None:
+        """The fraction of the weight's entries a rule measures its update's RMS over (Adafactor's
+        clip): for ``"auto"`` the projected update's share, whose RMS the weight then receives;
+        ``None`` (all of them) otherwise, where an explicit ``scale`` multiplies after the clip,
+        as ``lr`` does."""
+        if not (isinstance(scale, str) and self.projected):
+            return None
+        full, reduced = self._reduced_modes()
+        return math.prod(reduced) / math.prod(full)
 
     # -- the math, one code path per kind ---------------------------------------------------
     def project(self, x: Tensor, factors: list[Tensor]) -> Tensor:

@@ -24,6 +24,7 @@ __all__ = [
     "COAP_DEFAULTS",
     "COAP_OPTIONS",
     "DEFAULT_MIN_CONV_NUMEL",
+    "UPDATE_OPTIONS",
     "CoapOptions",
     "defaults_of",
     "take_options",
@@ -47,7 +48,7 @@ class CoapOptions:
     correlation_lr: float = DEFAULT_CORRELATION_LR
     correlation_normalize: bool = False
     correlation_max_norm: float | None = DEFAULT_CORRELATION_MAX_NORM
-    scale: float = 1.0
+    scale: float | str = "auto"
     min_conv_numel: int = DEFAULT_MIN_CONV_NUMEL
     seed: int = 0
     coap: bool = True
@@ -67,7 +68,7 @@ class CoapOptions:
         check.boolean("correlation_normalize", group["correlation_normalize"])
         if group["correlation_max_norm"] is not None:
             check.positive_or_inf("correlation_max_norm", group["correlation_max_norm"])
-        check.positive("scale", group["scale"])
+        check.positive_or_auto("scale", group["scale"])
         check.non_negative_int("min_conv_numel", group["min_conv_numel"])
         check.non_negative_int("seed", group["seed"])
         check.boolean("coap", group["coap"])
@@ -92,8 +93,14 @@ def defaults_of(description: type | None) -> dict[str, Any]:
 #: Each COAP option and its default (the param-group defaults of every COAP optimizer).
 COAP_DEFAULTS: dict[str, Any] = defaults_of(CoapOptions)
 
-#: The COAP options: at load, an optimizer keeps its own values of these (see ``load_state_dict``).
+#: The COAP options: at load, an optimizer keeps its own values of these (see ``load_state_dict``),
+#: except :data:`UPDATE_OPTIONS`.
 COAP_OPTIONS: tuple[str, ...] = tuple(COAP_DEFAULTS)
+
+#: COAP options that size the update and leave the state as it is: at load they come from the
+#: checkpoint, as ``lr`` does, so that a run resumes with the update it was trained with. Each
+#: maps to its value in checkpoints of versions that did not save it (they did not scale).
+UPDATE_OPTIONS: dict[str, Any] = {"scale": 1.0}
 
 
 def take_options(owner: str, given: Mapping[str, Any], *descriptions: type | None) -> dict[str, Any]:

@@ -68,12 +68,16 @@ class MomentRule:
         step: int,
         weight: Tensor,
         rows: Rows | None = None,
+        *,
+        rms_fraction: float | None = None,
     ) -> Update | Task[Update]:
         """Update ``moments`` in place from ``grad`` and return the :class:`Update`.
 
         ``weight`` is the parameter, to read only (in the compute dtype, or for a row shard in
         its own dtype). A :attr:`collective` rule is a generator that takes its sums from
         ``rows``; any other returns the update directly (and is not given ``rows``).
+        ``rms_fraction`` is the fraction of the weight's entries a rule that bounds its update's
+        RMS takes it over (``None``: all of them; see :meth:`Layout.rms_fraction`).
         """
         raise NotImplementedError
 

@@ -53,6 +53,15 @@ def positive(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name}: {value} (must be > 0)")
 
 
+def positive_or_auto(name: str, value: Any) -> None:
+    """A factor that may also be ``"auto"`` (the update ``scale``)."""
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"Invalid {name}: {value!r} (must be 'auto' or a number > 0)")
+        return
+    positive(name, value)
+
+
 def at_least_one(name: str, value: Any, *, optional: bool = False) -> None:
     if optional and value is None:
         return

@@ -81,11 +81,15 @@ class AdafactorRule(MomentRule):
         step: int,
         weight: Tensor,
         rows: Rows = LOCAL,
+        *,
+        rms_fraction: float | None = None,
     ) -> Task[Update]:
         eps1, eps2 = group["eps"]
         second = {key: moments.get(key) for key in ("exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")}
-        # The clipping RMS and the parameter scale are over the whole weight (all ranks' rows).
+        # The clipping RMS and the parameter scale are over the whole weight (all ranks' rows);
+        # with scale="auto" the clip is over the projected update, the RMS the weight receives.
         numel = rows.numel(weight)
+        clip_numel = numel if rms_fraction is None else numel * rms_fraction
         # Sharded, the weights' sum of squares rides along with the direction's sums.
         param_sq = weight.to(grad.dtype).square().sum() if group["scale_parameter"] and not rows.local else None
         update, param_sq = yield from adafactor_direction_task(
@@ -94,7 +98,7 @@ class AdafactorRule(MomentRule):
             decay_rate=group["decay_rate"],
             eps1=eps1,
             clip_threshold=group["clip_threshold"],
-            numel=numel,
+            numel=clip_numel,
             param_sq=param_sq,
             rows=rows,
             **second,
@@ -157,7 +161,10 @@ class CoapAdafactor(LowRankOptimizer):
 
     * **Clipping** uses the RMS of the *restored* update ``Delta P^T`` over the weight's m*n
       entries (``||Delta||_F / sqrt(m n)``, exact for orthonormal ``P``): Adafactor clips the
-      update of the weight, not of its coordinates.
+      update of the weight, not of its coordinates. With ``scale="auto"`` the weight receives
+      ``sqrt(n / r) Delta P^T``, whose RMS is ``||Delta||_F / sqrt(m r)``, and that is the RMS
+      clipped: the clip still bounds what the weight receives. An explicit number multiplies
+      after the clip, as ``lr`` does.
     * **scale_parameter** scales by the RMS of the full weight ``W``, and **relative_step** is
       transformers' ``min(1e-2, 1/sqrt(t))`` schedule: both are properties of the weight and of
       time, not of the subspace, so they mean what they mean for dense parameters.

@@ -40,7 +40,15 @@ class AdamRule(MomentRule):
         return {key: torch.zeros(shape, dtype=like.dtype, device=like.device) for key in keys}
 
     def update(
-        self, moments: dict[str, Any], grad: Tensor, group: dict[str, Any], step: int, weight: Tensor, rows: Any = None
+        self,
+        moments: dict[str, Any],
+        grad: Tensor,
+        group: dict[str, Any],
+        step: int,
+        weight: Tensor,
+        rows: Any = None,
+        *,
+        rms_fraction: float | None = None,
     ) -> Update:
         # Element-wise: a row shard needs no sums over other rows.
         beta1, beta2 = group["betas"]
@@ -132,7 +140,13 @@ class CoapAdamW(LowRankOptimizer):
             norm before the step, and a clipped step is followed by re-orthonormalization, as in
             the paper's release (not in its text); below the bound the step is bitwise the
             paper's. ``None`` turns it off (default 1.0; see the note).
-        scale: multiplies the restored update of projected parameters (default 1.0).
+        scale: multiplies the restored update of projected parameters: ``"auto"`` (the
+            default), per parameter ``sqrt(numel(W) / numel(U))`` with ``U`` the projected update
+            (``sqrt(n / r)`` for a matrix whose moments are (m, r); Tucker-2 kernels
+            ``sqrt(O I / (r_O r_I))``), or a number (``1.0`` is the paper's). ``"auto"`` gives the
+            restored update the RMS of the projected one, which the moment rule normalized like a
+            full-rank step, so the lr tuned for AdamW carries over (see ``docs/algorithm.md``).
+            At load it comes from the checkpoint, like ``lr``.
         min_conv_numel: kernels (more than one tap) with fewer entries stay dense (default 4096).
         seed: seed of the first sketch; each parameter draws from its own stream derived from
             ``(seed, parameter index)``, never from the global RNG (default 0).
