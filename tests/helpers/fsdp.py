@@ -167,6 +167,14 @@ def make_unet_like(dtype: torch.dtype = torch.float32) -> UNetLike:
     return UNetLike().to(dtype)
 
 
+def make_unet_zero_head(dtype: torch.dtype = torch.float32) -> UNetLike:
+    """:class:`UNetLike` with a zero-initialised head (as ControlNet's zero convolutions): every
+    layer below it gets an all-zero first gradient, so its projection is built at step 2."""
+    model = make_unet_like(dtype)
+    nn.init.zeros_(model.head.weight)
+    return model
+
+
 def make_expert_net(dtype: torch.dtype = torch.float32) -> ExpertNet:
     torch.manual_seed(0)
     return ExpertNet().to(dtype)

@@ -15,7 +15,10 @@ import torch
 
 from coap_torch import CoapAdafactor, CoapAdafactor8bit, CoapAdamW, CoapAdamW8bit
 
-COAP = {"rank_ratio_matrix": 2, "rank_ratio_cnn": 2, "update_interval": 4, "reproject_factor": 5}
+# At the paper's update size (scale 1), for which the 10% tolerance below was set: the two runs'
+# Eq. 2 steps are clipped at different points, and the larger "auto" steps amplify that (the
+# 8-bit Adafactor run ends 22% apart there, where the float32 runs stay within 10%).
+COAP = {"rank_ratio_matrix": 2, "rank_ratio_cnn": 2, "update_interval": 4, "reproject_factor": 5, "scale": 1.0}
 OPTIMIZERS = {
     "CoapAdamW": lambda p, **kw: CoapAdamW(p, lr=1e-2, **COAP, **kw),
     "CoapAdamW8bit": lambda p, **kw: CoapAdamW8bit(p, lr=1e-2, min_8bit_size=256, **COAP, **kw),

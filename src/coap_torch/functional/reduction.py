@@ -65,6 +65,15 @@ class Rows:
         return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
         yield
 
+    def any_nonzero(self, values: Tensor) -> Task[bool]:
+        """Whether some entry of ``values`` is non-zero on some process (one host sync).
+
+        ``values`` are per-matrix results (singular values): computed from sums, they are the
+        same on every process; where each process holds whole matrices of its own, the answer
+        is counted over the processes."""
+        return bool(values.ne(0).any())
+        yield
+
     def orthonormal_basis(self, Y: Tensor) -> Task[Tensor | None]:
         """Orthonormal columns spanning those of ``Y`` (..., m, r) (Householder QR here), or ``None``
         when that cannot be computed from finite values (never here: a QR of non-finite input

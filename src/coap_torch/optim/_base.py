@@ -309,20 +309,35 @@ class LowRankOptimizer(Optimizer):
             self._chunked_dense_step(item, stored, param, grad)
             return
         canonical = layout.canonical(grad)
-        if not stored:
+        rotations = self.rule.rotations
+        if not stored or (layout.projected and int(stored["step"]) == 0):
             factors = {}
             if layout.projected:
                 problems = self._problems(plan, layout, canonical, None, None)
                 sketch_part = None if plan is None else plan.sketch_part
-                factors = yield from initial_factors(
+                built = yield from initial_factors(
                     layout, canonical, problems, group, item.index, item.where, rows, sketch_part
                 )
-                if factors is None:
+                if built is None:
                     return  # deferred to the next finite gradient (warned); the parameter is left as it is
+                factors = built.factors
+                if not built.informed:
+                    # An all-zero gradient: the parameter is left as it is, as torch leaves one
+                    # with no gradient, and its projection is built from the next gradient (a
+                    # step count of 0 says so); the state exists, as distributed checkpointing
+                    # expects after a step on zero gradients.
+                    if not stored:
+                        fresh = {"step": new_step_counter(), **factors}
+                        fresh.update(self.rule.init(layout.projected_shape, group, canonical))
+                        work = self.storage.unpack(fresh, group, rotations, shard, dtype)
+                        self.storage.pack(work, stored, group, rotations, shard)
+                        if shard is not None:
+                            placement.store_sharded(stored_state, stored, shard)
+                    return
+            stored.clear()
             stored.update(
                 {"step": new_step_counter(), **factors, **self.rule.init(layout.projected_shape, group, canonical)}
             )
-        rotations = self.rule.rotations
         if shard is not None and not layout.projected:
             # The moment rule of a dense row shard may wait at collectives (Adafactor's): its
             # full-size moments are unpacked at first use, not held decoded while it waits.

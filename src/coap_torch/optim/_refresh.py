@@ -3,7 +3,11 @@
 :func:`initial_factors` runs at a parameter's first step (the low-cost SVD of its first gradient
 with a sketch seeded from ``(seed, parameter index)``); :func:`refreshed_factors` every
 ``update_interval`` steps (the warm-started low-cost SVD every ``reproject_factor`` of those,
-one Eq. 2 step otherwise). Both are generators: under FSDP2 they yield the all-reduces of the
+one Eq. 2 step otherwise). A parameter's first step is its first with a finite, non-zero
+gradient: an all-zero gradient (a layer behind a zero-initialised one) has no subspace to
+project on, so the parameter is left as it is, as if it had no gradient (its state is created,
+with a step count of 0, for ``torch.distributed.checkpoint``, which creates state by a step on
+zero gradients before it loads a checkpoint into it). Both are generators: under FSDP2 they yield the all-reduces of the
 sharded refreshes (see :mod:`coap_torch.optim._sharded`); in one process they yield nothing.
 
 Both run the functional refreshes (:mod:`coap_torch.functional`) with the gradient's
@@ -22,7 +26,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,6 +37,7 @@ from ..functional.subspace import gaussian_sketch, low_cost_svd_task, rank_toler
 from ._layout import Layout
 
 __all__ = [
+    "InitialFactors",
     "Problem",
     "all_finite",
     "caller_stacklevel",
@@ -82,6 +87,14 @@ def local_problems(layout: Layout, grad: Tensor, moment: Tensor | None, factors:
     return [(matrix, first, LOCAL) for matrix, first in layout.refresh_pairs(grad, moment, factors)]
 
 
+class InitialFactors(NamedTuple):
+    """What :func:`initial_factors` builds: the projections, and whether the gradient determined
+    them (``False`` for an all-zero gradient: they are the orthonormalized sketch)."""
+
+    factors: dict[str, Tensor]
+    informed: bool
+
+
 def initial_factors(
     layout: Layout,
     grad: Tensor,
@@ -91,11 +104,19 @@ def initial_factors(
     where: str,
     rows: Rows = LOCAL,
     sketch_part: Callable[[tuple[int, ...]], tuple[tuple[int, ...], Callable[[Tensor], Tensor]]] | None = None,
-) -> Task[dict[str, Tensor] | None]:
+) -> Task[InitialFactors | None]:
     """The projections of a parameter at its first step, from its (canonical) gradient, or ``None``.
 
+    ``None`` (with a warning) when the gradient is not finite or the SVD failed. An all-zero
+    gradient (every entry, on every rank) gives uninformed factors: a layer behind a
+    zero-initialised one (ControlNet's zero convolutions, adaLN-Zero gates) gets one, and a
+    ``P`` drawn from the sketch alone would stay until the first low-cost SVD, T_u * lambda
+    steps later (an Eq. 2 step correlates it with moments that are still about zero); the
+    optimizer builds them again from the next gradient.
+
     ``problems`` are its factors' matrices (:func:`local_problems` in one process); ``rows`` the
-    parameter's own sums, which decide (alike on every rank) whether ``grad`` is finite.
+    parameter's own sums, which decide (alike on every rank) whether ``grad`` is finite, and
+    whether it is zero (from the singular values, computed from sums or counted over the ranks).
     ``sketch_part`` maps a factor's sketch shape to the whole shape to draw and this rank's part
     of it (a stack sharded on its experts draws every expert's sketch, as one process does).
     """
@@ -103,6 +124,7 @@ def initial_factors(
         return _deferred(where)
     generator = torch.Generator().manual_seed(sketch_seed(group["seed"], index))
     factors: dict[str, Tensor] = {}
+    informed = True
     try:
         for key, (matrix, _, matrix_rows), rank in zip(layout.factor_keys, problems, layout.ranks):
             shape = (*matrix.shape[:-2], matrix.shape[-1], rank)
@@ -112,13 +134,15 @@ def initial_factors(
             if result is None:  # a non-finite gradient on some rank: every rank sees it in the sums
                 return _deferred(where)
             factors[key], singular = result
-            if layout.kind != "tucker":
+            if len(factors) == 1:  # every unfolding of a zero gradient is zero
+                informed = yield from rows.any_nonzero(singular[..., 0])
+            if informed and layout.kind != "tucker":
                 _warn_if_rank_deficient(singular, matrix_rows.count(matrix), matrix.shape[-1], layout, where)
     except torch.linalg.LinAlgError as error:
         return _deferred(where, error)
     if not all_finite(*factors.values()):
         return _deferred(where)
-    return factors
+    return InitialFactors(factors, informed)
 
 
 def _deferred(where: str, error: Exception | None = None) -> None:

@@ -129,6 +129,13 @@ class ShardComm(Rows):
         _, _, (bad,) = yield from self.reduce(weight=(bad,))
         return not bool(bad.item())
 
+    def any_nonzero(self, values: Tensor) -> Task[bool]:
+        if self.split != "batch":
+            return (yield from Rows.any_nonzero(self, values))
+        nonzero = values.ne(0).sum().to(torch.float32).reshape(1)  # a rank's experts, counted over the ranks
+        _, _, (nonzero,) = yield from self.reduce(weight=(nonzero,))
+        return bool(nonzero.item())
+
     def orthonormal_basis(self, Y: Tensor) -> Task[Tensor | None]:
         """``Q = Y K^{-1/2}`` on the numerically non-zero part of ``K = Y^T Y`` (summed over the
         ranks): orthonormal columns over all rows, the columns of a rank-deficient ``Y`` zero

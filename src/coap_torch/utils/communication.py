@@ -171,8 +171,8 @@ def _parameter_bytes(
         if adafactor and options.get("beta1") is None:  # and at refreshes, the Eq. 2 moment
             svd += moment
             eq2 += moment
-    if split == "batch":  # one finiteness flag, then nothing more for whole matrices on each rank
-        first, svd, eq2 = first + 4, svd + 4, eq2 + 4
+    if split == "batch":  # a finiteness flag (and at the first step a non-zero one), then nothing
+        first, svd, eq2 = first + 8, svd + 4, eq2 + 4  # more for whole matrices on each rank
         if layout.kind != "conv_input":
             return {"steady": steady, "first": first, "svd": svd, "eq2": eq2}
     for (rows, columns, rank), cut in zip(_factor_problems(layout), contracted(layout)):
