@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from ._deps import MissingExtraError
-from .commands import ddpm, digits, llama, loss_scale, memory, quantization, step
+from .commands import controlnet, ddpm, digits, finetune, llama, loss_scale, memory, quantization, sit, step
 from .outputs import check_output_paths
 
 __all__ = ["build_parser", "main"]
@@ -29,6 +29,9 @@ COMMANDS = {
     "llama": llama,
     "memory": memory,
     "ddpm": ddpm,
+    "controlnet": controlnet,
+    "sit": sit,
+    "finetune": finetune,
     "step": step,
     "quantization": quantization,
     "loss-scale": loss_scale,

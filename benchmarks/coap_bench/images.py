@@ -1,4 +1,5 @@
-"""Image data for the DDPM benchmark: offline by default, any folder, or CIFAR-10 one flag away.
+"""Image data for the image benchmarks (DDPM, SiT, ControlNet): offline by default, any folder, or CIFAR-10
+one flag away; the parts of their batch streams and held-out sets they share; and PNG grids of images.
 
 Three sources, all returned as an :class:`ImageData` of float32 tensors ``(N, C, H, W)`` in
 ``[-1, 1]`` (the range DDPM trains in) with integer labels and a fixed held-out split:
@@ -17,6 +18,10 @@ Three sources, all returned as an :class:`ImageData` of float32 tensors ``(N, C,
 * :func:`cifar10_images`: CIFAR-10 from the Hugging Face Hub through ``datasets`` (needs
   internet and ``pip install datasets``): its train split for training, its test split held out.
 
+Each job's training stream draws its batches from a :class:`ShuffledBatches` (a seeded permutation per
+epoch, resumable) and its held-out set from :func:`heldout_draws` (every image ``repeats`` times, with
+stratified times and noise from :data:`HELDOUT_SEED`); :func:`save_sample_grid` writes images as a PNG grid.
+
 Example (needs scikit-learn):
 
 >>> data = digit_images(resolution=16, channels=1)
@@ -31,7 +36,9 @@ True
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,24 +48,31 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._deps import require
+from .report import _pyplot
 
 __all__ = [
     "HELDOUT_FRACTION",
+    "HELDOUT_SEED",
     "IMAGE_SUFFIXES",
     "ImageData",
+    "ShuffledBatches",
     "cifar10_images",
     "digit_images",
     "folder_images",
+    "heldout_draws",
     "image_sha256",
     "is_heldout_path",
     "load_image_data",
     "resize_images",
+    "save_sample_grid",
 ]
 
 #: Share of the images held out (digits: stratified by class; folders: by path hash).
 HELDOUT_FRACTION = 0.2
 #: Seed of the digits' stratified split: fixed, so every ``--seed`` is scored on the same images.
 SPLIT_SEED = 0
+#: Seed of the held-out sets' (t, noise) draws: fixed, so every ``--seed`` is scored on the same set.
+HELDOUT_SEED = 1234
 #: File suffixes read from an image folder (case-insensitive).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 #: Number of k-means clusters used as labels for a folder without class subfolders.
@@ -318,3 +332,82 @@ def load_image_data(
         data.heldout, data.heldout_labels = data.heldout[:max_images], data.heldout_labels[:max_images]
         data.source["max_images"] = max_images
     return data
+
+
+# ------------------------------------------------------------------------------------------ training and held-out draws
+
+
+class ShuffledBatches:
+    """The order of a training stream: the indices of ``batch_size`` of ``size`` items at a time, a fresh
+    permutation per epoch (the last partial batch of an epoch dropped).
+
+    A job's stream subclasses it and draws the rest of a batch (noise, times) from the same
+    :attr:`generator`, seeded with ``seed``, so every optimizer sees the same batches;
+    :meth:`state_dict` / :meth:`load_state_dict` resume it exactly.
+    """
+
+    def __init__(self, size: int, batch_size: int, *, seed: int) -> None:
+        if batch_size > size:
+            raise ValueError(f"batch size {batch_size} exceeds the {size} training images")
+        self.batch_size = batch_size
+        self.size = size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = torch.empty(0, dtype=torch.long)
+        self.cursor = 0
+
+    def next_index(self) -> Tensor:
+        """The indices of the next batch."""
+        if self.cursor + self.batch_size > len(self.order):
+            self.order = torch.randperm(self.size, generator=self.generator)
+            self.cursor = 0
+        index = self.order[self.cursor : self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        return index
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "order": self.order.clone(), "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"].cpu())
+        self.order = state["order"].cpu()
+        self.cursor = int(state["cursor"])
+
+
+def heldout_draws(
+    images: Tensor, repeats: int, strata: Callable[[int], Tensor], *, seed: int = HELDOUT_SEED
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(tiled, times, noise)``: each image ``repeats`` times, the ``strata(n)`` of its ``n`` rows (one time per
+    stratum) in a seeded random order, and seeded noise of their shape."""
+    generator = torch.Generator().manual_seed(seed)
+    tiled = images.repeat(repeats, 1, 1, 1)
+    n = len(tiled)
+    times = strata(n)[torch.randperm(n, generator=generator)]
+    noise = torch.randn(tiled.shape, generator=generator)
+    return tiled, times, noise
+
+
+# ------------------------------------------------------------------------------------------ PNG grids
+
+
+def save_sample_grid(images: Tensor, path: str | Path, *, columns: int = 8, min_side: int = 512) -> Path | None:
+    """A PNG grid of ``images`` (N, C, H, W in ``[-1, 1]``), upscaled (nearest) to about ``min_side``
+    pixels; ``None`` (nothing written) when matplotlib is not installed."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    n, c, h, w = images.shape
+    rows = math.ceil(n / columns)
+    pad = 1
+    grid = torch.ones(c, rows * (h + pad) + pad, columns * (w + pad) + pad)
+    for i, image in enumerate((images.float().clamp(-1, 1) + 1) / 2):
+        r, col = divmod(i, columns)
+        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = (
+            image
+        )
+    factor = max(1, math.ceil(min_side / max(grid.shape[1:])))
+    grid = grid.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
+    plt.imsave(path, array, cmap="gray" if c == 1 else None, vmin=0.0, vmax=1.0)
+    return path

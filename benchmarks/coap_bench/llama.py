@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,10 @@ from torch import Tensor, nn
 from coap_torch.optim import LowRankOptimizer, enable_per_layer_updates
 
 from ._quiet import gather_import_notes, import_note_lines
+from .config import RunConfig, check_choice, override_settings
 from .environment import hardware, versions
 from .llama_model import PRESETS, RECIPES, LlamaPreset, projected_parameter_groups
-from .optimizers import OPTIMIZERS, PROJECTION_SIDES, STATE_DTYPES, LowRankSettings, build_optimizer
+from .optimizers import OPTIMIZERS, LowRankSettings, build_optimizer
 from .report import _number, markdown_table, scale_text
 from .runner import checkpoint_workarounds
 from .training import (
@@ -70,6 +71,7 @@ __all__ = [
     "LR_SWEEP_FACTORS",
     "PAPER_RANKS",
     "LlamaConfig",
+    "causal_lm_loss",
     "evaluate_heldout",
     "format_llama_table",
     "lr_lambda",
@@ -113,7 +115,7 @@ _CHECKPOINT_FORMAT = 2
 
 
 @dataclass
-class LlamaConfig:
+class LlamaConfig(RunConfig):
     """Options of one ``coap-bench llama`` run (the command-line flags, same names).
 
     Options left ``None`` take their defaults from the preset and recipe (see :meth:`resolved`
@@ -122,101 +124,38 @@ class LlamaConfig:
     that many steps of this call (checkpointing as usual): it simulates an interrupted run.
     """
 
+    presets = LLAMA_PRESETS
+    preset_kind = "LLaMA"
+    recipes = RECIPES
+
     preset: str = "tiny"
     steps: int = 400
-    batch_size: int | None = None
     seq_len: int | None = None
     optimizers: tuple[str, ...] = DEFAULT_LLAMA_OPTIMIZERS
-    recipe: str = "paper"
-    rank_ratio: float | None = None
-    update_interval: int | None = None
-    reproject_factor: int | None = None
-    scale: float | str | None = None
-    proj_gap: int | None = None
     correlation_normalize: bool = False
     projection_side: str | None = None
-    state_dtype: str = "float32"
-    weight_decay: float = 0.0
-    lr: float | None = None
-    lr_sweep: bool = False
-    warmup_steps: int | None = None
     data_dir: str | None = None
     c4: bool = False
     vocab_size: int = 4096
     max_documents: int | None = None
     max_heldout_windows: int | None = None
-    seed: int = 0
-    seeds: int = 1
-    device: str = "cpu"
-    isolate: bool | None = None
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 100
-    stop_after: int | None = None
-    progress: bool = True
-    argv: list[str] = field(default_factory=list)
     #: ``"ddp"`` or ``"fsdp2"``: a ``torchrun`` job (see :mod:`coap_bench.llama_distributed`).
     distributed: str | None = None
     #: Update each parameter during backward (COAP optimizers; the others step as usual).
     per_layer: bool = False
 
-    def resolved(self) -> LlamaConfig:
-        """A copy with every ``None`` default filled in; raises :class:`ValueError` on bad options."""
-        if self.preset not in LLAMA_PRESETS:
-            raise ValueError(f"unknown LLaMA preset {self.preset!r}; choose from {', '.join(LLAMA_PRESETS)}")
-        if self.recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {self.recipe!r}; choose from {', '.join(RECIPES)}")
-        unknown = [name for name in self.optimizers if name not in OPTIMIZERS]
-        if unknown:
-            raise ValueError(f"unknown optimizer {', '.join(map(repr, unknown))}; known: {', '.join(OPTIMIZERS)}")
-        if not self.optimizers:
-            raise ValueError("no optimizer to run")
-        if self.steps < 1:
-            raise ValueError(f"steps must be positive, got {self.steps}")
-        if self.seeds < 1:
-            raise ValueError(f"seeds must be at least 1, got {self.seeds}")
-        if self.rank_ratio is not None and self.rank_ratio < 1:
-            raise ValueError(f"rank_ratio must be >= 1, got {self.rank_ratio}")
-        if self.projection_side is not None and self.projection_side not in PROJECTION_SIDES:
-            raise ValueError(
-                f"unknown projection_side {self.projection_side!r}; choose from {', '.join(PROJECTION_SIDES)}"
-            )
-        if self.state_dtype not in STATE_DTYPES:
-            raise ValueError(f"unknown state_dtype {self.state_dtype!r}; choose from {', '.join(STATE_DTYPES)}")
+    def job_defaults(self) -> dict[str, Any]:
         if self.c4 and self.data_dir:
             raise ValueError("c4 and data_dir are two different corpora: give one of them")
-        preset = LLAMA_PRESETS[self.preset]
+        preset = self.preset_spec
         default_seq = preset.seq_len if self.c4 else min(preset.seq_len, DEFAULT_SEQ_LEN_CAP.get(self.preset, 1 << 30))
         seq_len = self.seq_len or default_seq
         if seq_len > preset.seq_len:
             raise ValueError(f"seq_len {seq_len} exceeds the {self.preset} preset's {preset.seq_len} positions")
-        warmup = self.warmup_steps if self.warmup_steps is not None else min(max(1, self.steps // 10), self.steps - 1)
-        if warmup >= self.steps and warmup > 0:
-            raise ValueError(f"warmup_steps ({warmup}) must be smaller than steps ({self.steps})")
-        return dataclasses.replace(
-            self,
-            batch_size=self.batch_size or DEFAULT_BATCH_SIZE.get(self.preset, 32),
-            seq_len=seq_len,
-            warmup_steps=warmup,
-            optimizers=tuple(self.optimizers),
-            isolate=torch.device(self.device).type == "cpu" if self.isolate is None else self.isolate,
-        )
+        return {"batch_size": self.batch_size or DEFAULT_BATCH_SIZE.get(self.preset, 32), "seq_len": seq_len}
 
-    def settings(self) -> LowRankSettings:
-        """The :class:`~coap_bench.optimizers.LowRankSettings` of this run (recipe + overrides)."""
-        return recipe_settings(
-            self.recipe,
-            self.preset,
-            rank_ratio=self.rank_ratio,
-            update_interval=self.update_interval,
-            reproject_factor=self.reproject_factor,
-            scale=self.scale,
-            proj_gap=self.proj_gap,
-            correlation_normalize=self.correlation_normalize,
-            projection_side=self.projection_side,
-            state_dtype=self.state_dtype,
-            weight_decay=self.weight_decay,
-            seed=self.seed,
-        )
+    def recipe_defaults(self) -> LowRankSettings:
+        return recipe_settings(self.recipe, self.preset)
 
     def lr_for(self, name: str) -> float:
         """The peak lr of optimizer ``name``: ``lr`` if given, else the recipe's."""
@@ -227,60 +166,32 @@ class LlamaConfig:
         return PAPER_DENSE_LR if self.recipe == "paper" else DROP_IN_LR
 
 
-def recipe_settings(
-    recipe: str,
-    preset: str,
-    *,
-    rank_ratio: float | None = None,
-    update_interval: int | None = None,
-    reproject_factor: int | None = None,
-    scale: float | str | None = None,
-    proj_gap: int | None = None,
-    correlation_normalize: bool = False,
-    projection_side: str | None = None,
-    state_dtype: str = "float32",
-    weight_decay: float = 0.0,
-    seed: int = 0,
-) -> LowRankSettings:
-    """The low-rank settings of ``recipe`` for ``preset``; any argument given overrides the recipe.
+def recipe_settings(recipe: str, preset: str, **options: Any) -> LowRankSettings:
+    """The low-rank settings of ``recipe`` for ``preset``; any option given (a field of
+    :class:`~coap_bench.optimizers.LowRankSettings`) overrides the recipe.
 
     ``rank_ratio`` replaces the recipe's rank by ``min(m, n) // rank_ratio`` for every low-rank optimizer.
     """
-    if recipe == "paper":
+    check_choice(recipe, RECIPES, "recipe")
+    if recipe == "drop-in":
+        base = LowRankSettings(rank_ratio=DROP_IN_RANK_RATIO, proj_gap=PAPER_PROJ_GAP, weight_decay=0.0)
+    else:
         t_u, factor = PAPER_COAP_SCHEDULE.get(preset, PAPER_COAP_SCHEDULE_DEFAULT)
-        rank = None if rank_ratio is not None else PAPER_RANKS.get(preset)
-        if rank is None and rank_ratio is None:
-            rank_ratio = 4.0
+        rank = PAPER_RANKS.get(preset)
         base = LowRankSettings(
             rank=rank,
-            rank_ratio=rank_ratio,
+            rank_ratio=4.0 if rank is None else None,
             update_interval=t_u,
             reproject_factor=factor,
             scale=PAPER_SCALE,
             proj_gap=PAPER_PROJ_GAP,
+            weight_decay=0.0,
         )
-    elif recipe == "drop-in":
-        base = LowRankSettings(rank_ratio=rank_ratio or DROP_IN_RANK_RATIO, proj_gap=PAPER_PROJ_GAP)
-    else:
-        raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
-    overrides = {
-        "update_interval": update_interval,
-        "reproject_factor": reproject_factor,
-        "scale": scale,
-        "proj_gap": proj_gap,
-    }
-    return dataclasses.replace(
-        base,
-        **{k: v for k, v in overrides.items() if v is not None},
-        correlation_normalize=correlation_normalize,
-        projection_side=projection_side,
-        state_dtype=state_dtype,
-        weight_decay=weight_decay,
-        seed=seed,
-    )
+    return override_settings(base, **options)
 
 
-def _loss(model: nn.Module, batch: Tensor, reduction: str = "mean") -> Tensor:
+def causal_lm_loss(model: nn.Module, batch: Tensor, reduction: str = "mean") -> Tensor:
+    """Next-token cross-entropy of a causal LM on token rows ``batch`` (logits in float32)."""
     logits = model(input_ids=batch[:, :-1]).logits
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), batch[:, 1:].reshape(-1), reduction=reduction)
 
@@ -294,7 +205,7 @@ def evaluate_heldout(model: nn.Module, windows: Tensor, batch_size: int) -> floa
     total, count = 0.0, 0
     for start in range(0, windows.size(0), batch_size):
         chunk = windows[start : start + batch_size].to(device)
-        total += _loss(model, chunk, reduction="sum").item()
+        total += causal_lm_loss(model, chunk, reduction="sum").item()
         count += chunk[:, 1:].numel()
     model.train(was_training)
     return total / count
@@ -330,7 +241,7 @@ def train_one(
         model,
         optimizer,
         batches,
-        lambda batch: _loss(model, batch),
+        lambda batch: causal_lm_loss(model, batch),
         config=config,
         device=device,
         label=name if not config.lr_sweep else f"{name} lr={lr:g}",

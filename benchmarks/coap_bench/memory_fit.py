@@ -164,7 +164,7 @@ def run_fit(
     ``seq_len`` tokens (default: the preset's, 256 for the papers' sizes); rows and settings as plain
     data. A choice that cannot be estimated (a package missing, an option the installed library
     lacks) becomes a row with its error."""
-    from .llama import LLAMA_PRESETS, PAPER_RANKS, _loss
+    from .llama import LLAMA_PRESETS, PAPER_RANKS, causal_lm_loss
     from .llama_model import PAPER_VOCAB_SIZE
 
     unknown = [name for name in optimizers if name not in FIT_OPTIMIZERS]
@@ -191,7 +191,7 @@ def run_fit(
                 try:
                     optimizer, params, options = _optimizer(choice, model, rank)
                     estimate = estimate_peak_bytes(
-                        model, optimizer, sample_batch=sample, batch_size=batch_size, forward=_loss,
+                        model, optimizer, sample_batch=sample, batch_size=batch_size, forward=causal_lm_loss,
                         params=params, per_layer_updates=per_layer, **options,
                     )  # fmt: skip
                 except (ImportError, TypeError, ValueError, RuntimeError) as error:

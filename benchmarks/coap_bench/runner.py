@@ -47,6 +47,7 @@ __all__ = [
     "compare_to_baseline",
     "failed_result",
     "load_checkpoint",
+    "ratio_to_baseline",
     "rng_state",
     "run_guarded",
     "run_problems",
@@ -208,6 +209,17 @@ def compare_to_baseline(results: list[dict[str, Any]], baseline: str = "adamw") 
         if ours and theirs and result.get("seeds") == base.get("seeds"):
             # Seed by seed: the same initial weights and batches, so most of the noise cancels.
             result[f"heldout_loss_rel_to_{baseline}_per_seed"] = [a / b - 1 for a, b in zip(ours, theirs)]
+
+
+def ratio_to_baseline(results: list[dict[str, Any]], key: str, baseline: str = "adamw") -> None:
+    """Add ``<key>_ratio_to_<baseline>`` to each finished result, in place, when the baseline's ``key`` is
+    non-zero (a job's own score beside :func:`compare_to_baseline`'s)."""
+    base = next((r for r in results if r["name"] == baseline and not r.get("failed")), None)
+    if base is None or not base.get(key):
+        return
+    for result in results:
+        if not result.get("failed"):
+            result[f"{key}_ratio_to_{baseline}"] = result[key] / base[key]
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

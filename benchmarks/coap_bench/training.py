@@ -18,22 +18,27 @@ and :meth:`TrainingLoop.state_dict` (scheduler, batch stream, RNG, logs), so tha
 ends with the numbers of one that never stopped; :func:`run_fingerprint` is what must match for a
 checkpoint to be continued.
 
-Around the runs: :func:`run_optimizers` trains once per optimizer (per lr of a sweep, the best
-kept by :func:`best_of_sweep`), and :func:`measurement_columns`, :func:`result_remarks` and
-:func:`plot_heldout_vs_state` are what every benchmark's table and plots show of a run.
+Around the runs: :func:`run_optimizers` trains once per optimizer (or per method of a job's own
+``specs``), per lr of a sweep (the best kept by :func:`best_of_sweep`) and per seed (the job's scores
+averaged by :func:`average_seeds`). :class:`HeldoutLoop` adds held-out evaluations during training;
+:func:`heldout_mean`, :func:`sample_in_chunks` and :func:`timed_sampling` are the evaluation and sampling
+steps the image jobs share; :func:`job_settings` and :func:`job_run` assemble a job's result. The tables
+and plots are :mod:`coap_bench.report`'s (its :func:`~coap_bench.report.measurement_columns`,
+:func:`~coap_bench.report.result_remarks`, ... are re-exported here).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import statistics
 import sys
-import textwrap
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -44,10 +49,11 @@ from torch import Tensor, nn
 from coap_torch.utils import optimizer_state_nbytes
 
 from ._deps import require
-from .environment import current_rss_bytes, peak_memory
+from ._quiet import gather_import_notes
+from .environment import current_rss_bytes, hardware, peak_memory, torch_threads, versions
 from .optimizers import OPTIMIZERS
 from .probes import Eq2Probe, refresh_time
-from .report import _number, format_bytes, nonfinite_losses
+from .report import measurement_columns, percent, plot_heldout_vs_state, result_remarks, seed_label
 from .runner import (
     atomic_save,
     check_checkpoint_archive,
@@ -66,9 +72,15 @@ __all__ = [
     "LR_SWEEP_FACTORS",
     "SEED_AVERAGED",
     "FileCheckpoint",
+    "HeldoutLoop",
     "TrainingLoop",
     "average_seeds",
     "best_of_sweep",
+    "eval_mode",
+    "heldout_mean",
+    "in_torch_threads",
+    "job_run",
+    "job_settings",
     "lr_lambda",
     "measurement_columns",
     "percent",
@@ -76,11 +88,15 @@ __all__ = [
     "result_remarks",
     "result_row",
     "run_fingerprint",
+    "run_label",
     "run_optimizers",
+    "run_recording_warnings",
     "run_stem",
+    "sample_in_chunks",
     "seed_label",
     "start_measuring",
     "sweep_lrs",
+    "timed_sampling",
 ]
 
 #: The cosine decay ends at this share of the peak learning rate.
@@ -327,13 +343,14 @@ def result_row(name: str, spec: Any, lr: float, **fields: Any) -> dict[str, Any]
     return dict(sorted(row.items(), key=lambda item: _RESULT_ORDER.get(item[0], len(_RESULT_ORDER))))
 
 
-def run_fingerprint(name: str, lr: float, config: Any, **more: Any) -> dict[str, Any]:
+def run_fingerprint(name: str, lr: float, config: Any, low_rank: Any = None, **more: Any) -> dict[str, Any]:
     """What must match for a checkpoint to be continued: the optimizer, its lr, the options that shape the
-    run (preset, steps, batch size, recipe and its settings, warm-up, seed), and ``more``.
+    run (preset, steps, batch size, recipe and its settings, warm-up, seed), and ``more``. The settings are
+    ``low_rank`` where a job gives each optimizer its own, else ``config.settings()``.
 
     A float32 ``state_dtype`` (the default) is left out, so that checkpoints written before the option
     existed still continue."""
-    settings = dataclasses.asdict(config.settings())
+    settings = dataclasses.asdict(config.settings() if low_rank is None else low_rank)
     if settings.get("state_dtype") == "float32":
         del settings["state_dtype"]
     return {
@@ -419,16 +436,17 @@ def run_stem(name: str, lr: float, sweep: bool, seed: int | None = None) -> str:
 
 
 #: The result keys that ``--seeds N`` replaces by their mean over the seeds (each also listed per
-#: seed, with its standard deviation); the other measurements are the first seed's.
+#: seed, with its standard deviation); the other measurements are the first seed's. A job averages
+#: its own scores too by naming them in ``also_averaged`` of :func:`run_optimizers`.
 SEED_AVERAGED = ("heldout_loss", "final_loss", "classifier_frechet_distance", "fid")
 
 
-def average_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def average_seeds(runs: list[dict[str, Any]], keys: Sequence[str] = SEED_AVERAGED) -> dict[str, Any]:
     """One result for the runs of one optimizer and lr under several seeds (in seed order).
 
-    The first seed's row, with each key of :data:`SEED_AVERAGED` replaced by its mean and listed as
-    ``<key>_per_seed`` with ``<key>_std``; a failed run makes the result failed. A single run is
-    returned as it is.
+    The first seed's row, with each of ``keys`` replaced by its mean and listed as ``<key>_per_seed``
+    with ``<key>_std`` (a key some run lacks is left as it is); a failed run makes the result failed.
+    A single run is returned as it is.
     """
     if len(runs) == 1:
         return runs[0]
@@ -438,7 +456,7 @@ def average_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return {**failed, "seeds": seeds}
     row = dict(runs[0])
     row["seeds"] = seeds
-    for key in SEED_AVERAGED:
+    for key in keys:
         values = [run.get(key) for run in runs]
         if any(value is None for value in values):
             continue
@@ -471,7 +489,13 @@ def _checkpoints(config: Any, seeds: list[int]) -> dict[tuple[str, float, int], 
 
 
 def run_optimizers(
-    config: Any, train: Callable[..., dict[str, Any]], args: tuple[Any, ...], sweep_keys: tuple[str, ...]
+    config: Any,
+    train: Callable[..., dict[str, Any]],
+    args: tuple[Any, ...],
+    sweep_keys: tuple[str, ...],
+    *,
+    specs: Mapping[str, Any] = OPTIMIZERS,
+    also_averaged: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Each optimizer's result: ``train(name, lr, *args, checkpoint)`` for every lr of :func:`sweep_lrs`
     and every seed, through :func:`~coap_bench.runner.run_guarded` (a fresh process each with
@@ -480,6 +504,10 @@ def run_optimizers(
     (:func:`average_seeds`), the best lr of a sweep kept (:func:`best_of_sweep`), then the ratios to
     AdamW added.
 
+    ``specs`` describes the names of ``config.optimizers`` (their ``package``): the registry's
+    optimizers, or a job's own methods beside them (the fine-tuning job's LoRA). The seeds average
+    :data:`SEED_AVERAGED` and the job's own scores ``also_averaged`` (the ControlNet job's edge scores).
+
     With ``config.seeds`` > 1 the runs use seeds ``config.seed``, ``config.seed + 1``, ...: ``config``
     is replaced in ``args`` by a copy with that seed. ``checkpoint`` is ``<checkpoint_dir>/<stem>.pt``
     (:func:`run_stem`), or ``None`` without ``checkpoint_dir``; checked, and cleaned of the temporary
@@ -487,6 +515,7 @@ def run_optimizers(
     """
     count = getattr(config, "seeds", 1)
     seeds = [config.seed + k for k in range(count)]
+    averaged = (*SEED_AVERAGED, *also_averaged)
     checkpoints = _checkpoints(config, seeds)
     results = []
     for name in config.optimizers:
@@ -498,109 +527,154 @@ def run_optimizers(
                 run_args = tuple(seeded if arg is config else arg for arg in args)
                 checkpoint = checkpoints[name, lr, seed]
                 result = run_guarded(train, (name, lr, *run_args, checkpoint), name=name, lr=lr, isolate=config.isolate)
-                if result.get("failed") and OPTIMIZERS[name].package:
-                    result["package"] = OPTIMIZERS[name].package
+                if result.get("failed") and specs[name].package:
+                    result["package"] = specs[name].package
                 result["seed"] = seed
                 seed_runs.append(result)
-            runs.append(average_seeds(seed_runs))
+            runs.append(average_seeds(seed_runs, averaged))
         results.append(best_of_sweep(runs, config.lr_sweep, sweep_keys))
     compare_to_baseline(results)
     return results
 
 
-# ------------------------------------------------------------------------------------------ report
+# ------------------------------------------------------------------------------------------ a job's runs
 
 
-def seed_label(config: dict[str, Any]) -> str:
-    """``seed S``, or ``seeds S-T`` for a run of several seeds (its curves and timings are seed S's)."""
-    seed, count = config["seed"], config.get("seeds", 1)
-    return f"seed {seed}" if count == 1 else f"seeds {seed}-{seed + count - 1}"
+def in_torch_threads(train: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """``train(name, lr, config, ...)`` under :func:`~coap_bench.environment.torch_threads` of
+    ``config.threads``: a run in a process of its own starts with the library's thread count."""
+
+    @functools.wraps(train)
+    def run(name: str, lr: float, config: Any, *args: Any) -> dict[str, Any]:
+        with torch_threads(config.threads):
+            return train(name, lr, config, *args)
+
+    return run
 
 
-def percent(value: float | None) -> str:
-    """``value`` as a signed percentage (``-`` for ``None``)."""
-    return "-" if value is None else f"{100 * value:+.2f}%"
+def run_label(name: str, lr: float, sweep: bool) -> str:
+    """How the progress bar names a run: the optimizer, with its lr in a sweep."""
+    return name if not sweep else f"{name} lr={lr:g}"
 
 
-def measurement_columns(result: dict[str, Any], throughput: str) -> list[str]:
-    """The table cells every benchmark shows for a finished run, from the optimizer's name to its held-out
-    loss relative to AdamW: lr, state, peak memory, iteration and step times, refresh, ``throughput``
-    (the result's key of items per second), final and held-out loss."""
-    refresh = result.get("refresh")
-    return [
-        result["name"],
-        f"{result['lr']:g}",
-        format_bytes(result["state_bytes"]),
-        _number(result.get("state_ratio_to_adamw"), ".3f"),
-        format_bytes(result["peak_memory_bytes"]),
-        _number(result["iteration_ms"], ".1f"),
-        _number(result.get("iteration_ratio_to_adamw"), ".3f"),
-        _number(result["step_ms"], ".1f"),
-        _number(refresh["mean_ms"] if refresh else None, ".1f"),
-        _number(result[throughput], ".0f"),
-        _number(result["final_loss"], ".4f"),
-        _number(result["heldout_loss"], ".4f"),
-        percent(result.get("heldout_loss_rel_to_adamw")),
-    ]
+def run_recording_warnings(loop: TrainingLoop) -> list[str]:
+    """``loop.run()``; the distinct warnings it raised, ``"Category: message"`` each, in the order first raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        loop.run()
+    return list(dict.fromkeys(f"{w.category.__name__}: {str(w.message).strip()}" for w in caught))
 
 
-def result_remarks(
-    result: dict[str, Any], steps: int, *, sweep_edge: Callable[[dict[str, Any]], str], more: Sequence[str | None] = ()
-) -> list[str]:
-    """The lines below the table about one result: its failure (with the package to install), a
-    non-finite loss, an unfinished run, ``sweep_edge(result)`` when its best lr is at the edge of the
-    sweep, the lines of ``more`` that are not ``None``, its Eq. 2 steps and refreshes, workarounds and warnings."""
-    name = result["name"]
-    if result.get("failed"):
-        hint = f" (pip install {result['package']})" if "not installed" in result["error"] else ""
-        return [f"failed: {name}: {result['error']}{hint}"]
-    remarks = []
-    if nonfinite_losses(result):
-        remarks.append(f"diverged: {name}: ended with a non-finite loss ({nonfinite_losses(result)})")
-    if result.get("first_nonfinite_step") is not None:
-        remarks.append(f"warning: {name}: the training loss became non-finite at step {result['first_nonfinite_step']}")
-    if not result.get("completed", True):
-        remarks.append(f"note: {name}: stopped after {result['steps_done']} of {steps} steps")
-    if result.get("lr_at_sweep_edge"):
-        remarks.append(sweep_edge(result))
-    if result.get("heldout_loss_per_seed"):
-        seeds = result["seeds"]
-        line = (
-            f"{name}: held-out loss over seeds {seeds[0]}-{seeds[-1]}: mean {result['heldout_loss']:.4f}, "
-            f"std {result['heldout_loss_std']:.4f} (per seed: "
-            f"{', '.join(f'{value:.4f}' for value in result['heldout_loss_per_seed'])})"
-        )
-        paired = next((value for key, value in result.items() if key.endswith("_per_seed") and "_rel_to_" in key), None)
-        if paired and result["name"] != "adamw":
-            line += f"; vs AdamW seed by seed: {', '.join(percent(value) for value in paired)}"
-        remarks.append(line)
-    remarks += [line for line in more if line is not None]
-    if result.get("p_step_rel_change") is not None:
-        remarks.append(
-            f"{name}: median |dP|/|P| of an Eq. 2 step: {result['p_step_rel_change']:.3g} "
-            f"({len(result['p_step_rel_changes'])} projection updates)"
-        )
-    if result.get("refresh"):
-        refresh = result["refresh"]
-        remarks.append(
-            f"{name}: {refresh['count']} projection refresh{'es' if refresh['count'] > 1 else ''}, "
-            f"{refresh['total_ms']:.0f} ms in all, {100 * refresh['share']:.1f}% of optimizer-step time"
-        )
-    remarks += [f"workaround: {name}: {w}" for w in result.get("workarounds", [])]
-    remarks += [f"warning: {name}: {textwrap.shorten(w, 200)}" for w in result.get("warnings", [])]
-    return remarks
+class HeldoutLoop(TrainingLoop):
+    """A training loop with held-out evaluations before and during training (every ``config.eval_every``
+    steps, none at the last: the job scores the trained model itself), logged in ``heldout_curve`` and kept
+    in checkpoints. ``evaluate()`` is the held-out loss of the model as it is.
+
+    It cooperates with other subclasses of :class:`TrainingLoop` (the distributed DDPM job's loop is this
+    and :class:`~coap_bench.distributed.DistributedLoop`)."""
+
+    def __init__(self, *args: Any, evaluate: Callable[[], Any], config: Any, **kwargs: Any) -> None:
+        super().__init__(*args, config=config, logs={"heldout_curve": []}, **kwargs)
+        self._evaluate, self.eval_every = evaluate, config.eval_every
+
+    def evaluate(self, step: int) -> Any:
+        """The held-out loss after ``step`` steps, logged."""
+        loss = self._evaluate()
+        self.logs["heldout_curve"].append({"step": step, "loss": loss})
+        return loss
+
+    def before_steps(self) -> None:
+        super().before_steps()
+        if self.eval_every and self.start_step == 0:
+            self.evaluate(0)
+
+    def after_step(self, step: int) -> None:
+        super().after_step(step)
+        if self.eval_every and step % self.eval_every == 0 and step != self.steps:
+            self.evaluate(step)
 
 
-def plot_heldout_vs_state(plt: Any, results: list[dict[str, Any]], path: Path, ylabel: str) -> Path:
-    """A scatter of the finished ``results``' held-out loss against their optimizer-state MiB, saved to ``path``."""
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for result in results:
-        ax.scatter([result["state_bytes"] / 2**20], [result["heldout_loss"]], label=result["name"])
-    ax.set_xlabel("optimizer state (MiB)")
-    ax.set_ylabel(ylabel)
-    ax.set_title("held-out loss vs optimizer state")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode, put back in the mode it was in on leaving."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+@torch.no_grad()
+def heldout_mean(
+    module: nn.Module, count: int, batch_size: int, summed_loss: Callable[[slice], Tensor], numel: int
+) -> float:
+    """The sum of ``summed_loss(chunk)`` over the chunks of ``batch_size`` of ``count`` items, over ``numel``:
+    a held-out loss per value, with ``module`` in eval mode."""
+    total = 0.0
+    with eval_mode(module):
+        for start in range(0, count, batch_size):
+            total += summed_loss(slice(start, start + batch_size)).item()
+    return total / numel
+
+
+@torch.no_grad()
+def sample_in_chunks(module: nn.Module, count: int, batch_size: int, sample: Callable[[slice], Tensor]) -> Tensor:
+    """``count`` samples (CPU, clamped to ``[-1, 1]``), ``sample(chunk)`` drawing those of each chunk of
+    ``batch_size`` in turn, with ``module`` in eval mode."""
+    with eval_mode(module):
+        chunks = [
+            sample(slice(start, min(start + batch_size, count))).float().clamp(-1, 1).cpu()
+            for start in range(0, count, batch_size)
+        ]
+    return torch.cat(chunks)
+
+
+def timed_sampling(config: Any, label: str, count: int, sample: Callable[[Any], Tensor]) -> tuple[Tensor, float]:
+    """``sample(bar)`` and its seconds: ``count`` samples drawn in chunks of ``config.eval_batch_size``, each
+    ``config.sample_steps`` steps, under a progress bar (``config.progress``) the sampler advances per step."""
+    tqdm = require("tqdm").tqdm
+    started = time.perf_counter()
+    chunks = math.ceil(count / config.eval_batch_size)
+    with tqdm(
+        total=chunks * config.sample_steps,
+        desc=f"{label} sampling",
+        file=sys.stderr,
+        leave=False,
+        disable=not config.progress,
+        unit="step",
+    ) as bar:
+        samples = sample(bar)
+    return samples, time.perf_counter() - started
+
+
+def job_settings(config: Any, low_rank: Any, **details: Any) -> dict[str, Any]:
+    """The ``config`` part of a job's result: the options, ``low_rank`` (the settings the optimizers got),
+    the lr of each optimizer, the job's ``details``, and the sweep, schedule and thread figures."""
+    settings = dataclasses.asdict(config)
+    settings.update(
+        optimizers=list(config.optimizers),
+        low_rank=low_rank,
+        lrs={name: config.lr_for(name) for name in config.optimizers},
+        **details,
+        lr_sweep_factors=list(LR_SWEEP_FACTORS) if config.lr_sweep else None,
+        final_lr_fraction=FINAL_LR_FRACTION,
+        torch_threads=torch.get_num_threads(),
+    )
+    return settings
+
+
+def job_run(
+    config: Any, settings: dict[str, Any], data: dict[str, Any], results: list[dict[str, Any]], device: Any = None
+) -> dict[str, Any]:
+    """A job's result: ``{"config", "data", "versions", "hardware", "argv", "results", "import_notes"}``
+    (``hardware`` of ``device``, by default ``config.device``)."""
+    return {
+        "config": settings,
+        "data": data,
+        "versions": versions(),
+        "hardware": hardware(config.device if device is None else device),
+        "argv": list(config.argv),
+        "results": results,
+        "import_notes": gather_import_notes(results),
+    }

@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from coap_bench.llama import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN_CAP, LLAMA_PRESETS, PAPER_RANKS, _loss
+from coap_bench.llama import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN_CAP, LLAMA_PRESETS, PAPER_RANKS, causal_lm_loss
 from coap_bench.llama_model import build_llama, projected_parameter_groups
 from coap_torch import CoapAdamW
 from coap_torch.optim import enable_per_layer_updates
@@ -66,7 +66,7 @@ def _measured(
         batch = _tokens(preset, batch_size, seed)
         existing = itertools.chain(model.parameters(), model.buffers(), _tensors(optimizer.state))
         with PeakAllocations(existing=existing) as allocations:
-            _loss(model, batch).backward()
+            causal_lm_loss(model, batch).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         peak = max(peak, allocations.peak_bytes)
@@ -80,7 +80,7 @@ def _check(preset: str, recipe: str, per_layer: bool, batch_size: int | None = N
     model, groups = _setup(preset, recipe)
     estimate = estimate_peak_bytes(
         model, "coap_adamw", sample_batch=_tokens(preset, 2, 100), batch_size=batch_size,
-        forward=_loss, params=groups, per_layer_updates=per_layer, **REFRESHING,
+        forward=causal_lm_loss, params=groups, per_layer_updates=per_layer, **REFRESHING,
     )  # fmt: skip
     optimizer = CoapAdamW(groups, **REFRESHING)
     with warnings.catch_warnings():

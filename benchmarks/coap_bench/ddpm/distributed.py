@@ -28,7 +28,6 @@ table, then per rank the optimizer state and the communication table
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,7 @@ from ..distributed import (
 )
 from ..environment import torch_threads
 from ..optimizers import OPTIMIZERS, build_optimizer
-from ..training import best_of_sweep, start_measuring
+from ..training import HeldoutLoop, best_of_sweep, run_label, run_recording_warnings, start_measuring
 from .data import ImageBatches
 from .model import build_unet, denoising_loss, evaluate_heldout, noise_scheduler
 from .presets import DDPM_PRESETS, DdpmConfig
@@ -63,7 +62,6 @@ from .training import (
     DdpmInputs,
     ddpm_result,
     load_inputs,
-    run_recording_warnings,
     score_samples,
     summarize_run,
 )
@@ -86,29 +84,9 @@ def wrap_unet(model: nn.Module, engine: str, device: torch.device) -> nn.Module:
     return wrap_model(model, engine, device, unet_blocks(model))
 
 
-class _DistributedDdpmLoop(DistributedLoop):
+class _DistributedDdpmLoop(HeldoutLoop, DistributedLoop):
     """The loop of one rank, with the one-process job's held-out evaluations before and during training
     (every ``eval_every`` steps) on rank 0; ``evaluate()`` is called on every rank (a collective under FSDP2)."""
-
-    def __init__(self, *args: Any, evaluate: Callable[[], float | None], eval_every: int, **kwargs: Any) -> None:
-        super().__init__(*args, logs={"heldout_curve": []}, **kwargs)
-        self._evaluate = evaluate
-        self.eval_every = eval_every
-
-    def evaluate(self, step: int) -> float | None:
-        loss = self._evaluate()
-        self.logs["heldout_curve"].append({"step": step, "loss": loss})
-        return loss
-
-    def before_steps(self) -> None:
-        super().before_steps()
-        if self.eval_every and self.start_step == 0:
-            self.evaluate(0)
-
-    def after_step(self, step: int) -> None:
-        super().after_step(step)
-        if self.eval_every and step % self.eval_every == 0 and step != self.steps:
-            self.evaluate(step)
 
 
 def _fingerprint(name: str, lr: float, config: DdpmConfig, inputs: DdpmInputs, world_size: int) -> dict[str, Any]:
@@ -136,7 +114,7 @@ def _train_rank(
     )
     share = config.batch_size // world_size
     mine = slice(rank * share, (rank + 1) * share)
-    label = name if not config.lr_sweep else f"{name} lr={lr:g}"
+    label = run_label(name, lr, config.lr_sweep)
 
     def whole() -> nn.Module | None:
         return full_model_on_rank0(
@@ -153,7 +131,6 @@ def _train_rank(
         batches,
         lambda batch: denoising_loss(model, noise, *batch),
         evaluate=evaluate,
-        eval_every=config.eval_every,
         config=config,
         device=device,
         label=label,

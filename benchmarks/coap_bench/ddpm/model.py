@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._deps import require
+from ..training import heldout_mean, sample_in_chunks
 from .data import HeldoutSet
 from .presets import DDPM_PRESETS, DDPM_VARIANCE, SCHEDULER_CONFIG, DdpmPreset, meta_unet
 
@@ -52,28 +53,16 @@ def denoising_loss(
     return F.mse_loss(prediction.float(), noise.float(), reduction=reduction)
 
 
-@torch.no_grad()
 def evaluate_heldout(model: nn.Module, scheduler: Any, heldout: HeldoutSet, batch_size: int) -> float:
     """Mean squared error of the predicted noise on ``heldout`` (eval mode, chunks of ``batch_size``)."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    total = 0.0
-    for start in range(0, len(heldout.images), batch_size):
-        chunk = slice(start, start + batch_size)
-        total += denoising_loss(
-            model,
-            scheduler,
-            heldout.images[chunk].to(device),
-            heldout.noise[chunk].to(device),
-            heldout.timesteps[chunk].to(device),
-            reduction="sum",
-        ).item()
-    model.train(was_training)
-    return total / heldout.images.numel()
+
+    def summed(chunk: slice) -> Tensor:
+        return denoising_loss(model, scheduler, *heldout.batch(chunk, device), reduction="sum")
+
+    return heldout_mean(model, len(heldout.images), batch_size, summed, heldout.images.numel())
 
 
-@torch.no_grad()
 def generate_samples(
     model: nn.Module,
     count: int,
@@ -97,24 +86,21 @@ def generate_samples(
     else:
         raise ValueError(f"unknown sampler {sampler!r}; choose ddim or ddpm")
     scheduler.set_timesteps(steps)
-    was_training = model.training
-    model.eval()
     parameter = next(model.parameters())
     config = model.config
     generator = torch.Generator().manual_seed(seed)
     shape = (config.in_channels, config.sample_size, config.sample_size)
-    chunks = []
-    for start in range(0, count, batch_size):
-        n = min(batch_size, count - start)
-        x = torch.randn((n, *shape), generator=generator).to(parameter.device, parameter.dtype)
+
+    def sample(chunk: slice) -> Tensor:
+        x = torch.randn((chunk.stop - chunk.start, *shape), generator=generator).to(parameter.device, parameter.dtype)
         for t in scheduler.timesteps:
             eps = model(x, t.to(parameter.device)).sample
             x = scheduler.step(eps, t, x, generator=generator).prev_sample
             if progress is not None:
                 progress.update(1)
-        chunks.append(x.float().clamp(-1, 1).cpu())
-    model.train(was_training)
-    return torch.cat(chunks)
+        return x
+
+    return sample_in_chunks(model, count, batch_size, sample)
 
 
 def projection_summary(optimizer: torch.optim.Optimizer, family: str) -> dict[str, dict[str, int]]:

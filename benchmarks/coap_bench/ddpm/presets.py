@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from .._deps import require
+from ..config import ImageRunConfig, check_choice, override_settings
 from ..frechet import CLASSIFIER_STEPS
-from ..optimizers import OPTIMIZERS, PROJECTION_SIDES, STATE_DTYPES, LowRankSettings
+from ..optimizers import LowRankSettings
 
 __all__ = [
     "DDPM_PRESETS",
@@ -127,8 +127,6 @@ DDPM_PRESETS: dict[str, DdpmPreset] = {
         notes="the paper's DDPM CIFAR-10 UNet (35.7M parameters), for GPU runs",
     ),
 }
-#: The recipes of ``--recipe``.
-DDPM_RECIPES = ("paper", "drop-in")
 #: What ``coap-bench ddpm`` compares by default: the AdamW block of the paper's Table 2.
 DEFAULT_DDPM_OPTIMIZERS = ("adamw", "coap_adamw", "galore_adamw")
 #: The paper's DDPM CIFAR-10 settings (supplementary Tables 1 and 2).
@@ -148,10 +146,24 @@ SCHEDULER_CONFIG = {
     "clip_sample": True,
 }
 DDPM_VARIANCE = "fixed_large"
+#: The low-rank settings of each recipe of ``--recipe``, before the flags that override them.
+_RECIPE_SETTINGS = {
+    "paper": LowRankSettings(
+        rank_ratio=PAPER_RANK_RATIO,
+        update_interval=PAPER_UPDATE_INTERVAL,
+        reproject_factor=PAPER_REPROJECT_FACTOR,
+        scale=1.0,
+        proj_gap=PROJ_GAP,
+        weight_decay=0.0,
+    ),
+    "drop-in": LowRankSettings(rank_ratio=DROP_IN_RANK_RATIO, proj_gap=PROJ_GAP, weight_decay=0.0),
+}
+#: The recipes of ``--recipe``.
+DDPM_RECIPES = tuple(_RECIPE_SETTINGS)
 
 
 @dataclass
-class DdpmConfig:
+class DdpmConfig(ImageRunConfig):
     """Options of one ``coap-bench ddpm`` run (the command-line flags, same names).
 
     Options left ``None`` take their defaults from the preset and recipe (:meth:`resolved`);
@@ -162,173 +174,46 @@ class DdpmConfig:
     grid of each run is written (with matplotlib installed).
     """
 
+    presets = DDPM_PRESETS
+    preset_kind = "DDPM"
+    recipes = DDPM_RECIPES
+
     preset: str = "small"
-    steps: int | None = None
-    batch_size: int | None = None
     optimizers: tuple[str, ...] = DEFAULT_DDPM_OPTIMIZERS
-    recipe: str = "paper"
-    rank_ratio: float | None = None
-    update_interval: int | None = None
-    reproject_factor: int | None = None
-    scale: float | str | None = None
-    proj_gap: int | None = None
     correlation_normalize: bool = False
     projection_side: str | None = None
     conv_projection: str | None = None
-    state_dtype: str = "float32"
-    weight_decay: float = 0.0
-    lr: float | None = None
-    lr_sweep: bool = False
-    warmup_steps: int | None = None
     image_dir: str | None = None
     cifar10: bool = False
     max_images: int | None = None
-    samples: int | None = None
     sampler: str | None = None
-    sample_steps: int | None = None
-    heldout_repeats: int | None = None
-    eval_every: int = 0
-    eval_batch_size: int | None = None
     classifier_steps: int = CLASSIFIER_STEPS
     fid: bool = False
-    seed: int = 0
-    seeds: int = 1
-    device: str = "cpu"
-    threads: int | None = None
-    isolate: bool | None = None
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 100
-    stop_after: int | None = None
-    plots: str | None = None
-    progress: bool = True
     #: ``"ddp"`` or ``"fsdp2"``: a ``torchrun`` job (see :mod:`coap_bench.ddpm.distributed`).
     distributed: str | None = None
-    argv: list[str] = field(default_factory=list)
 
-    def resolved(self) -> DdpmConfig:
-        """A copy with every ``None`` default filled in; raises :class:`ValueError` on bad options."""
-        if self.preset not in DDPM_PRESETS:
-            raise ValueError(f"unknown DDPM preset {self.preset!r}; choose from {', '.join(DDPM_PRESETS)}")
-        if self.recipe not in DDPM_RECIPES:
-            raise ValueError(f"unknown recipe {self.recipe!r}; choose from {', '.join(DDPM_RECIPES)}")
-        if not self.optimizers:
-            raise ValueError("no optimizer to run")
-        unknown = [name for name in self.optimizers if name not in OPTIMIZERS]
-        if unknown:
-            raise ValueError(f"unknown optimizer {', '.join(map(repr, unknown))}; known: {', '.join(OPTIMIZERS)}")
-        if self.rank_ratio is not None and self.rank_ratio < 1:
-            raise ValueError(f"rank_ratio must be >= 1, got {self.rank_ratio}")
-        if self.projection_side is not None and self.projection_side not in PROJECTION_SIDES:
-            raise ValueError(
-                f"unknown projection_side {self.projection_side!r}; choose from {', '.join(PROJECTION_SIDES)}"
-            )
-        if self.state_dtype not in STATE_DTYPES:
-            raise ValueError(f"unknown state_dtype {self.state_dtype!r}; choose from {', '.join(STATE_DTYPES)}")
+    def job_defaults(self) -> dict[str, Any]:
         if self.image_dir and self.cifar10:
             raise ValueError("image_dir and cifar10 are two different datasets: give one of them")
-        preset = DDPM_PRESETS[self.preset]
-        steps = self.steps if self.steps is not None else preset.steps
-        if steps < 1:
-            raise ValueError(f"steps must be positive, got {steps}")
-        if self.seeds < 1:
-            raise ValueError(f"seeds must be at least 1, got {self.seeds}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be positive, got {self.threads}")
-        sampler = self.sampler or preset.sampler
+        sampler = self.sampler or self.preset_spec.sampler
         if sampler not in ("ddim", "ddpm"):
             raise ValueError(f"unknown sampler {sampler!r}; choose ddim or ddpm")
-        samples = self.samples if self.samples is not None else preset.samples
-        if samples < 2:
-            raise ValueError(f"samples must be at least 2 (a covariance needs two), got {samples}")
-        warmup = self.warmup_steps if self.warmup_steps is not None else min(max(1, steps // 10), steps - 1)
-        if warmup >= steps and warmup > 0:
-            raise ValueError(f"warmup_steps ({warmup}) must be smaller than steps ({steps})")
-        return dataclasses.replace(
-            self,
-            steps=steps,
-            batch_size=self.batch_size or preset.batch_size,
-            optimizers=tuple(self.optimizers),
-            warmup_steps=warmup,
-            samples=samples,
-            sampler=sampler,
-            sample_steps=self.sample_steps or preset.sample_steps,
-            heldout_repeats=self.heldout_repeats or preset.heldout_repeats,
-            eval_batch_size=self.eval_batch_size or preset.eval_batch_size,
-            isolate=torch.device(self.device).type == "cpu" if self.isolate is None else self.isolate,
-        )
+        return {**super().job_defaults(), "sampler": sampler}
 
-    def settings(self) -> LowRankSettings:
-        """The :class:`~coap_bench.optimizers.LowRankSettings` of this run (recipe + overrides)."""
-        return recipe_settings(
-            self.recipe,
-            rank_ratio=self.rank_ratio,
-            update_interval=self.update_interval,
-            reproject_factor=self.reproject_factor,
-            scale=self.scale,
-            proj_gap=self.proj_gap,
-            correlation_normalize=self.correlation_normalize,
-            projection_side=self.projection_side,
-            conv_projection=self.conv_projection,
-            state_dtype=self.state_dtype,
-            weight_decay=self.weight_decay,
-            seed=self.seed,
-        )
-
-    def lr_for(self, name: str) -> float:
-        """The peak lr of optimizer ``name``: ``lr`` if given, else the preset's (the same for every optimizer)."""
-        return self.lr if self.lr is not None else DDPM_PRESETS[self.preset].lr
+    def recipe_defaults(self) -> LowRankSettings:
+        return recipe_settings(self.recipe)
 
 
-def recipe_settings(
-    recipe: str,
-    *,
-    rank_ratio: float | None = None,
-    update_interval: int | None = None,
-    reproject_factor: int | None = None,
-    scale: float | str | None = None,
-    proj_gap: int | None = None,
-    correlation_normalize: bool = False,
-    projection_side: str | None = None,
-    conv_projection: str | None = None,
-    state_dtype: str = "float32",
-    weight_decay: float = 0.0,
-    seed: int = 0,
-) -> LowRankSettings:
-    """The low-rank settings of ``recipe`` (``"paper"`` or ``"drop-in"``); any argument given overrides it.
+def recipe_settings(recipe: str, **options: Any) -> LowRankSettings:
+    """The low-rank settings of ``recipe`` (``"paper"`` or ``"drop-in"``); any option given (a field of
+    :class:`~coap_bench.optimizers.LowRankSettings`) overrides it.
 
     >>> s = recipe_settings("paper")
     >>> (s.rank_ratio, s.update_interval, s.reproject_factor, s.scale)
     (1.5, 16, 10, 1.0)
     """
-    if recipe == "paper":
-        base = LowRankSettings(
-            rank_ratio=PAPER_RANK_RATIO,
-            update_interval=PAPER_UPDATE_INTERVAL,
-            reproject_factor=PAPER_REPROJECT_FACTOR,
-            scale=1.0,
-            proj_gap=PROJ_GAP,
-        )
-    elif recipe == "drop-in":
-        base = LowRankSettings(rank_ratio=DROP_IN_RANK_RATIO, proj_gap=PROJ_GAP)
-    else:
-        raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(DDPM_RECIPES)}")
-    overrides = {
-        "rank_ratio": rank_ratio,
-        "update_interval": update_interval,
-        "reproject_factor": reproject_factor,
-        "scale": scale,
-        "proj_gap": proj_gap,
-    }
-    return dataclasses.replace(
-        base,
-        **{k: v for k, v in overrides.items() if v is not None},
-        correlation_normalize=correlation_normalize,
-        projection_side=projection_side,
-        conv_projection=conv_projection,
-        state_dtype=state_dtype,
-        weight_decay=weight_decay,
-        seed=seed,
-    )
+    check_choice(recipe, DDPM_RECIPES, "recipe")
+    return override_settings(_RECIPE_SETTINGS[recipe], **options)
 
 
 def meta_unet(preset: DdpmPreset) -> nn.Module:

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import sys
-import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,28 +11,31 @@ from torch import Tensor
 
 from coap_torch.utils import state_nbytes_by_kind
 
-from .._deps import require
-from .._quiet import gather_import_notes
-from ..environment import hardware, torch_threads, versions
+from ..environment import torch_threads
 from ..frechet import FrechetScorer, frechet_scorer
-from ..images import ImageData, load_image_data
+from ..images import ImageData, load_image_data, save_sample_grid
 from ..optimizers import OPTIMIZERS, build_optimizer
-from ..runner import checkpoint_workarounds
+from ..report import jsonable
+from ..runner import checkpoint_workarounds, ratio_to_baseline
 from ..training import (
-    FINAL_LR_FRACTION,
-    LR_SWEEP_FACTORS,
     FileCheckpoint,
+    HeldoutLoop,
     TrainingLoop,
+    in_torch_threads,
+    job_run,
+    job_settings,
     result_row,
     run_fingerprint,
+    run_label,
     run_optimizers,
+    run_recording_warnings,
     run_stem,
     start_measuring,
+    timed_sampling,
 )
 from .data import HeldoutSet, ImageBatches, heldout_set
 from .model import build_unet, denoising_loss, evaluate_heldout, generate_samples, noise_scheduler, projection_summary
 from .presets import DDPM_PRESETS, DDPM_VARIANCE, SCHEDULER_CONFIG, DdpmConfig
-from .report import save_sample_grid
 
 __all__ = ["run_ddpm", "train_one"]
 
@@ -53,6 +52,7 @@ def _fingerprint(name: str, lr: float, config: DdpmConfig, data: ImageData) -> d
     return run_fingerprint(name, lr, config, train_sha256=data.describe()["train_sha256"])
 
 
+@in_torch_threads
 def train_one(
     name: str,
     lr: float,
@@ -64,43 +64,6 @@ def train_one(
     checkpoint: Path | None,
 ) -> dict[str, Any]:
     """Train a fresh UNet (or continue ``checkpoint``) with optimizer ``name`` at peak ``lr``, then score it."""
-    with torch_threads(config.threads):
-        return _train_one(name, lr, config, data, heldout, scorer, fid_reference, checkpoint)
-
-
-class _DdpmLoop(TrainingLoop):
-    """The training loop of one DDPM run, with held-out evaluations before and during training
-    (every ``eval_every`` steps), logged in ``heldout_curve`` and kept in checkpoints."""
-
-    def __init__(self, *args: Any, noise: Any, heldout: HeldoutSet, config: DdpmConfig, **kwargs: Any) -> None:
-        super().__init__(*args, config=config, logs={"heldout_curve": []}, **kwargs)
-        self.noise, self.heldout = noise, heldout
-        self.eval_every, self.eval_batch_size = config.eval_every, config.eval_batch_size
-
-    def evaluate(self, step: int) -> float:
-        loss = evaluate_heldout(self.model, self.noise, self.heldout, self.eval_batch_size)
-        self.logs["heldout_curve"].append({"step": step, "loss": loss})
-        return loss
-
-    def before_steps(self) -> None:
-        if self.eval_every and self.start_step == 0:
-            self.evaluate(0)
-
-    def after_step(self, step: int) -> None:
-        if self.eval_every and step % self.eval_every == 0 and step != self.steps:
-            self.evaluate(step)
-
-
-def _train_one(
-    name: str,
-    lr: float,
-    config: DdpmConfig,
-    data: ImageData,
-    heldout: HeldoutSet,
-    scorer: FrechetScorer,
-    fid_reference: tuple[Tensor, Tensor] | None,
-    checkpoint: Path | None,
-) -> dict[str, Any]:
     spec = OPTIMIZERS[name]
     settings = config.settings()
     device = torch.device(config.device)
@@ -112,14 +75,13 @@ def _train_one(
     batches = ImageBatches(
         data.train, config.batch_size, scheduler_.config.num_train_timesteps, seed=config.seed + _BATCH_STREAM
     )
-    label = name if not config.lr_sweep else f"{name} lr={lr:g}"
-    loop = _DdpmLoop(
+    label = run_label(name, lr, config.lr_sweep)
+    loop = HeldoutLoop(
         model,
         optimizer,
         batches,
         lambda batch: denoising_loss(model, scheduler_, *batch),
-        noise=scheduler_,
-        heldout=heldout,
+        evaluate=lambda: evaluate_heldout(model, scheduler_, heldout, config.eval_batch_size),
         config=config,
         device=device,
         label=label,
@@ -132,14 +94,6 @@ def _train_one(
     heldout_loss = loop.evaluate(len(loop.losses))
     scores = score_samples(model, name, lr, config, scorer, fid_reference, label)
     return ddpm_result(name, lr, config, loop, baseline_rss, heldout_loss, scores, workarounds, messages)
-
-
-def run_recording_warnings(loop: TrainingLoop) -> list[str]:
-    """``loop.run()``; the distinct warnings it raised, ``"Category: message"`` each, in the order first raised."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("default")
-        loop.run()
-    return list(dict.fromkeys(f"{w.category.__name__}: {str(w.message).strip()}" for w in caught))
 
 
 def ddpm_result(
@@ -188,19 +142,12 @@ def score_samples(
     """The sample-quality figures of a trained ``model``: ``config.samples`` images generated from seeded
     noise, their classifier Frechet distance, their FID (with ``fid_reference``), and the PNG grid of the
     first of them (with ``config.plots``)."""
-    tqdm = require("tqdm").tqdm
     device = next(model.parameters()).device
-    sampling_started = time.perf_counter()
-    chunks = math.ceil(config.samples / config.eval_batch_size)
-    with tqdm(
-        total=chunks * config.sample_steps,
-        desc=f"{label} sampling",
-        file=sys.stderr,
-        leave=False,
-        disable=not config.progress,
-        unit="step",
-    ) as bar:
-        samples = generate_samples(
+    samples, sampling_seconds = timed_sampling(
+        config,
+        label,
+        config.samples,
+        lambda bar: generate_samples(
             model,
             config.samples,
             sampler=config.sampler,
@@ -208,8 +155,8 @@ def score_samples(
             seed=config.seed + _SAMPLE_STREAM,
             batch_size=config.eval_batch_size,
             progress=bar,
-        )
-    sampling_seconds = time.perf_counter() - sampling_started
+        ),
+    )
     finite = bool(torch.isfinite(samples).all())
     frechet = scorer.score(samples) if finite else float("nan")
     fid = None
@@ -309,42 +256,14 @@ def summarize_run(
 ) -> dict[str, Any]:
     """The job's result: its settings, data, environment and ``results`` (with the clf-FD ratios to AdamW added)."""
     preset = DDPM_PRESETS[config.preset]
-    base = next((r for r in results if r["name"] == "adamw" and not r.get("failed")), None)
-    for result in results:
-        if base is not None and not result.get("failed") and base.get("classifier_frechet_distance"):
-            result["classifier_frechet_distance_ratio_to_adamw"] = (
-                result["classifier_frechet_distance"] / base["classifier_frechet_distance"]
-            )
-
-    settings = dataclasses.asdict(config)
-    settings["optimizers"] = list(config.optimizers)
-    settings.update(
-        low_rank=dataclasses.asdict(config.settings()),
-        lrs={name: config.lr_for(name) for name in config.optimizers},
-        unet=_jsonable(preset.unet_config()),
+    ratio_to_baseline(results, "classifier_frechet_distance")
+    settings = job_settings(
+        config,
+        dataclasses.asdict(config.settings()),
+        unet=jsonable(preset.unet_config()),
         scheduler={**SCHEDULER_CONFIG, "variance_type": DDPM_VARIANCE},
         parameters=preset.num_parameters(),
         heldout_evaluations=len(inputs.heldout.images),
-        lr_sweep_factors=list(LR_SWEEP_FACTORS) if config.lr_sweep else None,
-        final_lr_fraction=FINAL_LR_FRACTION,
-        torch_threads=torch.get_num_threads(),
-        frechet=inputs.scorer.info,
-        fid=inputs.fid_info,
     )
-    return {
-        "config": settings,
-        "data": inputs.data.describe(),
-        "versions": versions(),
-        "hardware": hardware(device),
-        "argv": list(config.argv),
-        "results": results,
-        "import_notes": gather_import_notes(results),
-    }
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    return value
+    settings.update(frechet=inputs.scorer.info, fid=inputs.fid_info)
+    return job_run(config, settings, inputs.data.describe(), results, device)

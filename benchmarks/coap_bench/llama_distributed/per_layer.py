@@ -12,7 +12,7 @@ import torch
 from coap_torch.optim import enable_per_layer_updates
 from coap_torch.utils.allocations import PeakAllocations
 
-from ..llama import _BATCH_STREAM, LLAMA_PRESETS, LlamaConfig, _loss
+from ..llama import _BATCH_STREAM, LLAMA_PRESETS, LlamaConfig, causal_lm_loss
 from ..llama_model import build_llama, projected_parameter_groups
 from ..optimizers import OPTIMIZERS, build_optimizer
 
@@ -38,7 +38,7 @@ def _train_measured(
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = _loss(model, batches.next())
+        loss = causal_lm_loss(model, batches.next())
         loss.backward()
         optimizer.step()
         return loss.item()

@@ -24,7 +24,7 @@ from ..distributed import (
     train_every_optimizer,
 )
 from ..environment import hardware, versions
-from ..llama import _BATCH_STREAM, LLAMA_PRESETS, LlamaConfig, _best, _loss, evaluate_heldout, run_settings
+from ..llama import _BATCH_STREAM, LLAMA_PRESETS, LlamaConfig, _best, causal_lm_loss, evaluate_heldout, run_settings
 from ..llama import _fingerprint as llama_fingerprint
 from ..llama_model import build_llama, projected_parameter_groups
 from ..optimizers import OPTIMIZERS, build_optimizer
@@ -84,7 +84,7 @@ def train_distributed(
         model,
         optimizer,
         batches,
-        lambda batch: _loss(model, batch),
+        lambda batch: causal_lm_loss(model, batch),
         config=config,
         device=device,
         label=name if not config.lr_sweep else f"{name} lr={lr:g}",
