@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,28 +40,25 @@ from torch import Tensor, nn
 
 from coap_torch.optim import LowRankOptimizer, enable_per_layer_updates
 
-from ._quiet import gather_import_notes, import_note_lines
+from . import report
 from .config import RunConfig, check_choice, override_settings
-from .environment import hardware, versions
 from .llama_model import PRESETS, RECIPES, LlamaPreset, projected_parameter_groups
 from .optimizers import OPTIMIZERS, LowRankSettings, build_optimizer
-from .report import _number, markdown_table, scale_text
 from .runner import checkpoint_workarounds
 from .training import (
     FINAL_LOSS_WINDOW,
-    FINAL_LR_FRACTION,
     LR_SWEEP_FACTORS,
     FileCheckpoint,
     TrainingLoop,
     best_of_sweep,
+    heldout_mean,
+    job_run,
+    job_settings,
     lr_lambda,
-    measurement_columns,
-    plot_heldout_vs_state,
-    result_remarks,
     result_row,
     run_fingerprint,
+    run_label,
     run_optimizers,
-    seed_label,
     start_measuring,
 )
 
@@ -71,12 +68,19 @@ __all__ = [
     "LR_SWEEP_FACTORS",
     "PAPER_RANKS",
     "LlamaConfig",
+    "build_llama_run",
+    "causal_lm_loop",
     "causal_lm_loss",
     "evaluate_heldout",
     "format_llama_table",
+    "load_llama_data",
     "lr_lambda",
+    "perplexity",
     "recipe_settings",
     "run_llama",
+    "token_batches",
+    "token_measurements",
+    "train_causal_lm",
     "write_llama_plots",
 ]
 
@@ -196,73 +200,159 @@ def causal_lm_loss(model: nn.Module, batch: Tensor, reduction: str = "mean") -> 
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), batch[:, 1:].reshape(-1), reduction=reduction)
 
 
-@torch.no_grad()
 def evaluate_heldout(model: nn.Module, windows: Tensor, batch_size: int) -> float:
     """Mean token cross-entropy of ``model`` on ``windows`` (``(n, seq_len + 1)``), in chunks of ``batch_size``."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, windows.size(0), batch_size):
-        chunk = windows[start : start + batch_size].to(device)
-        total += causal_lm_loss(model, chunk, reduction="sum").item()
-        count += chunk[:, 1:].numel()
-    model.train(was_training)
-    return total / count
+    return heldout_mean(
+        model,
+        windows.size(0),
+        batch_size,
+        lambda chunk: causal_lm_loss(model, windows[chunk].to(device), reduction="sum"),
+        windows[:, 1:].numel(),
+    )
 
 
-def _fingerprint(name: str, lr: float, config: LlamaConfig, data: Any) -> dict[str, Any]:
-    """What must match for a checkpoint to be continued."""
-    return run_fingerprint(name, lr, config, seq_len=config.seq_len, train_sha256=data.train_sha256)
+def perplexity(heldout_loss: float | None) -> float | None:
+    """``exp(heldout_loss)`` (infinite from a loss of 700 on; ``None`` for ``None``)."""
+    if heldout_loss is None:
+        return None
+    return math.exp(heldout_loss) if heldout_loss < 700 else float("inf")
 
 
-def train_one(
-    name: str, lr: float, config: LlamaConfig, data: Any, windows: Tensor, checkpoint: Path | None
-) -> dict[str, Any]:
-    """Train a fresh model (or continue ``checkpoint``) with optimizer ``name`` at peak ``lr``."""
+def load_llama_data(config: LlamaConfig) -> Any:
+    """The tokenized corpus of ``config``: C4, a folder of text files, or Python's documentation."""
+    from .text import load_token_data
+
+    return load_token_data(
+        source="c4" if config.c4 else None,
+        data_dir=config.data_dir,
+        vocab_size=config.vocab_size,
+        max_documents=config.max_documents,
+    )
+
+
+def build_llama_run(
+    name: str,
+    lr: float,
+    config: LlamaConfig,
+    vocab_size: int,
+    device: torch.device,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model of ``config`` (its initial weights drawn with ``config.seed``, in training mode, through
+    ``wrap`` if given) and optimizer ``name`` at peak ``lr`` on the recipe's projected and dense parameters."""
     from .llama_model import build_llama
+
+    model = build_llama(LLAMA_PRESETS[config.preset], vocab_size, seed=config.seed, device=device)
+    model.train()
+    if wrap is not None:
+        model = wrap(model)
+    split = projected_parameter_groups(model, config.recipe)
+    optimizer = build_optimizer(
+        name, [p for _, p in split.projected], [p for _, p in split.dense], lr, config.settings()
+    )
+    return model, optimizer
+
+
+def token_batches(
+    config: Any, tokens: Tensor, device: torch.device | None = None, batch_size: int | None = None
+) -> Any:
+    """The batch stream of a run of ``config``: ``batch_size`` (default ``config.batch_size``) windows of
+    ``config.seq_len + 1`` tokens of ``tokens``, in an order drawn from ``config.seed``."""
     from .text import TokenBatches
 
-    spec = OPTIMIZERS[name]
-    settings = config.settings()
-    device = torch.device(config.device)
-    baseline_rss = start_measuring(device)
-    model = build_llama(LLAMA_PRESETS[config.preset], data.vocab_size, seed=config.seed, device=device)
-    model.train()
-    split = projected_parameter_groups(model, config.recipe)
-    optimizer = build_optimizer(name, [p for _, p in split.projected], [p for _, p in split.dense], lr, settings)
-    per_layer = config.per_layer and isinstance(optimizer, LowRankOptimizer)
-    if per_layer:
-        enable_per_layer_updates(optimizer)  # step() then finds nothing left to do
-    batches = TokenBatches(
-        data.train, config.batch_size, config.seq_len, seed=config.seed + _BATCH_STREAM, device=device
+    return TokenBatches(
+        tokens, batch_size or config.batch_size, config.seq_len, seed=config.seed + _BATCH_STREAM, device=device
     )
-    loop = TrainingLoop(
+
+
+def causal_lm_loop(
+    name: str,
+    lr: float,
+    config: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Any,
+    device: torch.device,
+    loop: type[TrainingLoop] = TrainingLoop,
+    **options: Any,
+) -> TrainingLoop:
+    """A ``loop`` (with its ``options``) training ``model`` on the next-token loss of ``batches``, its
+    progress bar named by :func:`~coap_bench.training.run_label`."""
+    return loop(
         model,
         optimizer,
         batches,
         lambda batch: causal_lm_loss(model, batch),
         config=config,
         device=device,
-        label=name if not config.lr_sweep else f"{name} lr={lr:g}",
+        label=run_label(name, lr, config.lr_sweep),
+        **options,
     )
+
+
+def train_causal_lm(
+    name: str,
+    lr: float,
+    config: Any,
+    spec: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Any,
+    checkpoint: Path | None,
+    checkpoint_format: int,
+    **fingerprint: Any,
+) -> tuple[TrainingLoop, list[str]]:
+    """Train ``model`` with ``optimizer`` (method ``spec``) on the batches of ``data.train`` (:func:`token_batches`)
+    on ``config.device``, continuing ``checkpoint`` if it holds a run of the same :func:`_fingerprint` (with the
+    further keys ``fingerprint``) and saving to it as configured; the loop, run, and the workarounds its
+    checkpoints need."""
+    device = torch.device(config.device)
+    loop = causal_lm_loop(name, lr, config, model, optimizer, token_batches(config, data.train, device), device)
     workarounds = checkpoint_workarounds(spec, checkpoint)
     if checkpoint is not None:
-        loop.resume(FileCheckpoint(checkpoint, spec, _fingerprint(name, lr, config, data), _CHECKPOINT_FORMAT))
+        saved = _fingerprint(name, lr, config, data, **fingerprint)
+        loop.resume(FileCheckpoint(checkpoint, spec, saved, checkpoint_format))
     loop.run()
+    return loop, workarounds
 
-    heldout_loss = evaluate_heldout(model, windows, config.batch_size)
+
+def token_measurements(loop: TrainingLoop, spec: Any, config: Any, heldout_loss: float | None) -> dict[str, Any]:
+    """The result-row figures of a causal LM run: :meth:`~coap_bench.training.TrainingLoop.measurements`
+    in tokens per second, the held-out loss and its perplexity."""
+    return {
+        **loop.measurements(
+            spec, config.settings(), items_per_step=config.batch_size * config.seq_len, throughput="tokens_per_s"
+        ),
+        "heldout_loss": heldout_loss,
+        "heldout_perplexity": perplexity(heldout_loss),
+    }
+
+
+def _fingerprint(name: str, lr: float, config: Any, data: Any, **more: Any) -> dict[str, Any]:
+    """What must match for a checkpoint to be continued (with ``more``, a job's own keys)."""
+    return run_fingerprint(name, lr, config, seq_len=config.seq_len, train_sha256=data.train_sha256, **more)
+
+
+def train_one(
+    name: str, lr: float, config: LlamaConfig, data: Any, windows: Tensor, checkpoint: Path | None
+) -> dict[str, Any]:
+    """Train a fresh model (or continue ``checkpoint``) with optimizer ``name`` at peak ``lr``."""
+    spec = OPTIMIZERS[name]
+    device = torch.device(config.device)
+    baseline_rss = start_measuring(device)
+    model, optimizer = build_llama_run(name, lr, config, data.vocab_size, device)
+    per_layer = config.per_layer and isinstance(optimizer, LowRankOptimizer)
+    if per_layer:
+        enable_per_layer_updates(optimizer)  # step() then finds nothing left to do
+    loop, workarounds = train_causal_lm(name, lr, config, spec, model, optimizer, data, checkpoint, _CHECKPOINT_FORMAT)
     return result_row(
         name,
         spec,
         lr,
         per_layer=per_layer,
-        **loop.measurements(
-            spec, settings, items_per_step=config.batch_size * config.seq_len, throughput="tokens_per_s"
-        ),
+        **token_measurements(loop, spec, config, evaluate_heldout(model, windows, config.batch_size)),
         rss_before_model_bytes=baseline_rss if device.type == "cpu" else None,
-        heldout_loss=heldout_loss,
-        heldout_perplexity=math.exp(heldout_loss) if heldout_loss < 700 else float("inf"),
         workarounds=workarounds,
     )
 
@@ -275,20 +365,14 @@ def _best(runs: list[dict[str, Any]], sweep: bool) -> dict[str, Any]:
 def run_settings(config: LlamaConfig, data: Any, windows: Tensor) -> dict[str, Any]:
     """The ``config`` part of a run's result: the options plus what they resolved to."""
     preset = LLAMA_PRESETS[config.preset]
-    settings = dataclasses.asdict(config)
-    settings.update(
-        optimizers=list(config.optimizers),
-        low_rank=dataclasses.asdict(config.settings()),
-        lrs={name: config.lr_for(name) for name in config.optimizers},
+    return job_settings(
+        config,
+        dataclasses.asdict(config.settings()),
         preset_shape={k: v for k, v in dataclasses.asdict(preset).items() if k != "notes"},
         parameters=preset.num_parameters(data.vocab_size),
         heldout_windows=int(windows.size(0)),
         tokens_per_step=config.batch_size * config.seq_len,
-        lr_sweep_factors=list(LR_SWEEP_FACTORS) if config.lr_sweep else None,
-        final_lr_fraction=FINAL_LR_FRACTION,
-        torch_threads=torch.get_num_threads(),
     )
-    return settings
 
 
 def run_llama(config: LlamaConfig) -> dict[str, Any]:
@@ -300,15 +384,10 @@ def run_llama(config: LlamaConfig) -> dict[str, Any]:
     AdamW (``state_ratio_to_adamw``, ``iteration_ratio_to_adamw``, ...) are added when ``adamw`` ran.
     ``import_notes`` says what packages printed while the runs imported them.
     """
-    from .text import heldout_windows, load_token_data
+    from .text import heldout_windows
 
     config = config.resolved()
-    data = load_token_data(
-        source="c4" if config.c4 else None,
-        data_dir=config.data_dir,
-        vocab_size=config.vocab_size,
-        max_documents=config.max_documents,
-    )
+    data = load_llama_data(config)
     windows = heldout_windows(data, config.seq_len, config.max_heldout_windows)
     if config.batch_size * (config.seq_len + 1) > data.train.numel():
         raise ValueError(
@@ -316,17 +395,7 @@ def run_llama(config: LlamaConfig) -> dict[str, Any]:
             f"{config.seq_len + 1}: lower --batch-size or --seq-len, or give more text (--data-dir)"
         )
     results = run_optimizers(config, train_one, (config, data, windows), _SWEEP_KEYS)
-
-    settings = run_settings(config, data, windows)
-    return {
-        "config": settings,
-        "data": data.describe(),
-        "versions": versions(),
-        "hardware": hardware(config.device),
-        "argv": list(config.argv),
-        "results": results,
-        "import_notes": gather_import_notes(results),
-    }
+    return job_run(config, run_settings(config, data, windows), data.describe(), results)
 
 
 _NOTES = (
@@ -338,28 +407,13 @@ _NOTES = (
     "ppl = exp(held-out loss)."
 )
 
-_HEADER = [
-    "optimizer",
-    "lr",
-    "state",
-    "vs AdamW",
-    "peak mem",
-    "iter ms",
-    "vs AdamW",
-    "step ms",
-    "refresh ms",
-    "tok/s",
-    "final loss",
-    "held-out loss",
-    "vs AdamW",
-    "ppl",
-]
+_HEADER = [*report.measurement_header("tok/s"), "ppl"]
 
 
 def _columns(result: dict[str, Any]) -> list[str]:
     if result.get("failed"):
-        return [result["name"], f"{result['lr']:g}", "failed", *["-"] * (len(_HEADER) - 3)]
-    return [*measurement_columns(result, "tokens_per_s"), _number(result["heldout_perplexity"], ".2f")]
+        return report.failed_columns(result, len(_HEADER))
+    return [*report.measurement_columns(result, "tokens_per_s"), report._number(result["heldout_perplexity"], ".2f")]
 
 
 def _side(low: dict[str, Any]) -> str:
@@ -381,17 +435,13 @@ def _recipe_line(config: dict[str, Any]) -> str:
     return (
         f"recipe {config['recipe']}: low-rank methods project {projected} at {rank} (COAP T_u "
         f"{low['update_interval']}, lambda {low['reproject_factor']}{_side(low)}{_state_dtype(low)}; GaLore/APOLLO update_proj_gap "
-        f"{low['proj_gap']}; update scale {scale_text(low['scale'])}), weight decay {low['weight_decay']:g}; peak lr: {lrs}"
-        + (f"; lr sweep x{config['lr_sweep_factors']}, best held-out kept" if config.get("lr_sweep") else "")
+        f"{low['proj_gap']}; update scale {report.scale_text(low['scale'])}), weight decay {low['weight_decay']:g}; peak lr: {lrs}"
+        + report.lr_sweep_text(config)
     )
 
 
 def _sweep_edge_remark(result: dict[str, Any]) -> str:
-    swept = ", ".join(f"{s['lr']:g}: {_number(s['heldout_loss'], '.4f')}" for s in result["lr_sweep"])
-    return (
-        f"note: {result['name']}: its best lr is at the edge of the sweep ({swept}); the optimum may lie "
-        "outside it (try --lr)"
-    )
+    return report.sweep_edge_listing(result, " (try --lr)")
 
 
 def format_llama_table(run: dict[str, Any], *, notes: bool = True) -> str:
@@ -400,48 +450,25 @@ def format_llama_table(run: dict[str, Any], *, notes: bool = True) -> str:
     title = (
         f"llama {config['preset']}: {config['parameters']:,} parameters, vocab {data['vocab_size']} "
         f"({data['corpus']['name']}: {data['train_tokens']:,} train / {data['heldout_tokens']:,} held-out tokens); "
-        f"{config['steps']} steps, batch {config['batch_size']} x {config['seq_len']} tokens, warm-up "
-        f"{config['warmup_steps']}, cosine to {config['final_lr_fraction']:g} x lr, {seed_label(config)}, "
-        f"{config['device']} ({config['torch_threads']} threads)"
+        + report.schedule_text(config, f"{config['batch_size']} x {config['seq_len']} tokens")
     )
-    results = run["results"]
-    text = [*textwrap.wrap(title, width=120), *textwrap.wrap(_recipe_line(config), width=120), ""]
-    text += markdown_table(_HEADER, [_columns(r) for r in results])
-    remarks = [
-        line for result in results for line in result_remarks(result, config["steps"], sweep_edge=_sweep_edge_remark)
-    ]
-    remarks += import_note_lines(run)  # what peers printed while imported, said once
+    remarks = report.run_remarks(run, sweep_edge=_sweep_edge_remark)
     if config["recipe"] == "paper" and len({lr for lr in config["lrs"].values()}) > 1:
         remarks.append(
             "note: as in the papers' scripts, low-rank optimizers also train the dense parameters "
             "(embeddings, lm_head, norms) at their own, larger lr: the held-out difference to the dense "
             "optimizers mixes method and lr (--recipe drop-in compares the methods at one lr)"
         )
-    if remarks:
-        text += ["", *remarks]
-    if notes:
-        finished = [r for r in results if not r.get("failed")]
-        peak = finished[0]["peak_memory_kind"] if finished else ""
-        text += ["", *textwrap.wrap(_NOTES.format(window=FINAL_LOSS_WINDOW, peak=peak), width=120)]
-    return "\n".join(text)
+    notes_text = (
+        _NOTES.format(window=FINAL_LOSS_WINDOW, peak=report.peak_memory_kind(run["results"])) if notes else None
+    )
+    rows = [_columns(r) for r in run["results"]]
+    return report.job_table([title, _recipe_line(config)], _HEADER, rows, remarks, notes_text)
 
 
 def write_llama_plots(run: dict[str, Any], directory: str | Path) -> list[Path] | None:
     """Write ``llama_loss.png`` and ``llama_heldout_vs_state.png``; ``None`` if matplotlib is not installed."""
-    from .report import _pyplot, plot_loss_curves
-
-    plt = _pyplot()
+    plt = report._pyplot()
     if plt is None:
         return None
-    directory = Path(directory)
-    finished = [r for r in run["results"] if not r.get("failed")]
-    loss_path = plot_loss_curves(
-        plt,
-        {**run, "results": finished},
-        directory / "llama_loss.png",
-        title=f"llama {run['config']['preset']}, {seed_label(run['config'])}",
-        label=lambda result: f"{result['name']} lr={result['lr']:g}",
-    )
-
-    scatter_path = plot_heldout_vs_state(plt, finished, directory / "llama_heldout_vs_state.png", "held-out loss")
-    return [loss_path, scatter_path]
+    return report.plot_job_curves(plt, run, Path(directory), "llama", heldout_label="held-out loss")

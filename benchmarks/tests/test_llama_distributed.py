@@ -270,28 +270,34 @@ def test_fsdp2_bf16_state_halves_each_ranks_coap_state(tmp_path, cache, fsdp2_ru
     assert 0 < bf16["coap_adamw"]["heldout_loss"] < 2 * fp32["coap_adamw"]["heldout_loss"]
 
 
+def _refused(folder, cache: str, checkpoints, engine: str, *options: str) -> tuple[list[str], str]:
+    """A 2-rank run of adamw and coap_adamw continuing ``checkpoints`` that must stop: the error line of each
+    rank (every rank says why, and stops) and the output."""
+    returncode, out, _ = _launch(
+        folder,
+        cache,
+        "--distributed",
+        engine,
+        "--optimizers",
+        "adamw,coap_adamw",
+        *options,
+        *_CHECKPOINTS,
+        "--checkpoint-dir",
+        str(checkpoints),
+    )
+    assert returncode != 0
+    errors = [line for line in out.splitlines() if "coap-bench: error:" in line]
+    assert len(errors) == 2, out[-4000:]
+    return errors, out
+
+
 # Slow tier: torchrun runs; the checkpoint checks they reach are the single-process ones, tested in the fast tier
 # (test_cli_robustness.py, test_llama_cli.py).
 @pytest.mark.slow
 def test_a_checkpoint_of_other_settings_is_refused(tmp_path, cache, fsdp2_folder, fsdp2_run):
     folder = fsdp2_folder / "checkpoints"
     before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
-    returncode, out, _ = _launch(
-        tmp_path,
-        cache,
-        "--distributed",
-        "ddp",
-        "--optimizers",
-        "adamw,coap_adamw",
-        "--lr",
-        "0.5",
-        *_CHECKPOINTS,
-        "--checkpoint-dir",
-        str(folder),
-    )
-    assert returncode != 0
-    errors = [line for line in out.splitlines() if "coap-bench: error:" in line]
-    assert len(errors) == 2, out[-4000:]  # every rank says why, and stops
+    errors, _ = _refused(tmp_path, cache, folder, "ddp", "--lr", "0.5")
     assert "was saved by a different run configuration" in errors[0], errors[0]
     assert "lr 0.001 there, 0.5 here; " in errors[0] and "engine 'fsdp2' there, 'ddp' here" in errors[0], errors[0]
     assert "remove it or use another --checkpoint-dir" in errors[0]
@@ -306,21 +312,7 @@ def test_a_damaged_checkpoint_stops_every_rank_with_one_line_naming_it(tmp_path,
     shutil.copytree(fsdp2_folder / "checkpoints", folder)
     marker = folder / "adamw" / "latest.json"
     marker.write_text(marker.read_text()[:20])  # as a copy cut short leaves it
-    returncode, out, _ = _launch(
-        tmp_path,
-        cache,
-        "--distributed",
-        "fsdp2",
-        "--optimizers",
-        "adamw,coap_adamw",
-        *_UNSHARDED_SIDE,
-        *_CHECKPOINTS,
-        "--checkpoint-dir",
-        str(folder),
-    )
-    assert returncode != 0
-    errors = [line for line in out.splitlines() if "coap-bench: error:" in line]
-    assert len(errors) == 2, out[-4000:]  # every rank says why, and stops
+    errors, out = _refused(tmp_path, cache, folder, "fsdp2", *_UNSHARDED_SIDE)
     for line in errors:
         assert line.endswith(
             f"coap-bench: error: checkpoint {marker} cannot be loaded: it is truncated or corrupted "

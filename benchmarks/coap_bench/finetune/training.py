@@ -4,7 +4,6 @@ held-out windows of the fine-tuning corpus."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +14,9 @@ from coap_torch.utils import estimate_state_bytes, state_nbytes_by_kind
 
 from .._quiet import gather_import_notes
 from ..environment import hardware, package_version, torch_threads, versions
-from ..llama import causal_lm_loss, evaluate_heldout
-from ..runner import checkpoint_workarounds
-from ..text import TokenBatches, heldout_windows
-from ..training import (
-    FileCheckpoint,
-    TrainingLoop,
-    in_torch_threads,
-    job_settings,
-    result_row,
-    run_fingerprint,
-    run_label,
-    run_optimizers,
-    start_measuring,
-)
+from ..llama import evaluate_heldout, token_measurements, train_causal_lm
+from ..text import heldout_windows
+from ..training import in_torch_threads, job_settings, result_row, run_optimizers, start_measuring
 from .corpus import FinetuneData, load_finetune_corpus, tokenize_corpus
 from .lora import adapter_nbytes, apply_lora, lora_bytes_per_rank, lora_targets, matched_lora_rank
 from .presets import FINETUNE_PRESETS, METHODS, MODEL_DTYPES, FinetuneConfig
@@ -36,8 +24,6 @@ from .pretrained import BaseModel, cached_base_model, load_causal_lm, load_token
 
 __all__ = ["LoraPlan", "evaluate_base", "judge_targets", "run_finetune", "train_one"]
 
-#: Offset between the seed of a run and the seed of its batch order.
-_BATCH_STREAM = 2**32
 _CHECKPOINT_FORMAT = 1
 #: Measurements listed for every lr of a sweep.
 _SWEEP_KEYS = ("lr", "heldout_loss", "final_loss", "first_nonfinite_step", "error")
@@ -67,18 +53,13 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _fingerprint(name: str, lr: float, config: FinetuneConfig, data: FinetuneData, base: BaseModel, lora: Any):
-    """What must match for a checkpoint to be continued."""
-    return run_fingerprint(
-        name,
-        lr,
-        config,
-        seq_len=config.seq_len,
-        train_sha256=data.train_sha256,
-        dtype=config.dtype,
-        base_model=base.digest or str(Path(base.path).resolve()),
-        lora=dataclasses.asdict(lora) if name == "lora" and lora is not None else None,
-    )
+def _fingerprint_keys(name: str, config: FinetuneConfig, base: BaseModel, lora: Any) -> dict[str, Any]:
+    """What must match for a checkpoint to be continued besides :func:`~coap_bench.llama.train_causal_lm`'s keys."""
+    return {
+        "dtype": config.dtype,
+        "base_model": base.digest or str(Path(base.path).resolve()),
+        "lora": dataclasses.asdict(lora) if name == "lora" and lora is not None else None,
+    }
 
 
 @in_torch_threads
@@ -94,7 +75,6 @@ def train_one(
 ) -> dict[str, Any]:
     """Fine-tune the base model (or continue ``checkpoint``) with method ``name`` at peak ``lr``."""
     spec = METHODS[name]
-    settings = config.settings()
     device = torch.device(config.device)
     baseline_rss = start_measuring(device)
     # On the CPU first, so that LoRA's A is drawn there whatever the device.
@@ -104,30 +84,13 @@ def train_one(
         model = apply_lora(model, lora.rank, lora.alpha, lora_targets(model), seed=config.seed)
     model.to(device).train()
     trainable = _trainable(model)
-    optimizer = spec.build(trainable, [], lr, settings)  # every matrix offered; each method decides
-    batches = TokenBatches(
-        data.train, config.batch_size, config.seq_len, seed=config.seed + _BATCH_STREAM, device=device
+    optimizer = spec.build(trainable, [], lr, config.settings())  # every matrix offered; each method decides
+    keys = _fingerprint_keys(name, config, base, lora)
+    loop, workarounds = train_causal_lm(
+        name, lr, config, spec, model, optimizer, data, checkpoint, _CHECKPOINT_FORMAT, **keys
     )
-    loop = TrainingLoop(
-        model,
-        optimizer,
-        batches,
-        lambda batch: causal_lm_loss(model, batch),
-        config=config,
-        device=device,
-        label=run_label(name, lr, config.lr_sweep),
-    )
-    workarounds = checkpoint_workarounds(spec, checkpoint)
-    if checkpoint is not None:
-        fingerprint = _fingerprint(name, lr, config, data, base, lora)
-        loop.resume(FileCheckpoint(checkpoint, spec, fingerprint, _CHECKPOINT_FORMAT))
-    loop.run()
-
-    heldout_loss = evaluate_heldout(model, windows, _EVAL_BATCH)
+    measured = token_measurements(loop, spec, config, evaluate_heldout(model, windows, _EVAL_BATCH))
     adapter = adapter_nbytes(model) if name == "lora" else 0
-    measured = loop.measurements(
-        spec, settings, items_per_step=config.batch_size * config.seq_len, throughput="tokens_per_s"
-    )
     return result_row(
         name,
         spec,
@@ -139,8 +102,6 @@ def train_one(
         trainable_parameters=sum(p.numel() for p in trainable),
         lora_rank=lora.rank if name == "lora" else None,
         rss_before_model_bytes=baseline_rss if device.type == "cpu" else None,
-        heldout_loss=heldout_loss,
-        heldout_perplexity=math.exp(heldout_loss) if heldout_loss < 700 else float("inf"),
         workarounds=workarounds,
     )
 

@@ -12,9 +12,9 @@ import torch
 from coap_torch.optim import enable_per_layer_updates
 from coap_torch.utils.allocations import PeakAllocations
 
-from ..llama import _BATCH_STREAM, LLAMA_PRESETS, LlamaConfig, causal_lm_loss
-from ..llama_model import build_llama, projected_parameter_groups
-from ..optimizers import OPTIMIZERS, build_optimizer
+from ..llama import LLAMA_PRESETS, LlamaConfig, build_llama_run, causal_lm_loss, load_llama_data, token_batches
+from ..llama_model import build_llama
+from ..optimizers import OPTIMIZERS
 
 __all__ = ["PER_LAYER_STEPS", "measure_per_layer_saving"]
 
@@ -25,16 +25,9 @@ PER_LAYER_STEPS = 2
 def _train_measured(
     name: str, config: LlamaConfig, data: Any, per_layer: bool, steps: int, batch_size: int
 ) -> tuple[int, list[float]]:
-    from ..text import TokenBatches
-
     device = torch.device(config.device)
-    model = build_llama(LLAMA_PRESETS[config.preset], data.vocab_size, seed=config.seed, device=device)
-    model.train()
-    split = projected_parameter_groups(model, config.recipe)
-    optimizer = build_optimizer(
-        name, [p for _, p in split.projected], [p for _, p in split.dense], config.lr_for(name), config.settings()
-    )
-    batches = TokenBatches(data.train, batch_size, config.seq_len, seed=config.seed + _BATCH_STREAM, device=device)
+    model, optimizer = build_llama_run(name, config.lr_for(name), config, data.vocab_size, device)
+    batches = token_batches(config, data.train, device, batch_size)
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
@@ -81,16 +74,9 @@ def measure_per_layer_saving(
     ``torch.cuda.max_memory_allocated`` minus what was allocated before on a GPU. Both modes see
     the same batches, so their loss curves agree (``max_loss_difference``).
     """
-    from ..text import load_token_data
-
     config = config.resolved()
     if data is None:
-        data = load_token_data(
-            source="c4" if config.c4 else None,
-            data_dir=config.data_dir,
-            vocab_size=config.vocab_size,
-            max_documents=config.max_documents,
-        )
+        data = load_llama_data(config)
     names = tuple(n for n in (names or config.optimizers) if OPTIMIZERS[n].family == "coap")
     batch_sizes = tuple(dict.fromkeys(batch_sizes or (config.batch_size, 1)))
     model = build_llama(LLAMA_PRESETS[config.preset], data.vocab_size, seed=config.seed, device="meta")

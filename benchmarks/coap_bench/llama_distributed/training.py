@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,6 @@ from torch import Tensor, nn
 
 from coap_torch.optim import LowRankOptimizer, enable_per_layer_updates
 
-from .._quiet import gather_import_notes
 from ..distributed import (
     DistributedCheckpoint,
     DistributedLoop,
@@ -23,12 +21,22 @@ from ..distributed import (
     process_group,
     train_every_optimizer,
 )
-from ..environment import hardware, versions
-from ..llama import _BATCH_STREAM, LLAMA_PRESETS, LlamaConfig, _best, causal_lm_loss, evaluate_heldout, run_settings
+from ..llama import (
+    LLAMA_PRESETS,
+    LlamaConfig,
+    _best,
+    build_llama_run,
+    causal_lm_loop,
+    evaluate_heldout,
+    load_llama_data,
+    run_settings,
+    token_batches,
+    token_measurements,
+)
 from ..llama import _fingerprint as llama_fingerprint
-from ..llama_model import build_llama, projected_parameter_groups
-from ..optimizers import OPTIMIZERS, build_optimizer
-from ..training import result_row, start_measuring
+from ..llama_model import build_llama
+from ..optimizers import OPTIMIZERS
+from ..training import job_run, result_row, start_measuring
 from .launch import check_options, launch_environment, wrap_llama
 
 __all__ = ["run_llama_distributed", "train_distributed"]
@@ -67,27 +75,23 @@ def train_distributed(
 ) -> dict[str, Any]:
     """One optimizer's run on this rank (continuing ``checkpoint``, a folder, when it holds one); the
     held-out figures are filled in on rank 0 only."""
-    from ..text import TokenBatches
-
     rank, world_size = dist.get_rank(), dist.get_world_size()
     spec = OPTIMIZERS[name]
-    settings = config.settings()
     start_measuring(device)
-    model = build_llama(LLAMA_PRESETS[config.preset], data.vocab_size, seed=config.seed, device=device)
-    model.train()
-    model = wrap_llama(model, config.distributed, device)
-    split = projected_parameter_groups(model, config.recipe)
-    optimizer = build_optimizer(name, [p for _, p in split.projected], [p for _, p in split.dense], lr, settings)
-    batches = TokenBatches(data.train, config.batch_size, config.seq_len, seed=config.seed + _BATCH_STREAM)
+    model, optimizer = build_llama_run(
+        name, lr, config, data.vocab_size, device, lambda model: wrap_llama(model, config.distributed, device)
+    )
+    batches = token_batches(config, data.train)
     share = config.batch_size // world_size
-    loop = DistributedLoop(
+    loop = causal_lm_loop(
+        name,
+        lr,
+        config,
         model,
         optimizer,
         batches,
-        lambda batch: causal_lm_loss(model, batch),
-        config=config,
-        device=device,
-        label=name if not config.lr_sweep else f"{name} lr={lr:g}",
+        device,
+        DistributedLoop,
         next_batch=lambda: batches.next()[rank * share : (rank + 1) * share].to(device),
         show_progress=rank == 0,
         world_size=world_size,
@@ -110,14 +114,10 @@ def train_distributed(
         spec,
         lr,
         per_layer=per_layer,
-        **loop.measurements(
-            spec, settings, items_per_step=config.batch_size * config.seq_len, throughput="tokens_per_s"
-        ),
-        heldout_loss=heldout,
-        heldout_perplexity=None if heldout is None else math.exp(heldout) if heldout < 700 else float("inf"),
+        **token_measurements(loop, spec, config, heldout),
         workarounds=[],
         # Per-rank communication figures; rank 0 moves them into "ranks".
-        **loop.communication(spec, settings, engine_estimate_bytes(model, config.distributed)),
+        **loop.communication(spec, config.settings(), engine_estimate_bytes(model, config.distributed)),
     )
     if device.type == "cpu":
         result["peak_memory_kind"] += " (since the rank's process started)"
@@ -129,25 +129,16 @@ def run_llama_distributed(config: LlamaConfig) -> dict[str, Any] | None:
 
     Other ranks return ``None``. The process group is created if needed, and then destroyed at the end.
     """
-    from ..text import heldout_windows, load_token_data
+    from ..text import heldout_windows
 
     config = dataclasses.replace(config.resolved(), isolate=False)
     rank, world_size, _ = launch_environment()
     check_options(config, world_size)
     with process_group(config.device) as (device, backend):
-
-        def load() -> Any:
-            return load_token_data(
-                source="c4" if config.c4 else None,
-                data_dir=config.data_dir,
-                vocab_size=config.vocab_size,
-                max_documents=config.max_documents,
-            )
-
         # Rank 0 trains the tokenizer into the cache first; the others then read it.
-        data = load() if rank == 0 else None
+        data = load_llama_data(config) if rank == 0 else None
         dist.barrier()
-        data = load() if data is None else data
+        data = load_llama_data(config) if data is None else data
         windows = heldout_windows(data, config.seq_len, config.max_heldout_windows)
         results = train_every_optimizer(
             config,
@@ -156,12 +147,5 @@ def run_llama_distributed(config: LlamaConfig) -> dict[str, Any] | None:
         )
         if results is None:
             return None
-        return {
-            "config": {**run_settings(config, data, windows), **distributed_settings(config, world_size, backend)},
-            "data": data.describe(),
-            "versions": versions(),
-            "hardware": hardware(device),
-            "argv": list(config.argv),
-            "results": results,
-            "import_notes": gather_import_notes(results),
-        }
+        settings = {**run_settings(config, data, windows), **distributed_settings(config, world_size, backend)}
+        return job_run(config, settings, data.describe(), results, device)
