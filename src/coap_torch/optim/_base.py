@@ -309,7 +309,6 @@ class LowRankOptimizer(Optimizer):
             self._chunked_dense_step(item, stored, param, grad)
             return
         canonical = layout.canonical(grad)
-        rotations = self.rule.rotations
         if not stored or (layout.projected and int(stored["step"]) == 0):
             factors = {}
             if layout.projected:
@@ -323,21 +322,15 @@ class LowRankOptimizer(Optimizer):
                 factors = built.factors
                 if not built.informed:
                     # An all-zero gradient: the parameter is left as it is, as torch leaves one
-                    # with no gradient, and its projection is built from the next gradient (a
-                    # step count of 0 says so); the state exists, as distributed checkpointing
-                    # expects after a step on zero gradients.
+                    # with no gradient, and its projection is built from the next gradient.
                     if not stored:
-                        fresh = {"step": new_step_counter(), **factors}
-                        fresh.update(self.rule.init(layout.projected_shape, group, canonical))
-                        work = self.storage.unpack(fresh, group, rotations, shard, dtype)
-                        self.storage.pack(work, stored, group, rotations, shard)
-                        if shard is not None:
-                            placement.store_sharded(stored_state, stored, shard)
+                        self._store_waiting_state(item, stored_state, stored, factors, canonical)
                     return
             stored.clear()
             stored.update(
                 {"step": new_step_counter(), **factors, **self.rule.init(layout.projected_shape, group, canonical)}
             )
+        rotations = self.rule.rotations
         if shard is not None and not layout.projected:
             # The moment rule of a dense row shard may wait at collectives (Adafactor's): its
             # full-size moments are unpacked at first use, not held decoded while it waits.
@@ -371,6 +364,25 @@ class LowRankOptimizer(Optimizer):
         self.storage.pack(state, stored, group, rotations, shard, rounding_seed(group["seed"], item.index, step))
         if target is not param:
             param.copy_(target)
+        if shard is not None:
+            placement.store_sharded(stored_state, stored, shard)
+
+    def _store_waiting_state(
+        self,
+        item: _PlannedStep,
+        stored_state: dict[str, Any],
+        stored: dict[str, Any],
+        factors: dict[str, Tensor],
+        like: Tensor,
+    ) -> None:
+        """Store the state of a parameter whose gradients so far were all zero: a step count of 0
+        (its first step is still to come), ``factors`` and zero moments, as the storage keeps them.
+        It exists because ``torch.distributed.checkpoint`` creates state by a step on zero
+        gradients and then loads into exactly the keys it finds."""
+        group, layout, shard, rotations = item.group, item.layout, item.shard, self.rule.rotations
+        fresh = {"step": new_step_counter(), **factors, **self.rule.init(layout.projected_shape, group, like)}
+        work = self.storage.unpack(fresh, group, rotations, shard, like.dtype)
+        self.storage.pack(work, stored, group, rotations, shard)
         if shard is not None:
             placement.store_sharded(stored_state, stored, shard)
 
