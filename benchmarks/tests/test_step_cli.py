@@ -21,7 +21,7 @@ def _q(k: int) -> int:
 
 
 def _expected_bytes(name: str, shape, r: int) -> int:
-    """README's closed forms of the matrix (m, n) the optimizer works on (P (n, r), moments (m, r)),
+    """The closed forms (docs/memory.md) of the matrix (m, n) the optimizer works on (P (n, r), moments (m, r)),
     written out independently of the benchmark's."""
     m, n = shape
     return {
