@@ -178,12 +178,13 @@ def test_subspace_of_full_rank_gradient_does_not_depend_on_seed():
 
 def test_rank_deficient_first_gradient_warns_once():
     p = torch.nn.Parameter(torch.zeros(64, 32))
-    opt = CoapAdamW([p], rank=16)
+    opt = CoapAdamW([p], rank=16, update_interval=8, reproject_factor=3)
     u = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
     v = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
     p.grad = u @ v  # rank 3 < 16, like a batch of 3 samples
-    with pytest.warns(RuntimeWarning, match="numerical rank 3 < rank 16"):
+    with pytest.warns(RuntimeWarning, match="numerical rank 3 < rank 16") as record:
         opt.step()
+    assert "until the first low-cost SVD, at its step 24 " in str(record[0].message)  # 8 * 3
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step()

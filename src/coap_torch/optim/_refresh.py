@@ -137,7 +137,8 @@ def initial_factors(
             if len(factors) == 1:  # every unfolding of a zero gradient is zero
                 informed = yield from rows.any_nonzero(singular[..., 0])
             if informed and layout.kind != "tucker":
-                _warn_if_rank_deficient(singular, matrix_rows.count(matrix), matrix.shape[-1], layout, where)
+                first_svd = max(2, group["update_interval"] * group["reproject_factor"])  # never at step 1
+                _warn_if_rank_deficient(singular, matrix_rows.count(matrix), matrix.shape[-1], layout, first_svd, where)
     except torch.linalg.LinAlgError as error:
         return _deferred(where, error)
     if not all_finite(*factors.values()):
@@ -155,16 +156,21 @@ def _deferred(where: str, error: Exception | None = None) -> None:
     )
 
 
-def _warn_if_rank_deficient(singular: Tensor, rows: int, cols: int, layout: Layout, where: str) -> None:
-    # Once per parameter, at initialisation only (the check needs one host sync).
+def _warn_if_rank_deficient(singular: Tensor, rows: int, cols: int, layout: Layout, first_svd: int, where: str) -> None:
+    # Once per parameter, at initialisation only (the check needs one host sync). The remedies
+    # differ by cause: a batch smaller than the rank, or a layer behind a nearly closed
+    # zero-initialised gate (adaLN-Zero), whose gradient is low-rank for its first steps only.
     tolerance = rank_tolerance(singular, rows, cols)
     if bool((singular[..., -1] <= tolerance[..., 0]).any()):
         numerical = int((singular > tolerance).sum(-1).min())
         warnings.warn(
             f"{where}: its first gradient has numerical rank {numerical} < rank {layout.ranks[0]}, so its "
             f"top-{layout.ranks[0]} subspace is not unique. The undetermined directions are filled "
-            "deterministically from the seeded sketch; use batches larger than the rank (or a smaller rank) "
-            "for a data-driven subspace.",
+            "deterministically from the seeded sketch and stay until the first low-cost SVD, at its step "
+            f"{first_svd} (update_interval * reproject_factor; Eq. 2 steps move P little at usual gradient scales). Use batches "
+            "larger than the rank (or a smaller rank) for a data-driven subspace; behind a zero-initialised "
+            "gate (adaLN-Zero), whose early gradients are low-rank, a smaller reproject_factor brings that "
+            "SVD sooner.",
             RuntimeWarning,
             stacklevel=caller_stacklevel(),
         )
