@@ -8,7 +8,9 @@ after 5 steps of ``SmallNet`` and the losses and weights of the 4 steps that rel
 
 from __future__ import annotations
 
+import copy
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -102,3 +104,82 @@ def test_a_checkpoint_from_before_the_redesign_resumes_bitwise(path):
     assert train(model, opt, AFTER, start=BEFORE) == checkpoint["continuation"]["losses"]
     for p, q in zip(model.parameters(), checkpoint["continuation"]["params"]):
         assert torch.equal(p, q)
+
+
+#: Written with ``make_dcp_checkpoints.py`` by the code of :data:`PRE_REDESIGN` (0.1.0 by its
+#: version, before ``conv_projection`` and ``state_dtype`` existed), the way FSDP2 users save:
+#: ``get_state_dict``, then ``dcp.save``.
+DCP_FIXTURES = sorted(path for path in (FIXTURES / "pre_redesign_dcp").iterdir() if path.is_dir())
+
+
+def _dcp_load(checkpoint_id, model, opt, planner=None):
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, opt)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*process group", category=UserWarning)
+        dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=checkpoint_id, planner=planner)
+    set_state_dict(model, opt, model_state_dict=model_state, optim_state_dict=optimizer_state)
+
+
+def test_every_optimizer_has_a_dcp_fixture():
+    assert {path.name for path in DCP_FIXTURES} == set(OPTIMIZERS) - NEWER_THAN_0_1_0
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+@pytest.mark.parametrize("path", DCP_FIXTURES, ids=[p.name for p in DCP_FIXTURES])
+def test_an_earlier_dcp_checkpoint_resumes_bitwise_with_the_coap_planner(path):
+    from coap_torch.integrations.dcp import CoapLoadPlanner
+
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    model = make_net(seed=123)  # a different init: everything must come from the checkpoint
+    opt = OPTIMIZERS[path.name](model.parameters())
+    # The default planner refuses it: the checkpoint has no entry for the options added since.
+    with pytest.raises(
+        dcp.api.CheckpointException, match=r"Missing key in checkpoint state_dict: optimizer\.param_groups\.0\."
+    ):
+        _dcp_load(path, model, opt)
+    model = make_net(seed=123)
+    opt = OPTIMIZERS[path.name](model.parameters())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*correlation_max_norm: checkpoint None, kept 1.0")
+        _dcp_load(path, model, opt, CoapLoadPlanner())
+    for group in opt.param_groups:  # the options it did not save are this optimizer's own
+        assert group["conv_projection"] == "tucker2" and group["state_dtype"] == torch.float32
+        assert group["scale"] == 1.0  # saved by that release, which did not scale
+    continuation = torch.load(path.parent / f"{path.name}.continuation.pt", weights_only=True)
+    assert train(model, opt, AFTER, start=BEFORE) == continuation["losses"]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), continuation["params"]))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+@pytest.mark.parametrize("entry", ["moment", "lr"])
+def test_the_coap_planner_refuses_what_is_not_a_coap_option(tmp_path, entry):
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from coap_torch.integrations.dcp import CoapLoadPlanner
+
+    model = make_net(seed=0)
+    opt = OPTIMIZERS["CoapAdamW"](model.parameters())
+    train(model, opt, 2)
+    model_state, optimizer_state = get_state_dict(model, opt)
+    optimizer_state = copy.deepcopy(optimizer_state)  # its entries are the optimizer's own
+    first = next(iter(optimizer_state["state"]))
+    if entry == "moment":
+        del optimizer_state["state"][first]["exp_avg"]
+        missing = f"optimizer.state.{first}.exp_avg"
+    else:
+        del optimizer_state["param_groups"][0]["lr"]
+        missing = "optimizer.param_groups.0.lr"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*process group", category=UserWarning)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp_path)
+        model_state, optimizer_state = get_state_dict(model, opt)  # what a resume asks for: everything
+        with pytest.raises(
+            dcp.api.CheckpointException, match=re.escape(f"Missing key in checkpoint state_dict: {missing}.")
+        ):
+            dcp.load(
+                {"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp_path, planner=CoapLoadPlanner()
+            )
